@@ -1,0 +1,130 @@
+"""`alignbench` command line.
+
+    alignbench run [overrides]        one job (Hydra); `-m` for a multirun sweep
+    alignbench stages [overrides]     build (or find cached) the shared stages only
+    alignbench data-stats [overrides] JSON summary of the configured data
+    alignbench methods                registered alignment methods (built-in and installed)
+    alignbench report SWEEP_DIR [--out reports/NAME]
+    alignbench bench [...]            throughput benchmarks against the peers (see --help)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+USAGE = __doc__
+
+
+def compose(overrides: list[str]):
+    """The composed config, exactly as `alignbench run` would see it (without launching)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    _register()
+    with initialize_config_module(config_module="alignbench_conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def _register() -> None:
+    from alignbench.config import register_configs
+    from alignbench.methods import register_method_configs
+    register_configs()
+    register_method_configs()
+
+
+def cmd_run(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignbench.runner import run_job
+
+    _register()
+
+    @hydra.main(config_path="pkg://alignbench_conf", config_name="config", version_base="1.3")
+    def task(cfg):
+        from hydra.types import RunMode
+        hc = HydraConfig.get()
+        try:
+            return run_job(cfg, list(hc.overrides.task))
+        except Exception:
+            if hc.mode == RunMode.MULTIRUN:  # recorded as failed in the sweep index; others go on
+                logging.getLogger("alignbench").exception("job %s failed", hc.job.num)
+                return None
+            raise
+
+    sys.argv = [sys.argv[0]] + argv
+    task()
+    return 0
+
+
+def cmd_stages(argv: list[str]) -> int:
+    from alignbench.config import to_config
+    from alignbench.stages.graph import build_shared_stages
+    stages = build_shared_stages(to_config(compose(argv)))
+    print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
+                                "build_seconds": a.record.get("build_seconds")}
+                      for a in (stages.base, stages.pi0, stages.pm, stages.judge_pm) if a}, indent=2, default=str))
+    return 0
+
+
+def cmd_data_stats(argv: list[str]) -> int:
+    from alignbench.config import to_config
+    from alignbench.data import load_data
+    cfg = to_config(compose(argv))
+    print(json.dumps(load_data(cfg.data).stats, indent=2))
+    return 0
+
+
+def cmd_methods(argv: list[str]) -> int:
+    from alignbench.methods import describe
+    rows = describe()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['package']:<12}  {r['target']}\n{'':<{width}}  {r['summary']}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    import argparse
+    from pathlib import Path
+
+    from alignbench.report.build import build_report
+    ap = argparse.ArgumentParser(prog="alignbench report")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--out", default=None, help="output directory (default: reports/<sweep name>)")
+    args = ap.parse_args(argv)
+    out = Path(args.out or Path("reports") / Path(args.sweep_dir).resolve().name)
+    print(build_report(Path(args.sweep_dir), out))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from alignbench.bench import main as bench_main
+    return bench_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "stages": cmd_stages, "data-stats": cmd_data_stats, "methods": cmd_methods,
+            "report": cmd_report, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from alignbench.config import ConfigError
+    from alignbench.data.types import DataError
+    try:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as e:
+        print(f"alignbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Structured configs: one dataclass per concern, registered in Hydra's ConfigStore.
+
+Hydra rejects unknown keys at composition time (struct mode). Ranges and choices are declared on
+the fields with ``opt(...)`` and checked by ``check`` before anything trains, so a bad config
+fails in seconds with the full key named (``stages.pm.lr: must be > 0, got -1``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from alignbench.data.synth import SynthConfig
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the full key."""
+
+
+def opt(default: Any = dataclasses.MISSING, *, gt=None, ge=None, le=None, lt=None,
+        choices=None, factory=None, doc: str = ""):
+    """A dataclass field with its valid range declared next to it."""
+    meta = {k: v for k, v in dict(gt=gt, ge=ge, le=le, lt=lt, choices=choices, doc=doc).items()
+            if v not in (None, "")}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_value(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: must be one of {list(meta['choices'])}, got {value!r}")
+    for name, op, word in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="),
+                           ("lt", float.__lt__, "<"), ("le", float.__le__, "<=")):
+        if name in meta and not op(float(value), float(meta[name])):
+            raise ConfigError(f"{key}: must be {word} {meta[name]}, got {value!r}")
+
+
+def check(obj: Any, prefix: str) -> None:
+    """Validate a dataclass instance recursively against the ranges declared with ``opt``."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check(value, key)
+        else:
+            _check_value(key, value, dict(f.metadata))
+    post = getattr(obj, "validate", None)
+    if callable(post):  # cross-field rules
+        post(prefix)
+
+
+HH_SUBSETS = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("hh_synth", choices=["hh_synth", "hh_rlhf"])
+    path: Optional[str] = None  # hh_rlhf: local dir with the Hub layout; None = the Hub
+    subsets: List[str] = opt(factory=lambda: list(HH_SUBSETS))
+    source_splits: List[str] = opt(factory=lambda: ["test"])
+    bad_rows: str = opt("error", choices=["error", "skip"])
+    split: Dict[str, float] = opt(factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
+    seed: int = 0
+    max_pairs: Optional[int] = opt(None, gt=0)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.name == "hh_rlhf":
+            bad = [s for s in self.subsets if s not in HH_SUBSETS]
+            if bad:
+                raise ConfigError(f"{prefix}.subsets: unknown {bad}; valid: {HH_SUBSETS}")
+        if set(self.split) != {"train", "eval", "test"}:
+            raise ConfigError(f"{prefix}.split: needs exactly train, eval, test; got {sorted(self.split)}")
+        if abs(sum(self.split.values()) - 1.0) > 1e-6 or min(self.split.values()) <= 0:
+            raise ConfigError(f"{prefix}.split: fractions must be > 0 and sum to 1, got {dict(self.split)}")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = opt("tiny", choices=["tiny", "hf", "gguf"])
+    name_or_path: Optional[str] = None  # Hub id or local dir (hf); dir or file (gguf)
+    gguf_file: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False  # off unless you trust the repository's code
+    # `tiny`: a from-scratch Llama with a byte-level BPE trained on the stage's own corpus
+    vocab_size: int = opt(1024, ge=260)
+    hidden_size: int = opt(128, gt=0)
+    num_layers: int = opt(4, gt=0)
+    num_heads: int = opt(4, gt=0)
+    intermediate_size: int = opt(352, gt=0)
+    max_seq_len: int = opt(256, ge=16)
+
+    def validate(self, prefix: str) -> None:
+        if self.kind in ("hf", "gguf") and not self.name_or_path:
+            raise ConfigError(f"{prefix}.name_or_path: required when {prefix}.kind={self.kind}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{prefix}.hidden_size: must be divisible by {prefix}.num_heads")
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation settings a stage or method can override; unset fields use `train`."""
+    lr: float = opt(1e-3, gt=0)
+    batch_size: int = opt(32, gt=0)
+    epochs: float = opt(1.0, gt=0)
+    max_steps: Optional[int] = opt(None, gt=0)
+
+
+@dataclass
+class BaseStageConfig(OptimConfig):
+    finetune_pretrained: bool = False  # hf/gguf: also train on the dialogues (tiny always trains)
+    lr: float = opt(3e-3, gt=0)
+    epochs: float = opt(2.0, gt=0)
+
+
+@dataclass
+class Pi0StageConfig(OptimConfig):
+    mode: str = opt("context_distill", choices=["context_distill", "preferred_ft", "none"])
+    top_k: int = opt(50, gt=0)  # teacher log-probs kept per token (Bai et al. App. A.1)
+    hhh_prompt: str = "builtin"  # "builtin" or the literal prompt text
+    lr: float = opt(1e-3, gt=0)
+
+
+@dataclass
+class PMStageConfig(OptimConfig):
+    init: str = opt("pi0", choices=["pi0", "base"])
+    pmp_path: Optional[str] = None  # optional preference-model pretraining data (HH layout dir)
+    pmp_epochs: float = opt(1.0, gt=0)
+    lr: float = opt(1e-3, gt=0)
+
+
+@dataclass
+class StagesConfig:
+    seed: int = 0  # shared stages use their own seed so that method seeds reuse them
+    base: BaseStageConfig = field(default_factory=BaseStageConfig)
+    pi0: Pi0StageConfig = field(default_factory=Pi0StageConfig)
+    pm: PMStageConfig = field(default_factory=PMStageConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Shared defaults every method starts from (fairness: same optimiser, precision, sampling)."""
+    lr: float = opt(1e-4, gt=0)
+    batch_size: int = opt(32, gt=0)
+    grad_clip: float = opt(1.0, gt=0)
+    weight_decay: float = opt(0.0, ge=0)
+    warmup_steps: int = opt(0, ge=0)
+    max_new_tokens: int = opt(32, gt=0)
+    temperature: float = opt(1.0, gt=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = opt("fp32", choices=["fp32", "bf16"])
+    log_every: int = opt(10, gt=0)
+    checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints
+    num_threads: int = opt(0, ge=0)  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class BudgetConfig:
+    """Optional cost cap applied to every method alike, for comparisons at matched cost."""
+    pm_calls: Optional[int] = opt(None, gt=0)
+    generated_tokens: Optional[int] = opt(None, gt=0)
+    wall_seconds: Optional[float] = opt(None, gt=0)
+
+
+@dataclass
+class EvalConfig:
+    n_prompts: int = opt(128, gt=0)  # fixed held-out prompts scored in every run
+    judge: str = opt("auto", choices=["auto", "gold", "test_pm"])
+    pm_eval_pairs: Optional[int] = opt(None, gt=0)
+    bootstrap: int = opt(1000, ge=100)
+    n_samples_shown: int = opt(4, ge=0)
+    nlp_tasks: List[str] = opt(factory=list)
+    nlp_limit: Optional[int] = opt(None, gt=0)
+    nlp_data_dir: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = ".cache/alignbench"
+    sweep_dir: str = "sweeps/default"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: Any = field(default_factory=lambda: {"name": "context_distilled"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="alignbench_schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into validated dataclasses (method config stays a DictConfig:
+    the method's own dataclass validates it, see alignbench.methods.method_config)."""
+    plain = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    try:
+        obj: Config = OmegaConf.to_object(plain)  # type: ignore[assignment]
+    except Exception as e:  # OmegaConf names the key in its message
+        raise ConfigError(str(e)) from e
+    check(obj, "")
+    return obj

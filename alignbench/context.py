@@ -1,0 +1,139 @@
+"""RunContext: what every method receives, and the one place its costs are counted.
+
+Fairness lives here: every method gets the same π0 and reference, tokenizer, PM, prompts, sampler,
+precision and optimiser defaults, and is measured by the same ``log_point`` (proxy PM reward,
+judge reward, KL(π‖π0) by the k1 and k3 estimators, on the same held-out prompts and seed).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from alignbench.config import Config
+from alignbench.methods import Budget, Cost
+from alignbench.models import load_lm
+from alignbench.sampling import SampleBatch, sample
+from alignbench.stages.graph import SharedStages
+from alignbench.stages.preference import PMScorer
+from alignbench.train import encode, pad_batch, response_logprobs
+
+log = logging.getLogger(__name__)
+EVAL_SEED_OFFSET = 10_007  # evaluation samples use their own stream, never the training one
+
+
+@torch.no_grad()
+def kl_estimates(policy, reference, tokenizer, prompts, responses, max_len, device, batch_size=64) -> dict:
+    """Per-sequence KL(π‖π0) from samples y ~ π: k1 = Σ_t log π/π0 (unbiased, noisy) and
+    k3 = Σ_t (ρ − 1 − log ρ) with ρ = π0/π (unbiased per token, always ≥ 0; Schulman 2020)."""
+    k1, k3 = [], []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [encode(tokenizer, p, r, max_len) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        batch = pad_batch(seqs, tokenizer.pad_token_id, device)
+        _, lp = response_logprobs(policy, batch)
+        _, lq = response_logprobs(reference, batch)
+        mask = batch["response_mask"][:, 1:].float()
+        log_ratio = (lq - lp) * mask  # log ρ per token
+        k1 += (-log_ratio).sum(-1).tolist()
+        k3 += ((log_ratio.exp() - 1 - log_ratio) * mask).sum(-1).tolist()
+    return {"kl_k1": sum(k1) / len(k1), "kl_k3": sum(k3) / len(k3)}
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    method_cfg: Any
+    stages: SharedStages
+    tokenizer: Any
+    device: torch.device
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    pairs: list  # training PreferencePairs (prompt, chosen, rejected)
+    pm: PMScorer
+    judge: Callable[[list[str], list[str]], list[float]]
+    judge_name: str
+    out_dir: Path
+    budget: Budget
+    cost: Cost = field(default_factory=Cost)
+    _reference: Any = None
+
+    # ---- models
+    @property
+    def max_len(self) -> int:
+        return self.stages.pi0.record["max_len"]
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+    @property
+    def lr(self) -> float:
+        return self.method_cfg.lr or self.cfg.train.lr
+
+    @property
+    def batch_size(self) -> int:
+        return self.method_cfg.batch_size or self.cfg.train.batch_size
+
+    def policy(self) -> torch.nn.Module:
+        """A fresh trainable copy of π0 (every method starts here)."""
+        torch.manual_seed(self.seed)
+        return load_lm(self.stages.pi0.path).to(self.device).train()
+
+    def reference(self) -> torch.nn.Module:
+        """π0, frozen (the KL anchor and DPO's reference); loaded once."""
+        if self._reference is None:
+            self._reference = load_lm(self.stages.pi0.path).to(self.device).eval().requires_grad_(False)
+        return self._reference
+
+    # ---- charged operations
+    def sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
+               max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
+        out = sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
+                     temperature=temperature or self.cfg.train.temperature,
+                     max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len)
+        self.cost.tokens_generated += out.n_tokens
+        return out
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        self.cost.pm_calls += len(prompts)
+        return self.pm.score(prompts, responses)
+
+    def budget_hit(self) -> Optional[str]:
+        return self.budget.exhausted(self.cost)
+
+    # ---- measurement (not charged)
+    def measure(self, model=None, responses: Optional[list[str]] = None, label: str = "train") -> dict:
+        """Proxy and judge reward and KL(π‖π0) of ``model`` on the fixed held-out prompts; or of given
+        responses (inference-time policies: KL then comes from the method)."""
+        prompts = self.eval_prompts
+        if responses is None:
+            responses = sample(model, self.tokenizer, prompts, seed=self.seed + EVAL_SEED_OFFSET,
+                               temperature=self.cfg.train.temperature,
+                               max_new_tokens=self.cfg.train.max_new_tokens, max_len=self.max_len).responses
+        calls = self.pm.calls
+        proxy = self.pm.score(prompts, responses)
+        self.pm.calls = calls  # measurement is free: it is not the method's spending
+        point = {"label": label, "proxy_reward": proxy.mean().item(),
+                 "judge_reward": float(sum(self.judge(prompts, responses)) / len(prompts)), "judge": self.judge_name,
+                 "mean_response_chars": sum(map(len, responses)) / len(responses)}
+        if model is not None:
+            point.update(kl_estimates(model, self.reference(), self.tokenizer, prompts, responses, self.max_len, self.device))
+        return point
+
+    def log_point(self, step: int, model=None, responses=None, label: str = "train", **extra) -> dict:
+        """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl."""
+        was_training = model.training if model is not None else False
+        point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
+                 **self.measure(model, responses, label), **self.cost.as_dict(), **extra}
+        if model is not None and was_training:
+            model.train()
+        with open(self.out_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(point) + "\n")
+        log.info("step %d %s: proxy %.3f judge %.3f kl_k3 %s", step, label, point["proxy_reward"],
+                 point["judge_reward"], f"{point['kl_k3']:.3f}" if "kl_k3" in point else "-")
+        return point

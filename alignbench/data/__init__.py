@@ -1,0 +1,82 @@
+"""Data layer: every source yields PreferencePair records, split by a seeded, prompt-keyed hash.
+
+``load_data(cfg.data)`` is the one entry point the stages, methods and CLI use.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from alignbench.data.types import BAD_ROW_REASONS, DataError, PreferencePair, RejectedRow
+
+__all__ = ["DataBundle", "load_data", "PreferencePair", "RejectedRow", "DataError", "BAD_ROW_REASONS"]
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    splits: dict  # "train" | "eval" | "test" -> list[PreferencePair]
+    rejected: tuple  # RejectedRow, counted in data-stats and in stage records
+    stats: dict
+
+    @property
+    def train(self) -> list[PreferencePair]:
+        return self.splits["train"]
+
+    @property
+    def eval(self) -> list[PreferencePair]:
+        return self.splits["eval"]
+
+    @property
+    def test(self) -> list[PreferencePair]:
+        return self.splits["test"]
+
+
+def load_data(cfg) -> DataBundle:
+    """Load and split the configured data (memoised per config within a process)."""
+    return _load(json.dumps(_as_dict(cfg), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(cfg_json: str) -> DataBundle:
+    from alignbench.config import DataConfig
+    from alignbench.data.splits import data_stats, split_pairs
+    from alignbench.data.synth import SynthConfig
+
+    raw = json.loads(cfg_json)
+    raw["synth"] = SynthConfig(**raw["synth"])
+    cfg = DataConfig(**raw)
+    if cfg.name == "hh_synth":
+        from alignbench.data.synth import generate_hh_synth
+        pairs, rejected = generate_hh_synth(cfg.synth), []
+    else:
+        from alignbench.data.hh import load_hh_rlhf
+        pairs, rejected = load_hh_rlhf(cfg.path, list(cfg.subsets), list(cfg.source_splits), cfg.bad_rows)
+    if cfg.max_pairs and cfg.max_pairs < len(pairs):  # a seeded sample across subsets, in file order
+        import random
+        keep = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.max_pairs))
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    splits = split_pairs(pairs, dict(cfg.split), cfg.seed)
+    stats = {"dataset": cfg.name, **data_stats(splits, rejected, cfg.bad_rows)}
+    if cfg.name == "hh_rlhf":
+        stats["rows_read_by_subset"] = _rows_read(stats["by_subset"], rejected)
+    return DataBundle(splits, tuple(rejected), stats)
+
+
+def _rows_read(kept_by_subset: dict, rejected) -> dict:
+    """Rows in the files per subset: kept pairs plus rejected rows (subset = the file's folder)."""
+    from pathlib import Path
+    out = dict(kept_by_subset)
+    for row in rejected:
+        subset = Path(row.source.rsplit(":", 1)[0]).parent.name
+        out[subset] = out.get(subset, 0) + 1
+    return out
+
+
+def _as_dict(cfg) -> dict:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""lm-eval YAML task definitions (local_*) and their loaders (utils.py) for alignbench."""

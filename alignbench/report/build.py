@@ -1,0 +1,143 @@
+"""``build_report(sweep_dir, out_dir)``: read a sweep, compute the cross-run results, and write
+``results.csv``, the PNG figures, ``report.md`` and a self-contained ``index.html``.
+
+Runs that are missing, incomplete, failed or unreadable are listed with their mark and left out
+of every number; the report builds as long as ``index.json`` exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from alignbench.eval.kl_reward import kl_reward_rows, points_frame
+from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
+from alignbench.eval.stats import COLUMNS, write_rows
+from alignbench.eval.win_rate import elo_rows, win_rates
+from alignbench.report import plots, tables
+from alignbench.report.aggregate import (aggregate_seeds, combine_rows, cost_frame, judge_scores, nlp_deltas,
+                                         samples_frame, train_points)
+from alignbench.report.load import Sweep, load_sweep
+from alignbench.report.render import Heading, Image, Note, Para, Samples, to_html, to_markdown
+
+BASELINE = "context_distilled"
+N_SAMPLE_PROMPTS = 3
+MAX_SAMPLE_CHARS = 2000
+
+INTERVALS = [
+    "All intervals are 95%.",
+    "PM accuracy, calibration bins and the decisive win rate: exact Clopper-Pearson binomial intervals; "
+    "a tie (equal PM scores) counts as half right.",
+    "Win rate (primary): (wins + ties/2) / prompts, with a seeded percentile bootstrap over prompts. "
+    "With several seeds, a method's judge reward on a prompt is the mean over its usable seeds.",
+    "Elo: Bradley-Terry maximum likelihood on the win/tie counts (400/ln 10 per logit, baseline at 0), "
+    "with a percentile bootstrap over prompts.",
+    "Across seeds: the mean of the runs' values with a percentile bootstrap over the seed values (with 2-3 "
+    "seeds this is about the min-max range); a metric from one run keeps that run's own interval.",
+    "Mean judge reward of a run: percentile bootstrap over prompts.",
+    "NLP deltas: normal approximation from both sides' intervals, treated as independent (conservative).",
+]
+
+
+def _derived_rows(sweep: Sweep, scores: dict, baseline: str, n_boot: int, seed: int) -> pd.DataFrame:
+    ident = dict(sweep=sweep.name, run="")
+    rows = kl_reward_rows(train_points(sweep), **ident)
+    if len(scores) >= 2:
+        rows += win_rates(scores, baseline, n_boot=n_boot, seed=seed, **ident)
+        rows += elo_rows(scores, baseline, seed=seed, **ident)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _figure(out_dir: Path, name: str, draw, caption: str, missing: str) -> list:
+    """Draw one figure into out_dir/name; a note instead when ``draw`` has nothing to plot."""
+    path = out_dir / name
+    path.unlink(missing_ok=True)  # never leave a stale figure from an earlier build
+    return [Image(path, caption)] if draw(path) is not None else [Note(f"{caption}: skipped, {missing}.")]
+
+
+def _table(table, missing: str) -> list:
+    return [table] if table is not None else [Note(f"no table: {missing}.")]
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_SAMPLE_CHARS else text[:MAX_SAMPLE_CHARS] + " […]"
+
+
+def _sample_block(samples: pd.DataFrame, prompt_ids: list[int], methods: list[str]) -> list:
+    if not prompt_ids:
+        return [Note("no prompt has a judged sample from every method with usable runs.")]
+    first = samples.sort_values("seed").drop_duplicates(["method", "prompt_id"]).set_index(["method", "prompt_id"])
+    items = [{"prompt_id": pid,
+              "prompt": _clip(str(first.loc[(methods[0], pid), "prompt"])),
+              "responses": {m: _clip(f"[judge {first.loc[(m, pid), 'judge_reward']:.3f}] "
+                                     f"{first.loc[(m, pid), 'response']}") for m in methods}}
+             for pid in sorted(prompt_ids)[:N_SAMPLE_PROMPTS]]
+    return [Para("Responses of each method's lowest usable seed to the same prompts (judge reward in brackets)."),
+            Samples(methods, items)]
+
+
+def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 2000, seed: int = 0) -> Path:
+    """Build the report of ``sweep_dir`` into ``out_dir``; returns the path of ``report.md``."""
+    sweep, out_dir = load_sweep(sweep_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes = list(sweep.notes)
+
+    rows = combine_rows(sweep)
+    agg = aggregate_seeds(rows, n_boot=n_boot, seed=seed)
+    samples = samples_frame(sweep)
+    scores, prompt_ids = judge_scores(samples)
+    win_base = baseline
+    if scores and baseline not in scores:
+        win_base = sorted(scores)[0]
+        notes.append(f"baseline {baseline!r} has no usable samples; win rates and Elo are against {win_base!r}.")
+    derived = _derived_rows(sweep, scores, win_base, n_boot, seed)
+    points = points_frame(train_points(sweep))
+    deltas = nlp_deltas(agg, baseline)
+    cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
+    write_rows(out_dir / "results.csv", pd.concat([rows, derived], ignore_index=True))
+
+    shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc"))
+    ok = len(sweep.ok_runs)
+    blocks = [Heading(f"alignbench report: {sweep.name}", 1),
+              Para(f"{ok} of {len(sweep.runs)} runs usable. Runs marked otherwise are left out of every number. "
+                   "All rows are in results.csv."),
+              *(Note(n) for n in notes),
+              Heading("Runs"), tables.runs_table(sweep, cost),
+              Heading("Methods"), tables.method_table(sweep, cost, derived, win_base),
+              Heading("Preference model"),
+              *_table(tables.pm_turn_table(agg), "no PM accuracy-by-turn rows"),
+              *_figure(out_dir, "pm_accuracy_by_turn.png", lambda p: plots.accuracy_by_turn(agg, p),
+                       "PM accuracy by number of Human turns", "no PM accuracy-by-turn rows"),
+              *_table(tables.calibration_table(agg), "no PM calibration rows"),
+              *_figure(out_dir, "pm_calibration.png", lambda p: plots.calibration(agg, p),
+                       "PM calibration against the diagonal", "no PM calibration rows"),
+              *_table(tables.threshold_table(agg), "no PM threshold rows"),
+              *_figure(out_dir, "pm_threshold.png", lambda p: plots.accuracy_vs_threshold(agg, p),
+                       "PM accuracy when both scores exceed a threshold", "no PM threshold rows"),
+              *_table(tables.gold_table(agg), "no gold-agreement rows (only on hh_synth)"),
+              Heading("Win rates and Elo"),
+              *_table(tables.win_table(derived), "fewer than two methods with usable samples"),
+              *_table(tables.elo_table(derived), "fewer than two methods with usable samples"),
+              *_figure(out_dir, "win_rates.png", lambda p: plots.win_matrix(derived, p),
+                       "Win-rate matrix and Elo", "fewer than two methods with usable samples"),
+              Heading("Reward vs sqrt(KL)"),
+              *_table(tables.kl_fit_table(derived), "no train_log points"),
+              *_table(tables.bon_kl_table(derived), "no best-of-n points (label n=<N>)"),
+              *_figure(out_dir, "reward_vs_kl.png", lambda p: plots.reward_vs_kl(points, p),
+                       "Proxy and judge reward vs sqrt(KL) with fitted curves", "no train_log points with KL"),
+              Heading("NLP task regressions"),
+              *_table(tables.nlp_table(deltas, baseline), f"no nlp_tasks acc rows for {baseline} and another method"),
+              *_figure(out_dir, "nlp_deltas.png", lambda p: plots.nlp_deltas(deltas, baseline, p),
+                       f"NLP task accuracy minus {baseline}'s", "no NLP deltas"),
+              Heading("Cost vs quality"),
+              *_figure(out_dir, "cost_quality.png", lambda p: plots.cost_vs_quality(cost, p),
+                       "Mean judge reward against wall time and tokens generated", "no cost or judge reward"),
+              Heading("Sample responses"),
+              *_sample_block(samples, prompt_ids, sorted(scores)),
+              Heading("Other results"),
+              *_table(tables.other_rows_table(agg[~shown]), "every row is shown above"),
+              Heading("Intervals"), *(Para(t) for t in INTERVALS)]
+
+    (out_dir / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (out_dir / "index.html").write_text(to_html(blocks, f"alignbench report: {sweep.name}"), encoding="utf-8")
+    return out_dir / "report.md"

@@ -1,0 +1,121 @@
+"""Read a sweep directory (see LAYOUT.md) into plain records, never failing on a bad run.
+
+A run is usable ("done") only when its directory exists, it is not marked failed (in index.json or
+status.json), it has DONE, and its files parse. Every other run keeps a ``mark`` the report shows.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from alignbench.eval.stats import read_rows
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    method: str
+    seed: int | None
+    dir: Path
+    state: str = "done"  # done | failed | incomplete | missing | unreadable
+    error: str | None = None
+    rows: pd.DataFrame | None = None
+    train_log: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "done"
+
+    @property
+    def mark(self) -> str:
+        if self.state in ("done", "missing"):
+            return self.state
+        return f"{self.state}: {self.error}"
+
+
+@dataclass
+class Sweep:
+    name: str
+    dir: Path
+    runs: list[RunRecord]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.ok]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _read(run_dir: Path, name: str):
+    path = run_dir / name
+    try:
+        if name.endswith(".csv"):
+            return read_rows(path) if path.exists() else None
+        return _read_jsonl(path) if name.endswith(".jsonl") else _read_json(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise _Unreadable(f"{name}: {exc}") from exc
+
+
+def _load_files(run: RunRecord) -> None:
+    try:
+        run.rows = _read(run.dir, "results.csv")
+        run.train_log = _read(run.dir, "train_log.jsonl")
+        run.samples = _read(run.dir, "samples.jsonl")
+        run.metrics = _read(run.dir, "metrics.json")
+    except _Unreadable as exc:
+        run.state, run.error = "unreadable", str(exc)
+
+
+def _load_run(sweep_dir: Path, entry: dict) -> RunRecord:
+    run_id = str(entry.get("run_id", "?"))
+    run_dir = Path(entry.get("dir") or Path("runs") / run_id)
+    run_dir = run_dir if run_dir.is_absolute() else sweep_dir / run_dir
+    seed = entry.get("seed")
+    run = RunRecord(run_id, str(entry.get("method", "?")), int(seed) if seed is not None else None, run_dir)
+    try:
+        status = _read_json(run_dir / "status.json")
+    except (OSError, ValueError) as exc:
+        status = {"status": "unreadable", "error": f"status.json: {exc}"}
+    if "failed" in (entry.get("status"), status.get("status")):
+        run.state, run.error = "failed", status.get("error") or entry.get("error") or "unknown error"
+    elif not run_dir.is_dir():
+        run.state = "missing"
+    elif not (run_dir / "DONE").exists():
+        run.state = "incomplete"
+        run.error = f"no DONE (status {status.get('status') or entry.get('status') or 'unknown'})"
+    else:
+        _load_files(run)
+    return run
+
+
+def load_sweep(sweep_dir) -> Sweep:
+    """Every run listed in ``<sweep>/index.json``, with its state; notes name runs not listed."""
+    sweep_dir = Path(sweep_dir)
+    index_path = sweep_dir / "index.json"
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path}: no index.json, is {sweep_dir} a sweep directory?")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    runs = [_load_run(sweep_dir, entry) for entry in index.get("runs", [])]
+    listed = {r.dir.resolve() for r in runs}
+    notes = [f"run directory {p.name} is not listed in index.json and was ignored"
+             for p in sorted((sweep_dir / "runs").glob("*")) if p.is_dir() and p.resolve() not in listed]
+    return Sweep(str(index.get("sweep") or sweep_dir.name), sweep_dir, runs, notes)

@@ -1,0 +1,120 @@
+"""One job of a sweep: validate the config, get the shared stages (built once, cached), train the
+method, evaluate the policy on the fixed held-out prompts, and write the run directory.
+
+Run directory (``<sweep>/runs/<run_id>/``): config.yaml, status.json, train_log.jsonl,
+samples.jsonl, metrics.json, results.csv and DONE (written last). A job whose run directory has
+DONE is skipped; one that fails records the error and leaves the rest of the sweep running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignbench.config import Config, to_config
+from alignbench.methods import Budget, PolicyArtifact, get_method, method_config
+from alignbench.stages.cache import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def run_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
+    """Readable and stable across re-runs: method, seed, then any other overrides of the job."""
+    extra = [o for o in (overrides or []) if not re.match(r"^\+*(method|seed)=", o)]
+    rid = f"{cfg.method['name']}_s{cfg.seed}" + ("_" + ",".join(sorted(extra)) if extra else "")
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", rid)[:200]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def validate(cfg_node: DictConfig) -> tuple[Config, object, type]:
+    """Everything that can be checked before training: fails fast, naming the key."""
+    cfg = to_config(cfg_node)
+    method_cls = get_method(cfg.method.get("name", ""))
+    mcfg = method_config(method_cls, cfg.method)
+    from alignbench.stages.graph import judge_kind
+    judge_kind(cfg)
+    return cfg, mcfg, method_cls
+
+
+def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict:
+    cfg, mcfg, method_cls = validate(cfg_node)
+    run_dir = Path(cfg.paths.sweep_dir) / "runs" / run_id_for(cfg, overrides)
+    if (run_dir / "DONE").exists():
+        log.info("run %s is complete; skipping", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+    if run_dir.exists():  # an earlier attempt died or failed: never trust its files
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
+    status = {"status": "running", "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(run_dir / "status.json", status)
+    _update_index(cfg)
+    try:
+        metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir)
+        status.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(run_dir / "status.json", status)
+        (run_dir / "DONE").write_text("")
+        return metrics
+    except BaseException as e:
+        status.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(run_dir / "status.json", status)
+        raise
+    finally:
+        _update_index(cfg)
+
+
+def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path) -> dict:
+    from alignbench.evaluate import build_context, final_evaluation
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = build_context(cfg, mcfg, run_dir)
+    set_seed(cfg.seed)
+    ctx.log_point(0, model=ctx.reference(), label="pi0")
+    artifact: PolicyArtifact = method_cls().train(ctx)
+    return final_evaluation(ctx, artifact)
+
+
+def _update_index(cfg: Config) -> None:
+    """Rebuild <sweep>/index.json from the run directories (under a lock: jobs run in parallel)."""
+    from filelock import FileLock
+    sweep = Path(cfg.paths.sweep_dir)
+    sweep.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(sweep / ".index.lock")):
+        runs = []
+        for d in sorted((sweep / "runs").glob("*/")):
+            try:
+                st = json.loads((d / "status.json").read_text())
+            except (OSError, ValueError):
+                st = {"status": "incomplete", "error": "no status.json"}
+            if st.get("status") == "done" and not (d / "DONE").exists():
+                st["status"] = "incomplete"
+            meta = _run_meta(d)
+            runs.append({"run_id": d.name, "dir": str(d), **meta, "status": st.get("status"), "error": st.get("error")})
+        write_json_atomic(sweep / "index.json", {"sweep": sweep.name, "runs": runs})
+
+
+def _run_meta(d: Path) -> dict:
+    try:
+        c = OmegaConf.load(d / "config.yaml")
+        return {"method": c.method.name, "seed": int(c.seed)}
+    except Exception:  # noqa: BLE001 - an unreadable config is reported as unknown, not fatal
+        return {"method": None, "seed": None}
+
+
+def make_budget(cfg: Config) -> Budget:
+    b = cfg.budget
+    return Budget(b.pm_calls, b.generated_tokens, b.wall_seconds)

@@ -1,0 +1,71 @@
+"""Stage 1, the base LM: a pretrained checkpoint as is, or `tiny` pretrained from scratch on the
+dialogue corpus of the training split (tokenizer included)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from alignbench.config import Config
+from alignbench.data import load_data
+from alignbench.models import count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
+from alignbench.stages.cache import Artifact, build_stage
+from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+
+
+def dialogue_corpus(pairs) -> list[str]:
+    """Every distinct transcript (chosen and rejected), in data order."""
+    return list(dict.fromkeys(t for p in pairs for t in (p.prompt + p.chosen, p.prompt + p.rejected)))
+
+
+@torch.no_grad()
+def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_size: int = 32) -> float:
+    """Per-token negative log-likelihood on held-out dialogues (exp of it is perplexity)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        batch = pad_batch([encode(tokenizer, "", t, max_len) for t in texts[i:i + batch_size]],
+                          tokenizer.pad_token_id, device)
+        n = int(batch["response_mask"][:, 1:].sum())
+        total += lm_loss(model, batch).item() * n
+        count += n
+    return total / max(count, 1)
+
+
+def build_base(cfg: Config) -> Artifact:
+    data = load_data(cfg.data)
+    sc, mc = cfg.stages.base, cfg.model
+    from alignbench.stages.distill import hhh_prompt
+    key = {"model": dataclasses.asdict(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed}
+
+    def build(out):
+        corpus = dialogue_corpus(data.train)
+        if mc.kind == "tiny":
+            # The HHH prompt joins the tokenizer corpus so that π0's teacher context stays short.
+            from alignbench.stages.distill import hhh_prompt
+            tok = train_tokenizer(corpus + [hhh_prompt(cfg)] * 8, mc.vocab_size)
+            model = tiny_lm(mc, tok, cfg.stages.seed)
+        else:
+            model, tok = load_pretrained_lm(mc)
+        max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
+        device = pick_device(cfg.train.device)
+        metrics = {"params": count_params(model)}
+        if mc.kind == "tiny" or sc.finetune_pretrained:
+            encoded = [encode(tok, "", t, max_len) for t in corpus]
+            batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
+            res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
+                                  lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
+                                  warmup=min(50, len(batches) // 10))
+            metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
+                           tokens_per_second=round(res.tokens_per_second, 1), final_loss=res.losses[-1])
+        heldout = dialogue_corpus(data.eval)[:512]
+        nll = mean_nll(model, tok, heldout, max_len, device)
+        metrics.update(heldout_nll=nll, heldout_ppl=math.exp(min(nll, 50)))
+        model.to("cpu").save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return {"metrics": metrics, "data_counts": {"train_texts": len(corpus), "heldout_texts": len(heldout)},
+                "data_stats": data.stats, "max_len": max_len}
+
+    return build_stage("base", key, cfg.paths.cache_dir, build)

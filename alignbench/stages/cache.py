@@ -1,0 +1,102 @@
+"""Content-addressed, atomic, locked stage artifacts.
+
+A stage's directory is ``<cache>/stages/<stage>-<key>`` where the key hashes everything the stage
+depends on (its config, the data config, the upstream stages' keys, the code version), so a change
+upstream invalidates exactly what depends on it. A stage is built in a temporary directory and
+renamed into place only when ``record.json`` (written last) says it is complete; a directory without
+a complete record is never trusted. A file lock around each build makes parallel jobs that need the
+same stage build it once: the others wait, then reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+# Bump when a stage's training code changes in a way that changes its output.
+STAGE_CODE_VERSION = "1"
+RECORD = "record.json"
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+    record: dict
+    reused: bool  # True when this process found it complete on disk
+
+
+def read_record(path: Path) -> dict | None:
+    """The record of a complete artifact, or None for anything incomplete or corrupt."""
+    try:
+        record = json.loads((path / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("complete") is True else None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
+                build: Callable[[Path], dict]) -> Artifact:
+    """Return the stage's artifact, building it with ``build(tmp_dir) -> record fields`` if needed.
+
+    ``build`` writes model files into ``tmp_dir`` and returns a dict (metrics, timings, data
+    counts) that goes into the record beside the key material.
+    """
+    key = stable_hash({"stage": stage, "code": STAGE_CODE_VERSION, **key_material})
+    root = Path(cache_dir) / "stages"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{stage}-{key}"
+    with FileLock(str(root / f".{stage}-{key}.lock")):
+        record = read_record(final)
+        if record is not None:
+            log.info("stage %s: reusing %s", stage, final)
+            return Artifact(stage, key, final, record, reused=True)
+        if final.exists():
+            log.warning("stage %s: %s has no complete record; rebuilding it", stage, final)
+            shutil.rmtree(final)
+        tmp = root / f".tmp-{stage}-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        start = time.time()
+        try:
+            fields = build(tmp)
+            record = {"stage": stage, "key": key, **key_material, **fields, "complete": True,
+                      "build_seconds": round(time.time() - start, 3), "built_by": _who(),
+                      "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            write_json_atomic(tmp / RECORD, record)
+            os.replace(tmp, final)  # atomic: the directory appears complete or not at all
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("stage %s: built %s in %.1fs", stage, final, record["build_seconds"])
+    return Artifact(stage, key, final, record, reused=False)
+
+
+def _who() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}

@@ -1,0 +1,111 @@
+"""Stage 2, the context-distilled baseline π0 (Askell et al. 2021; Bai et al. 2022, App. A.1).
+
+The base LM *with* an HHH prompt in front is the teacher; the same LM *without* it is the student.
+At every position of a training dialogue the student is trained to match the teacher's next-token
+distribution, stored as its top-k log-probs plus one bucket for the remaining mass (k = 50 as in
+the HH paper): L = KL(p_teacher(· | HHH prompt, x_<t) ‖ p_student(· | x_<t)) over k + 1 outcomes.
+
+Option ``mode=preferred_ft``: supervised fine-tuning on the chosen responses instead (the DPO
+paper's "Preferred-FT"); ``mode=none``: π0 is the base LM itself.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from alignbench.config import Config
+from alignbench.data import load_data
+from alignbench.models import load_lm, load_tokenizer, pick_device
+from alignbench.stages.base import dialogue_corpus, mean_nll
+from alignbench.stages.cache import Artifact, build_stage
+from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+
+# Our HHH prompt: a short preamble and three dialogues showing a helpful, honest, harmless
+# assistant, including the helpful/harmless tension (refuse harm, help with benign "edgy" asks).
+HHH_PROMPT = (
+    "Below are dialogues between people and an AI assistant that is helpful, honest and harmless."
+    "\n\nHuman: What is 7 plus 5?\n\nAssistant: 7 plus 5 is 12."
+    "\n\nHuman: How can I hurt my neighbour?\n\nAssistant: I can't help with that, it could hurt someone."
+    "\n\nHuman: How do I kill a stuck process?\n\nAssistant: Run kill with the process id."
+    "\n\n"
+)
+
+
+def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                      k: int) -> torch.Tensor:
+    """KL(teacher ‖ student) over the teacher's top-k tokens plus one bucket for the rest, averaged
+    over masked positions. Logits are [B, T, V], aligned so position t predicts token t+1 in both."""
+    t_logp = torch.log_softmax(teacher_logits.float(), -1)
+    top_logp, top_idx = t_logp.topk(k, dim=-1)
+    s_logp = torch.log_softmax(student_logits.float(), -1).gather(-1, top_idx)
+
+    def with_rest(logp):  # append log(1 - Σ p_topk), clamped: the top-k can hold ~all the mass
+        rest = torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-6))
+        return torch.cat([logp, rest[..., None]], -1)
+
+    t, s = with_rest(top_logp), with_rest(s_logp)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def hhh_prompt(cfg: Config) -> str:
+    return HHH_PROMPT if cfg.stages.pi0.hhh_prompt == "builtin" else cfg.stages.pi0.hhh_prompt
+
+
+def build_pi0(cfg: Config, base: Artifact) -> Artifact:
+    data = load_data(cfg.data)
+    sc = cfg.stages.pi0
+    prompt = hhh_prompt(cfg)
+    key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed}
+
+    def build(out):
+        tok, model = load_tokenizer(base.path), load_lm(base.path)
+        device, max_len = pick_device(cfg.train.device), base.record["max_len"]
+        metrics: dict = {"mode": sc.mode}
+        if sc.mode == "context_distill":
+            metrics.update(_distill(model, tok, prompt, dialogue_corpus(data.train), max_len, sc, cfg, device))
+        elif sc.mode == "preferred_ft":
+            enc = [encode(tok, p.prompt, p.chosen, max_len) for p in data.train]
+            batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
+            res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
+                                  lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device)
+            metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
+                           final_loss=res.losses[-1])
+        metrics["heldout_nll"] = mean_nll(model, tok, dialogue_corpus(data.eval)[:512], max_len, device)
+        model.to("cpu").save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return {"metrics": metrics, "max_len": max_len}
+
+    return build_stage("pi0", key, cfg.paths.cache_dir, build)
+
+
+def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device) -> dict:
+    teacher = copy.deepcopy(student).to(device).eval().requires_grad_(False)
+    h = tok(prompt, add_special_tokens=False)["input_ids"]
+    room = max_len - len(h)
+    if room < 16:
+        raise ValueError(f"stages.pi0.hhh_prompt: {len(h)} tokens leaves no room in model.max_seq_len={max_len}")
+    enc = [encode(tok, "", t, room) for t in texts]
+    prefix = torch.tensor(h)
+
+    def make_batch(idx):
+        return pad_batch([enc[i] for i in idx], tok.pad_token_id)
+
+    def loss_fn(model, batch):
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():  # teacher sees the HHH prompt, then the same dialogue
+            t_ids = torch.cat([prefix.to(ids.device).expand(len(ids), -1), ids], 1)
+            t_attn = torch.cat([torch.ones(len(ids), len(h), dtype=attn.dtype, device=ids.device), attn], 1)
+            t_logits = teacher(input_ids=t_ids, attention_mask=t_attn).logits[:, len(h):]
+        s_logits = model(input_ids=ids, attention_mask=attn).logits
+        return topk_distill_loss(s_logits, t_logits, attn.float(), min(sc.top_k, s_logits.shape[-1]))
+
+    batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
+    res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",
+                          cfg.train.grad_clip, device=device)
+    return {"steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
+            "tokens_per_second": round(res.tokens_per_second, 1), "first_kl": res.losses[0],
+            "final_kl": sum(res.losses[-10:]) / len(res.losses[-10:]), "hhh_prompt_tokens": len(h)}

@@ -1,0 +1,145 @@
+"""Shared training mechanics, written once so every stage and method is measured by the same code:
+tokenisation of prompt/response pairs, padding, per-token log-probs, and one supervised loop.
+
+Batches are ordered as a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- tokenisation
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    response_start: int  # index of the first response token; labels before it are masked
+
+
+def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True) -> Encoded:
+    """Prompt and response tokenised separately (so the boundary is exact), then joined. Too long:
+    keep the end of the prompt (the last turns matter most) and the start of the response."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+    r = r[: max(max_len // 2, max_len - len(p))]
+    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
+    return Encoded(p + r, len(p))
+
+
+def pad_batch(seqs: Sequence[Encoded], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and a mask over response tokens (the positions we score)."""
+    n = max(len(s.input_ids) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), n), dtype=torch.long)
+    resp = torch.zeros((len(seqs), n), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        attn[i, : len(s.input_ids)] = 1
+        resp[i, s.response_start: len(s.input_ids)] = True
+    out = {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1, shape [B, T-1] (position t-1 predicts token t)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def response_logprobs(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (or mean) of log-probs over response tokens, and the per-token values [B, T-1]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_tok = token_logprobs(logits, batch["input_ids"])
+    mask = batch["response_mask"][:, 1:].float()
+    total = (per_tok * mask).sum(-1)
+    if average:
+        total = total / mask.sum(-1).clamp(min=1)
+    return total, per_tok * mask
+
+
+def lm_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy on response tokens only (all tokens when response_start == 0)."""
+    _, per_tok = response_logprobs(model, batch)
+    return -per_tok.sum() / batch["response_mask"][:, 1:].sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- batching
+def batch_schedule(n_items: int, batch_size: int, epochs: float, seed: int,
+                   max_steps: Optional[int] = None) -> list[list[int]]:
+    """Index batches for the whole run, a pure function of its arguments (resume-safe)."""
+    rng = random.Random(seed)
+    total = max(1, math.ceil(n_items * epochs / batch_size))
+    if max_steps:
+        total = min(total, max_steps)
+    order: list[int] = []
+    while len(order) < total * batch_size:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order += perm
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(total)]
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    tokens: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0, warmup: int = 0,
+                   total_steps: int = 1):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay, betas=(0.9, 0.95))
+
+    def schedule(step: int) -> float:  # linear warmup, then cosine to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
+                    make_batch: Callable[[list[int]], dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+                    lr: float, desc: str, grad_clip: float = 1.0, weight_decay: float = 0.0,
+                    warmup: int = 0, device: torch.device | str = "cpu",
+                    on_step: Optional[Callable[[int, float], None]] = None) -> LoopResult:
+    """Plain minibatch training: one optimiser step per batch, a progress bar, token accounting."""
+    model.to(device).train()
+    opt, sched = make_optimizer(model, lr, weight_decay, warmup, len(batches))
+    tokens, losses, start = 0, [], time.time()
+    bar = tqdm(batches, desc=desc, leave=False, mininterval=2)
+    for step, idx in enumerate(bar):
+        batch = {k: v.to(device) for k, v in make_batch(idx).items()}
+        loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return LoopResult(len(batches), time.time() - start, tokens, losses)

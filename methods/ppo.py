@@ -1,0 +1,323 @@
+"""RLHF-PPO (Bai et al. 2022 §4; Ziegler et al. 2019; Ouyang et al. 2022), one file, top to bottom.
+
+The policy π starts at π0 and maximises, per sampled response y to a prompt x,
+
+    R(x, y) = r_PM(x, y) − λ_KL · KL(π ‖ π0)
+
+with the KL paid token by token: every response token t earns −λ_KL · (log π(y_t) − log π0(y_t))
+(the k1 estimator on the sampled token), and the last response token also earns the PM score.
+One PPO step:
+
+1. rollout: draw ``rollout_batch_size`` training prompts (seeded), sample one response each from
+   the current policy, score them with the PM (charged), record the log-probs of π and π0 and the
+   value estimates on the sampled tokens;
+2. rewards: per-token KL penalty + PM score at the end (``kl_penalized_rewards``), optionally
+   whitened; advantages by GAE (``gae``), whitened;
+3. optimisation: ``ppo_epochs`` passes over the rollout in minibatches of ``batch_size``,
+   minimising the clipped policy loss + ``vf_coef`` × the clipped value loss (``ppo_loss``),
+   optionally + ``ptx_coef`` × the LM loss on training dialogues (PPO-ptx, InstructGPT);
+4. the adaptive KL controller (if ``kl_target`` is set) moves λ_KL towards the target KL.
+
+The pure pieces (rewards, GAE, whitening, the loss, the KL controller) come first and are tested
+against hand-computed numbers; the loop that uses them is ``PPO.train`` at the bottom.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from alignbench.config import ConfigError, opt
+from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.train import encode, lm_loss, make_optimizer, pad_batch, token_logprobs
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class PPOConfig(MethodConfig):
+    name: str = "ppo"
+    # Tuned on the demo tiny model (conf/model/tiny.yaml) to move the proxy reward within ~2 CPU
+    # minutes; larger models want the shared train.lr (1e-4) or less: set lr: null there.
+    lr: Optional[float] = opt(1e-3, gt=0)
+    batch_size: Optional[int] = opt(None, gt=0)  # PPO minibatch; None: train.batch_size (capped at the rollout)
+    eval_every: int = opt(5, gt=0)  # PPO steps between train_log points
+    steps: int = opt(30, gt=0)  # rollout batches (PPO iterations)
+    rollout_batch_size: int = opt(64, gt=0)  # prompts per rollout, one response each
+    ppo_epochs: int = opt(4, ge=1)  # passes over each rollout batch
+    max_new_tokens: Optional[int] = opt(None, gt=0)  # response cap; None: train.max_new_tokens
+    kl_coef: float = opt(0.001, ge=0)  # λ_KL (HH paper: 0.001); the initial value if adaptive
+    kl_target: Optional[float] = opt(None, gt=0)  # adaptive KL controller target (nats/response); None: fixed λ_KL
+    kl_horizon: int = opt(10000, gt=0)  # adaptive controller horizon, in samples (Ziegler et al.)
+    gamma: float = opt(1.0, ge=0, le=1)  # discount
+    lam: float = opt(0.95, ge=0, le=1)  # GAE λ
+    clip: float = opt(0.2, gt=0)  # policy ratio clip ε
+    clip_value: float = opt(0.2, gt=0)  # value clip: new values stay within ±clip_value of the rollout's
+    vf_coef: float = opt(0.1, gt=0)  # weight of the value loss
+    ent_coef: float = opt(0.0, ge=0)  # entropy bonus (none in the HH paper)
+    whiten_rewards: bool = False  # rescale per-token rewards of each rollout to unit variance
+    whiten_advantages: bool = True  # advantages to mean 0, variance 1 per rollout
+    ptx_coef: float = opt(0.0, ge=0)  # PPO-ptx: weight of the LM loss on chosen training transcripts
+
+    def validate(self, prefix: str) -> None:
+        if self.batch_size is not None and self.batch_size > self.rollout_batch_size:
+            raise ConfigError(f"{prefix}.batch_size: the minibatch ({self.batch_size}) cannot exceed "
+                              f"{prefix}.rollout_batch_size ({self.rollout_batch_size})")
+        if self.clip >= 1:
+            raise ConfigError(f"{prefix}.clip: must be < 1 (the ratio is clipped to [1-clip, 1+clip]), got {self.clip}")
+
+
+# --------------------------------------------------------------------------- pure pieces
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (response tokens)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked positions; with shift_mean=False only the scale changes."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row (response tokens are contiguous)."""
+    return mask.long().cumsum(-1).argmax(-1)  # argmax returns the first maximum: the last 1
+
+
+def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = −λ_KL (log π(y_t) − log π0(y_t)), plus the PM score at the last token.
+
+    Shapes: logprobs, ref_logprobs, mask [B, T] (log-probs of the sampled tokens, 1 on response
+    tokens), scores [B]. Returns (rewards [B, T], per-token k1 KL [B, T])."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    rows = torch.arange(rewards.shape[0])
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the response tokens:
+    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns = A + V.
+    The state after the last response token is terminal (V = 0): values are masked to 0 there."""
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    n = rewards.shape[1]
+    for t in reversed(range(n)):
+        next_value = values[:, t + 1] if t + 1 < n else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+             clip: float = 0.2, clip_value: float = 0.2, vf_coef: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """The PPO objective, averaged over response tokens (all tensors [B, T]):
+
+    policy: max(−A ρ, −A clip(ρ, 1−ε, 1+ε)) with ρ = π(y_t)/π_old(y_t)  (pessimistic bound);
+    value:  ½ max((V − R)², (V_clipped − R)²) with V_clipped = V_old + clip(V − V_old, ±clip_value).
+    Returns (policy loss + vf_coef · value loss, detached statistics)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)), mask)
+    v_clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
+    vf = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    with torch.no_grad():
+        stats = {"policy_loss": pg.item(), "value_loss": vf.item(),
+                 "clip_frac": masked_mean(((ratio - 1).abs() > clip).float(), mask).item(),
+                 "approx_kl": masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask).item()}
+    return pg + vf_coef * vf, stats
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. 2019 §2.2: λ ← λ (1 + clip(KL/target − 1, ±0.2) · n / horizon), where KL is
+    the rollout's mean per-response KL and n the number of samples it holds."""
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + error * n_samples / self.horizon
+        return self.value
+
+
+# --------------------------------------------------------------------------- model pieces
+def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of the tokens [B, T-1], the value of the state before each of them [B, T-1], and
+    the logits (for the optional entropy). Position t-1 predicts token t, so both are read there."""
+    out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    logprobs = token_logprobs(out.logits, input_ids)
+    values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
+    return logprobs, values, out.logits[:, :-1]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience, all [N, T] except scores [N]; the mask covers response tokens at
+    the positions of token_logprobs (index t-1 for token t)."""
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor  # per-sequence k1 KL(π‖π0) on the sampled tokens [N]
+
+    def minibatch(self, idx: torch.Tensor) -> dict:
+        width = int(self.attention_mask[idx].sum(-1).max())  # right padding: trim the common tail
+        tokens = {k: getattr(self, k)[idx, :width] for k in ("input_ids", "attention_mask")}
+        per_token = {k: getattr(self, k)[idx, :width - 1] for k in ("mask", "logprobs", "values", "advantages", "returns")}
+        return tokens | per_token
+
+
+@torch.no_grad()
+def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed: int, cfg: PPOConfig,
+                    kl_coef: float, chunk: int) -> Rollout:
+    """Sample, score, and turn the samples into per-token rewards, advantages and returns.
+
+    The responses are re-encoded from text with EOS appended, exactly as the PM and the KL
+    measurement (ctx.log_point) read them, so the KL penalised here is the KL reported there."""
+    sampled = ctx.sample(policy, prompts, seed=seed, max_new_tokens=cfg.max_new_tokens)
+    scores = ctx.score(sampled.prompts, sampled.responses).float()
+    seqs = [encode(ctx.tokenizer, p, r, ctx.max_len) for p, r in zip(sampled.prompts, sampled.responses)]
+    batch = pad_batch(seqs, ctx.tokenizer.pad_token_id, ctx.device)
+    mask = batch["response_mask"][:, 1:].float()
+    logprobs, values, ref_logprobs = [], [], []
+    for i in range(0, len(seqs), chunk):
+        ids, attn = batch["input_ids"][i:i + chunk], batch["attention_mask"][i:i + chunk]
+        lp, v, _ = policy_forward(policy, value_head, ids, attn)
+        logprobs.append(lp)
+        values.append(v)
+        ref_logprobs.append(token_logprobs(reference(input_ids=ids, attention_mask=attn).logits, ids))
+    logprobs, values, ref_logprobs = (torch.cat(x) * mask for x in (logprobs, values, ref_logprobs))
+    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores.to(mask.device), mask, kl_coef)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Rollout(batch["input_ids"], batch["attention_mask"], mask, logprobs, values, advantages, returns,
+                   scores, kl.sum(-1).cpu())
+
+
+class PTXBatches:
+    """PPO-ptx: endless seeded minibatches of chosen training transcripts (prompt + chosen),
+    LM loss on every token, mixed into each PPO minibatch to limit the alignment tax."""
+
+    def __init__(self, ctx, batch_size: int, seed: int):
+        self.ctx, self.batch_size, self.rng = ctx, batch_size, random.Random(seed)
+
+    def next(self) -> dict:
+        ctx = self.ctx
+        pairs = [ctx.pairs[self.rng.randrange(len(ctx.pairs))] for _ in range(self.batch_size)]
+        seqs = [encode(ctx.tokenizer, "", p.prompt + p.chosen, ctx.max_len) for p in pairs]
+        return pad_batch(seqs, ctx.tokenizer.pad_token_id, ctx.device)
+
+
+# --------------------------------------------------------------------------- the method
+class PPO(Method):
+    """RLHF-PPO against the proxy PM with a per-token KL(π‖π0) penalty (Bai et al. 2022)."""
+
+    name = "ppo"
+    config_class = PPOConfig
+
+    def train(self, ctx) -> PolicyArtifact:
+        cfg: PPOConfig = ctx.method_cfg
+        policy, reference = ctx.policy(), ctx.reference()
+        # Dropout off throughout (eval mode still trains): with dropout the first PPO epoch would
+        # see ratios ≠ 1 on the very samples it just drew. The tiny Llama has none anyway.
+        policy.eval()
+        # The value head is a scalar Linear on the policy's final hidden states (a shared trunk,
+        # like TRL's classic PPOTrainer and CleanRL's Atari agent) rather than a separate critic
+        # initialised from π0: one forward pass gives log-probs and values, half the compute and
+        # memory of a second model, which matters on CPU. Zero-initialised, so it starts at V = 0
+        # and its first gradients into the shared trunk are small; vf_coef weighs them further.
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(ctx.device)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+        params = torch.nn.ModuleList([policy, value_head])
+
+        minibatch = min(ctx.batch_size, cfg.rollout_batch_size)
+        n_minibatches = math.ceil(cfg.rollout_batch_size / minibatch)
+        optimizer, scheduler = make_optimizer(params, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps,
+                                              cfg.steps * cfg.ppo_epochs * n_minibatches)
+        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
+        kl_coef = cfg.kl_coef
+        rng = random.Random(ctx.seed)  # prompts and sampling seeds of every step
+        shuffle = torch.Generator().manual_seed(ctx.seed)  # minibatch order
+        ptx = PTXBatches(ctx, minibatch, ctx.seed + 1) if cfg.ptx_coef > 0 else None
+        n_prompts = len(ctx.train_prompts)
+
+        stopped, step, last_logged, extra = None, 0, 0, {}
+        bar = tqdm(range(1, cfg.steps + 1), desc="ppo", leave=False, mininterval=2)
+        for step in bar:
+            if (stopped := ctx.budget_hit()) is not None:
+                step -= 1
+                break
+            # 1. rollout
+            idx = (rng.sample(range(n_prompts), cfg.rollout_batch_size) if cfg.rollout_batch_size <= n_prompts
+                   else [rng.randrange(n_prompts) for _ in range(cfg.rollout_batch_size)])
+            roll = collect_rollout(ctx, policy, value_head, reference, [ctx.train_prompts[i] for i in idx],
+                                   rng.randrange(2 ** 31), cfg, kl_coef, minibatch)
+            # 2. K epochs of minibatch updates on it
+            stats: dict[str, list[float]] = {}
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(len(roll.scores), generator=shuffle)
+                for start in range(0, len(order), minibatch):
+                    mb = roll.minibatch(order[start:start + minibatch].to(roll.mask.device))
+                    logprobs, values, logits = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"])
+                    loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
+                                       mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
+                    if cfg.ent_coef > 0:
+                        loss = loss - cfg.ent_coef * masked_mean(entropy(logits), mb["mask"])
+                    ctx.cost.tokens_trained += int(mb["attention_mask"].sum())
+                    if ptx is not None:
+                        pt = ptx.next()
+                        loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
+                        ctx.cost.tokens_trained += int(pt["attention_mask"].sum())
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params.parameters(), ctx.cfg.train.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, v in s.items():
+                        stats.setdefault(k, []).append(v)
+            # 3. the KL coefficient for the next rollout
+            rollout_kl = roll.kl.mean().item()
+            if kl_ctl is not None:
+                kl_coef = kl_ctl.update(rollout_kl, len(roll.scores))
+            extra = {"rollout_score": roll.scores.mean().item(), "rollout_kl": rollout_kl, "kl_coef": kl_coef,
+                     "rollout_tokens": roll.mask.sum().item() / len(roll.scores),
+                     **{k: sum(v) / len(v) for k, v in stats.items()}}
+            bar.set_postfix(score=f"{extra['rollout_score']:.2f}", kl=f"{rollout_kl:.2f}")
+            if step % cfg.eval_every == 0:
+                ctx.log_point(step, model=policy, **extra)
+                last_logged = step
+        if step > last_logged:  # the end point (also after a budget stop)
+            ctx.log_point(step, model=policy, **extra)
+
+        out = ctx.out_dir / "policy"  # the LM only: the value head is a training device
+        policy.save_pretrained(out, safe_serialization=True)
+        ctx.tokenizer.save_pretrained(out)
+        return PolicyArtifact(path=out, info={"steps_done": step, "stopped": stopped or "steps done",
+                                              "final_kl_coef": kl_coef, "minibatch": minibatch})

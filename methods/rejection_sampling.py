@@ -1,0 +1,212 @@
+"""Rejection sampling: best-of-n at inference time, or rejection-sampling fine-tuning (Llama 2 §3.2.3).
+
+Both modes rest on one selection rule, ``select_best``: sample K responses per prompt, score them
+with the PM, keep the highest-scored one (ties go to the first sample).
+
+- ``best_of_n`` trains nothing. The policy is a sampler over π0 that draws n responses and returns
+  the PM's best; it is charged for its n samples and n PM calls per prompt served. Its KL from π0
+  is known exactly, log n − (n − 1)/n (Gao et al. 2022, arXiv 2210.10760), and is also estimated
+  from samples by ``bon_kl_estimate`` so the formula is checked on every run. A reward-vs-KL curve
+  over n = 1, 2, 4, ... feeds the sqrt(KL) analysis; it reuses one pool of π0 samples per prompt
+  (the first n of the pool for each n).
+- ``finetune`` is rejection-sampling fine-tuning: each round draws K samples per prompt from the
+  *current* policy at temperature T, keeps the PM's best and fine-tunes on them (cross-entropy on
+  response tokens only), for R rounds.
+
+Why an estimator as well as the formula: the formula holds for continuous rewards; a tiny policy
+often repeats itself (the empty or the same short response), so the PM's scores tie. The estimator
+uses the exact best-of-n law of a discrete reward, so it stays correct under ties and shows how far
+the analytic value is from the real one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from alignbench.config import opt
+from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, pad_batch
+
+log = logging.getLogger(__name__)
+
+MODES = ["best_of_n", "finetune"]
+CURVE_SEED_OFFSET = 20_011  # π0 samples for the reward-vs-KL curve (measurement stream)
+POOL_SEED_OFFSET = 30_013  # the independent π0 pool that estimates the reward CDF F
+
+
+# --------------------------------------------------------------------------- selection and KL
+def select_best(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the PM's best response per prompt: ``scores`` is [prompts, K]; ties -> first."""
+    if scores.dim() != 2 or scores.shape[1] < 1:
+        raise ValueError(f"select_best: scores must be [prompts, K>=1], got shape {tuple(scores.shape)}")
+    best = scores.max(dim=1, keepdim=True).values
+    first = torch.arange(scores.shape[1]).expand_as(scores).masked_fill(scores != best, scores.shape[1])
+    return first.min(dim=1).values  # the first column that reaches the maximum
+
+
+def bon_kl_analytic(n: int) -> float:
+    """KL(best-of-n ‖ π0) for a continuous reward: log n − (n − 1)/n (Gao et al. 2022)."""
+    return math.log(n) - (n - 1) / n
+
+
+def bon_log_ratio(rewards: torch.Tensor, pool: torch.Tensor, n: int) -> torch.Tensor:
+    """log π_bon(y)/π0(y) for best-of-n samples y with PM rewards ``rewards`` [P], given an
+    independent pool of π0 rewards per prompt ``pool`` [P, m].
+
+    With F(r) = P(R ≤ r) and F₋(r) = P(R < r) under π0, best-of-n puts mass F^n − F₋^n on reward
+    value r where π0 puts F − F₋, so the ratio is (F^n − F₋^n)/(F − F₋) (→ n·F^(n−1) for continuous
+    rewards). F and F₋ are the empirical CDFs of the pool together with y itself (m + 1 points):
+    y's own atom keeps F − F₋ ≥ 1/(m + 1), so the ratio is finite and ties are handled exactly."""
+    if pool.dim() != 2 or rewards.shape != pool.shape[:1]:
+        raise ValueError(f"bon_log_ratio: need rewards [P] and pool [P, m], got {tuple(rewards.shape)}, {tuple(pool.shape)}")
+    r, pool = rewards.double()[:, None], pool.double()
+    total = pool.shape[1] + 1
+    below = (pool < r).sum(1).double()
+    equal = (pool == r).sum(1).double() + 1  # the sample itself
+    f_minus, f = below / total, (below + equal) / total
+    # log(F^n − F₋^n) − log(F − F₋), with F^n − F₋^n = F^n (1 − (F₋/F)^n) for stability
+    return n * f.log() + torch.log1p(-(f_minus / f) ** n) - (f - f_minus).log()
+
+
+def bon_kl_estimate(rewards: torch.Tensor, pool: torch.Tensor, n: int) -> float:
+    """Sample estimate of KL(best-of-n ‖ π0): the mean of ``bon_log_ratio`` over prompts."""
+    return bon_log_ratio(rewards, pool, n).mean().item()
+
+
+def curve_ns(n: int) -> list[int]:
+    """The n of the reward-vs-KL curve: 1, 2, 4, ... below n, then n itself."""
+    ns, k = [], 1
+    while k < n:
+        ns.append(k)
+        k *= 2
+    return ns + [n]
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class RejectionSamplingConfig(MethodConfig):
+    name: str = "rejection_sampling"
+    mode: str = opt("best_of_n", choices=MODES)  # best_of_n: inference-time; finetune: Llama 2 RS fine-tuning
+    n: int = opt(16, ge=1)  # K: samples per prompt, the PM keeps the best
+    temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
+    kl_pool: int = opt(64, ge=1)  # best_of_n: independent π0 samples per eval prompt for the KL estimate
+    rounds: int = opt(2, ge=1)  # finetune: sample -> select -> fine-tune rounds
+    prompts_per_round: int = opt(384, gt=0)  # finetune: training prompts sampled each round
+    epochs: float = opt(2.0, gt=0)  # finetune: passes over each round's selected responses
+    lr: Optional[float] = opt(1e-3, gt=0)  # finetune: None = train.lr
+
+
+# --------------------------------------------------------------------------- the method
+class RejectionSampling(Method):
+    """Best-of-n over π0 with its PM (inference-time), or rejection-sampling fine-tuning (Llama 2)."""
+
+    name = "rejection_sampling"
+    config_class = RejectionSamplingConfig
+
+    def train(self, ctx) -> PolicyArtifact:
+        cfg: RejectionSamplingConfig = ctx.method_cfg
+        if cfg.mode == "best_of_n":
+            return best_of_n(ctx, cfg)
+        return rs_finetune(ctx, cfg)
+
+
+def _temperature(ctx, cfg) -> float:
+    return cfg.temperature or ctx.cfg.train.temperature
+
+
+def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
+    """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement)."""
+    pi0, n, temp = ctx.reference(), cfg.n, _temperature(ctx, cfg)
+
+    def sampler(prompts: list[str], seed: int) -> list[str]:
+        out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed)
+        scores = ctx.score(out.prompts, out.responses).view(len(prompts), n)
+        return [out.responses[i * n + j] for i, j in enumerate(select_best(scores).tolist())]
+
+    curve = _bon_curve(ctx, pi0, cfg, temp)
+    info = {"mode": "best_of_n", "n": n, "temperature": temp, "kl_analytic": bon_kl_analytic(n),
+            "kl_estimate": curve[-1]["kl_estimate"], "cdf_pool_size": cfg.kl_pool,
+            "curve": [{k: p[k] for k in ("n", "proxy_reward", "judge_reward", "kl_analytic", "kl_estimate")}
+                      for p in curve],
+            "cost_per_prompt": {"samples": n, "pm_calls": n}}
+    return PolicyArtifact(sampler=sampler, info=info)
+
+
+def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict]:
+    """One pool of n π0 samples per held-out prompt, best of its first k for each k in curve_ns;
+    plus an independent pool for the reward CDF. Measurement, like ctx.measure: not charged."""
+    prompts, n = ctx.eval_prompts, cfg.n
+    spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls)
+    pool = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
+    scores = ctx.score(pool.prompts, pool.responses).view(len(prompts), n)
+    ref = ctx.sample(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
+    ref_scores = ctx.score(ref.prompts, ref.responses).view(len(prompts), cfg.kl_pool)
+    ctx.cost.tokens_generated, ctx.cost.pm_calls = spent
+    points = []
+    for k in tqdm(curve_ns(n), desc="best-of-n curve", leave=False):
+        idx = select_best(scores[:, :k])
+        responses = [pool.responses[i * n + j] for i, j in enumerate(idx.tolist())]
+        chosen = scores[:, :k].gather(1, idx[:, None]).squeeze(1)
+        kl_a, kl_e = bon_kl_analytic(k), bon_kl_estimate(chosen, ref_scores, k)
+        point = ctx.log_point(step=k, responses=responses, label=f"n={k}", kl_analytic=kl_a, kl_estimate=kl_e)
+        points.append({**point, "n": k})
+    return points
+
+
+def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
+    """R rounds of: K samples per prompt from the current policy -> PM's best -> SFT on them."""
+    policy, temp, tok = ctx.policy(), _temperature(ctx, cfg), ctx.tokenizer
+    order = list(range(len(ctx.train_prompts)))
+    random.Random(ctx.seed).shuffle(order)  # each round takes the next slice: fresh prompts
+    step, last_logged, stopped, rounds = 0, -1, None, []
+    for rnd in range(cfg.rounds):
+        if (stopped := ctx.budget_hit()):
+            break
+        start = rnd * cfg.prompts_per_round
+        prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
+        out = ctx.sample(policy, prompts, n=cfg.n, temperature=temp, seed=ctx.seed * 1000 + rnd)
+        scores = ctx.score(out.prompts, out.responses).view(len(prompts), cfg.n)
+        best = select_best(scores).tolist()
+        data = [encode(tok, p, out.responses[i * cfg.n + j], ctx.max_len) for i, (p, j) in enumerate(zip(prompts, best))]
+        batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
+        opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(batches))
+        policy.train()
+        losses = []
+        for idx in tqdm(batches, desc=f"RS round {rnd + 1}/{cfg.rounds}", leave=False, mininterval=2):
+            if (stopped := ctx.budget_hit()):
+                break
+            batch = pad_batch([data[i] for i in idx], tok.pad_token_id, ctx.device)
+            loss = lm_loss(policy, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            ctx.cost.tokens_trained += int(batch["attention_mask"].sum())
+            losses.append(loss.item())
+            step += 1
+            if step % cfg.eval_every == 0:
+                ctx.log_point(step, model=policy, label=f"round {rnd + 1}")
+                last_logged = step
+        rounds.append({"round": rnd + 1, "steps": len(losses), "sample_reward_mean": scores.mean().item(),
+                       "sample_reward_median": scores.median().item(),
+                       "best_reward_mean": scores.max(1).values.mean().item(),
+                       "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
+        log.info("RS round %d: sample reward mean %.3f, best-of-%d mean %.3f", rnd + 1,
+                 rounds[-1]["sample_reward_mean"], cfg.n, rounds[-1]["best_reward_mean"])
+        if stopped:
+            break
+    if step != last_logged:
+        ctx.log_point(step, model=policy, label="end")
+    policy.eval()
+    path = ctx.out_dir / "policy"
+    policy.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return PolicyArtifact(path=path, info={"mode": "finetune", "n": cfg.n, "temperature": temp, "steps": step,
+                                           "rounds": rounds, "stopped": stopped})

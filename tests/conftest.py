@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny end-to-end config whose shared stages build in seconds and are cached
+once per test session (so every method test starts from the same π0 and PM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Small enough for seconds on 2 CPU cores, large enough that training visibly moves the metrics.
+TINY = [
+    "model.vocab_size=512", "model.hidden_size=48", "model.num_layers=2", "model.num_heads=2",
+    "model.intermediate_size=96", "model.max_seq_len=256",
+    "data.synth.n_pairs=1200", "stages.base.epochs=2", "stages.base.batch_size=64",
+    "stages.pi0.epochs=0.25", "stages.pm.epochs=1", "stages.pm.lr=2e-3",
+    "eval.n_prompts=24", "eval.bootstrap=200", "train.max_new_tokens=16", "train.batch_size=16",
+]
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED.joinpath("data", *parts)
+    if not path.exists():
+        pytest.skip(f"needs the offline data at {path} (the ../shared folder beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture
+def tiny_overrides(stage_cache, tmp_path) -> list[str]:
+    """Overrides for a tiny run: shared stage cache for the session, a fresh sweep dir per test."""
+    return TINY + [f"paths.cache_dir={stage_cache}", f"paths.sweep_dir={tmp_path / 'sweep'}"]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides):
+    from alignbench.cli import compose
+    from alignbench.config import to_config
+    return to_config(compose(tiny_overrides))

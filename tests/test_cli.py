@@ -1,0 +1,45 @@
+"""The command line: data-stats on the real HH test splits, methods listing, errors."""
+import json
+
+from alignbench.cli import main
+from tests.conftest import shared_data
+
+
+def test_data_stats_on_real_hh(capsys):
+    path = shared_data("hh-rlhf")
+    assert main(["data-stats", "data=hh_rlhf", f"data.path={path}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rows_read_by_subset"] == {"harmless-base": 2312, "helpful-base": 2354,
+                                            "helpful-online": 1137, "helpful-rejection-sampled": 2749}
+    assert stats["rejected"]["by_reason"]["identical_pair"] == 36
+    assert stats["rejected"]["by_reason"]["divergent_prompts"] == 17
+    assert stats["bad_rows"] == "skipped" and stats["total_pairs"] == 8552 - 53
+    assert sum(stats["by_turns"].values()) == stats["total_pairs"]
+    assert set(stats["by_split"]) == {"train", "eval", "test"}
+
+
+def test_data_stats_error_policy_names_file_and_line(capsys):
+    path = shared_data("hh-rlhf")
+    assert main(["data-stats", "data=hh_rlhf", f"data.path={path}", "data.bad_rows=error"]) == 2
+    err = capsys.readouterr().err
+    assert "harmless-base/test.jsonl.gz:1255" in err and "divergent" in err
+
+
+def test_data_stats_synth_is_deterministic(capsys):
+    main(["data-stats", "data.synth.n_pairs=300"])
+    first = capsys.readouterr().out
+    main(["data-stats", "data.synth.n_pairs=300"])
+    assert capsys.readouterr().out == first
+    assert json.loads(first)["total_pairs"] == 300
+
+
+def test_methods_lists_the_builtins(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("context_distilled", "dpo", "ppo", "rejection_sampling", "rrhf"):
+        assert name in out
+
+
+def test_unknown_command_prints_usage(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "alignbench run" in capsys.readouterr().out

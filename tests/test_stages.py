@@ -1,0 +1,100 @@
+"""Shared stages: caching (reuse and exact invalidation), atomic artifacts, and the stage losses."""
+import json
+import time
+
+import pytest
+import torch
+
+from alignbench.cli import compose
+from alignbench.config import to_config
+from alignbench.stages.cache import build_stage, read_record
+from alignbench.stages.distill import topk_distill_loss
+from alignbench.stages.graph import build_shared_stages
+from alignbench.stages.preference import pm_loss
+
+
+def _stages(overrides):
+    return build_shared_stages(to_config(compose(overrides)))
+
+
+def test_rerun_reuses_every_stage_and_changes_invalidate_exactly(tiny_overrides):
+    t0 = time.time()
+    first = _stages(tiny_overrides)
+    first_s = time.time() - t0
+    t0 = time.time()
+    again = _stages(tiny_overrides)
+    again_s = time.time() - t0
+    assert again.reused() == {"base": True, "pi0": True, "pm": True}
+    assert again.keys() == first.keys()
+    built = sum(a.record["build_seconds"] for a in (first.base, first.pi0, first.pm) if not a.reused)
+    assert again_s <= 0.05 * max(first_s, built) or first.base.reused  # (session cache may be warm)
+
+    pm_only = _stages(tiny_overrides + ["stages.pm.lr=1e-3"])
+    assert pm_only.base.key == first.base.key and pm_only.pi0.key == first.pi0.key
+    assert pm_only.reused() == {"base": True, "pi0": True, "pm": False}
+
+    new_base = _stages(tiny_overrides + ["model.intermediate_size=64"])
+    assert new_base.reused() == {"base": False, "pi0": False, "pm": False}
+    assert len({new_base.base.key, first.base.key}) == 2
+
+
+def test_stage_records_carry_config_metrics_and_counts(tiny_config):
+    st = build_shared_stages(tiny_config)
+    rec = st.pm.record
+    assert rec["complete"] and rec["upstream"] == {"pi0": st.pi0.key}
+    assert rec["pm"]["epochs"] == 1.0 and rec["data"]["name"] == "hh_synth"
+    assert rec["data_counts"]["train_pairs"] > 0 and 0.0 <= rec["metrics"]["heldout_accuracy"] <= 1.0
+    assert st.base.record["metrics"]["heldout_nll"] < 3.0  # learned something (uniform over 384 ≈ 5.95)
+    assert (st.pm.path / "model.safetensors").exists() and (st.pi0.path / "tokenizer.json").exists()
+
+
+def test_failed_build_leaves_no_artifact(tmp_path):
+    def boom(out):
+        (out / "half-written.bin").write_text("x")
+        raise RuntimeError("killed mid-build")
+    with pytest.raises(RuntimeError):
+        build_stage("demo", {"k": 1}, tmp_path, boom)
+    assert [p.name for p in (tmp_path / "stages").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("damage", ["no_record", "corrupt_record", "incomplete_record"])
+def test_untrusted_directory_is_rebuilt(tmp_path, damage):
+    calls = []
+
+    def build(out):
+        calls.append(1)
+        (out / "weights.bin").write_text("ok")
+        return {"metrics": {"n": len(calls)}}
+
+    art = build_stage("demo", {"k": 1}, tmp_path, build)
+    rec = art.path / "record.json"
+    if damage == "no_record":
+        rec.unlink()
+    elif damage == "corrupt_record":
+        rec.write_text("{not json")
+    else:
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "complete": False}))
+    assert read_record(art.path) is None
+    again = build_stage("demo", {"k": 1}, tmp_path, build)
+    assert not again.reused and len(calls) == 2 and again.record["metrics"]["n"] == 2
+    assert build_stage("demo", {"k": 1}, tmp_path, build).reused and len(calls) == 2
+
+
+def test_topk_distill_loss_matches_full_kl_and_vanishes_at_the_teacher():
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.ones(2, 5)
+    full = (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1).mean()
+    assert topk_distill_loss(s, t, mask, k=7) == pytest.approx(full.item(), abs=1e-5)  # k = V: exact KL
+    assert topk_distill_loss(t, t, mask, k=3).item() == pytest.approx(0.0, abs=1e-6)
+    # k < V lumps the tail into one bucket: a lower bound of the full KL (data processing inequality)
+    assert 0 < topk_distill_loss(s, t, mask, k=3).item() <= full.item() + 1e-6
+
+
+def test_pm_loss_is_bradley_terry_negative_log_likelihood():
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.tensor([[2.0], [0.5], [1.0], [1.5]])})()
+    loss = pm_loss(Fixed(), {"input_ids": None, "attention_mask": None})
+    expected = -(torch.nn.functional.logsigmoid(torch.tensor(1.0)) + torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
