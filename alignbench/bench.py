@@ -136,7 +136,8 @@ def build_setup(args) -> Setup:
     from alignbench.models import load_lm, load_tokenizer, pick_device, tiny_lm, train_tokenizer
 
     device = pick_device(args.device)
-    pairs = generate_hh_synth(SynthConfig(n_pairs=max(args.pairs, args.batch_size * args.steps), seed=args.seed))
+    # twice what the batches need: dpo skips pairs too long for --seq-len
+    pairs = generate_hh_synth(SynthConfig(n_pairs=max(args.pairs, 2 * args.batch_size * args.steps), seed=args.seed))
     if args.model:
         tok = load_tokenizer(args.model)
         if tok.pad_token is None:
@@ -162,7 +163,18 @@ def _copy(setup: Setup) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- dpo
 def _dpo_pairs(setup: Setup, args) -> list:
-    return setup.pairs[: args.batch_size * args.steps]
+    """The first batch_size * steps pairs that fit in seq_len untruncated: the two sides truncate
+    differently (TRL keeps the start, we keep the end of the prompt), so only whole pairs make the
+    batches identical token for token."""
+    from alignbench.train import encode
+
+    need, tok = args.batch_size * args.steps, setup.tokenizer
+    fits = [p for p in setup.pairs
+            if all(len(encode(tok, p.prompt, r, 10**6).input_ids) <= setup.seq_len for r in (p.chosen, p.rejected))]
+    if len(fits) < need:
+        raise SystemExit(f"alignbench bench: --seq-len {setup.seq_len}: only {len(fits)} of {len(setup.pairs)} "
+                         f"pairs fit untruncated, {need} needed (raise --seq-len or --pairs)")
+    return fits[:need]
 
 
 def _dpo_ours(setup: Setup, args) -> Side:
@@ -176,11 +188,13 @@ def _dpo_ours(setup: Setup, args) -> Side:
         policy = _copy(setup).train()
         encoded = encode_pairs(setup.tokenizer, pairs, setup.seq_len)
         t_ref = time.perf_counter()
+        # the reference is π0 = these very weights before the first step, so the policy serves as it
         ref = reference_logps(policy, encoded, pad, dev, args.batch_size, desc="bench: our reference pass")
         _sync(dev)
         side.extra["ref_precompute_s"] = round(time.perf_counter() - t_ref, 3)
         policy.train()
         opt, sched = make_optimizer(policy, args.lr, total_steps=args.steps)
+        losses = []
         for s in range(args.steps):
             idx = list(range(s * args.batch_size, (s + 1) * args.batch_size))
             t = time.perf_counter()
@@ -188,9 +202,10 @@ def _dpo_ours(setup: Setup, args) -> Side:
             _sync(dev)
             side.step_seconds.append(time.perf_counter() - t)
             side.step_tokens.append(n_tok)
+            losses.append(out.loss.item())
         side.wall_s = time.perf_counter() - t0
     side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    side.extra["last_loss"] = round(out.loss.item(), 4)
+    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
     return side
 
 
@@ -236,7 +251,7 @@ def _dpo_trl(setup: Setup, args) -> Side:
         _sync(dev)
         side.wall_s = time.perf_counter() - t0
     side.steps, side.tokens, side.peak_mem_mb = len(side.step_seconds), sum(side.step_tokens), mem.peak_mb
-    side.extra["last_loss"] = round(float(result.training_loss), 4)  # mean over the run
+    side.extra["mean_loss"] = round(float(result.training_loss), 4)  # TRL reports the mean over the run
     return side
 
 
@@ -334,7 +349,7 @@ def _loop_ours(setup: Setup, args) -> Side:
                               device=setup.device, on_step=on_step)
         side.wall_s = time.perf_counter() - t0
     side.steps, side.tokens, side.peak_mem_mb = res.steps, res.tokens, mem.peak_mb
-    side.extra["last_loss"] = round(res.losses[-1], 4)
+    side.extra["mean_loss"] = round(sum(res.losses) / len(res.losses), 4)
     return side
 
 
@@ -345,6 +360,7 @@ def _loop_plain(setup: Setup, args) -> Side:
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+        losses = []
         for idx in batches:
             t = time.perf_counter()
             b = {k: v.to(dev) for k, v in make_batch(idx).items()}
@@ -357,9 +373,10 @@ def _loop_plain(setup: Setup, args) -> Side:
             _sync(dev)
             side.step_seconds.append(time.perf_counter() - t)
             side.step_tokens.append(int(b["attention_mask"].sum()))
+            losses.append(loss.item())
         side.wall_s = time.perf_counter() - t0
     side.steps, side.tokens, side.peak_mem_mb = len(batches), sum(side.step_tokens), mem.peak_mb
-    side.extra["last_loss"] = round(loss.item(), 4)
+    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
     return side
 
 

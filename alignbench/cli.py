@@ -60,8 +60,11 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_stages(argv: list[str]) -> int:
     from alignbench.config import to_config
+    from alignbench.models import set_threads
     from alignbench.stages.graph import build_shared_stages
-    stages = build_shared_stages(to_config(compose(argv)))
+    cfg = to_config(compose(argv))
+    set_threads(cfg.train.num_threads)
+    stages = build_shared_stages(cfg)
     print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
                       for a in (stages.base, stages.pi0, stages.pm, stages.judge_pm) if a}, indent=2, default=str))

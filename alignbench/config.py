@@ -207,7 +207,9 @@ def register_configs() -> None:
 def to_config(cfg: DictConfig) -> Config:
     """Turn a composed DictConfig into validated dataclasses (method config stays a DictConfig:
     the method's own dataclass validates it, see alignbench.methods.method_config)."""
-    plain = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    # A plain container first: a plugin's typed method node must stay a dict here.
+    node = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    plain = OmegaConf.merge(OmegaConf.structured(Config), node)
     try:
         obj: Config = OmegaConf.to_object(plain)  # type: ignore[assignment]
     except Exception as e:  # OmegaConf names the key in its message

@@ -6,15 +6,16 @@ judge reward, KL(π‖π0) by the k1 and k3 estimators, on the same held-out pro
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.methods import Budget, Cost
 from alignbench.models import load_lm
@@ -105,6 +106,31 @@ class RunContext:
 
     def budget_hit(self) -> Optional[str]:
         return self.budget.exhausted(self.cost)
+
+    # ---- checkpoints (resume after a kill or pre-emption; train.checkpoint_every steps)
+    def save_checkpoint(self, step: int, modules: dict, optimizer=None, scheduler=None, **state) -> None:
+        """Call after finishing ``step``; writes only when a checkpoint is due."""
+        ckpt = Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
+        if not ckpt.due(step):
+            return
+        log_file = self.out_dir / "train_log.jsonl"
+        cost = self.cost.as_dict()
+        ckpt.save(step, modules, optimizer, scheduler,
+                  {"cost": cost, "train_log": log_file.read_text() if log_file.exists() else "", **state})
+
+    def resume(self, modules: dict, optimizer=None, scheduler=None) -> tuple[int, dict]:
+        """(first step to run, saved method state): restores weights, optimizer, RNG, costs and
+        the train log of the last checkpoint; (0, {}) when starting fresh."""
+        ckpt = Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
+        state = ckpt.restore(modules, optimizer, scheduler)
+        if state is None:
+            return 0, {}
+        cost = state.pop("cost")
+        self.cost.tokens_trained, self.cost.tokens_generated = cost["tokens_trained"], cost["tokens_generated"]
+        self.cost.pm_calls = cost["pm_calls"]
+        self.cost.started = time.time() - cost["wall_s"]
+        (self.out_dir / "train_log.jsonl").write_text(state.pop("train_log"))
+        return state.pop("step") + 1, state
 
     # ---- measurement (not charged)
     def measure(self, model=None, responses: Optional[list[str]] = None, label: str = "train") -> dict:

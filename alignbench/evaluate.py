@@ -83,6 +83,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
         if point.get(k) is not None:
             rows.append(make_row(evaluator="policy", metric=k, slice="heldout", value=point[k], n=len(prompts), **ident))
     rows += pm_rows(ctx)
+    rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)
     metrics = {"method": cfg.method["name"], "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
@@ -110,4 +111,28 @@ def pm_rows(ctx: RunContext) -> list[dict]:
     if recs[0].get("gold_chosen") is not None:
         rows += pm_accuracy.gold_agreement(sc, sr, [r["gold_chosen"] for r in recs],
                                            [r["gold_rejected"] for r in recs], **ident)
+    return rows
+
+
+def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> list[dict]:
+    """NLP-task regressions through lm-eval: this run's policy, and for the baseline run also the
+    base LM, so the report can show base -> π0 -> policy deltas (the alignment tax)."""
+    cfg = ctx.cfg
+    if not cfg.eval.nlp_tasks:
+        return []
+    from alignbench.eval.nlp_tasks import check_local_data, nlp_rows, run_nlp_tasks
+    check_local_data(list(cfg.eval.nlp_tasks), cfg.eval.nlp_data_dir)
+    models = []
+    if artifact.path is not None:
+        models.append((artifact.path, ident))
+    else:  # inference-time policies (best-of-n) share π0's weights: their NLP scores are π0's
+        log.info("nlp tasks: %s has no weights of its own; skipped", ident["method"])
+    if cfg.method["name"] == "context_distilled":
+        models.append((ctx.stages.base.path, {**ident, "run": f"base-{ctx.stages.base.key}", "method": "base_lm"}))
+    rows = []
+    for path, who in models:
+        res = run_nlp_tasks(str(path), list(cfg.eval.nlp_tasks), limit=cfg.eval.nlp_limit,
+                            data_dir=cfg.eval.nlp_data_dir, device=str(ctx.device), seed=0,
+                            max_length=ctx.max_len)
+        rows += nlp_rows(res, **who)
     return rows

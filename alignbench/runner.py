@@ -22,15 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignbench.config import Config, to_config
 from alignbench.methods import Budget, PolicyArtifact, get_method, method_config
+from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def run_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
-    """Readable and stable across re-runs: method, seed, then any other overrides of the job."""
-    extra = [o for o in (overrides or []) if not re.match(r"^\+*(method|seed)=", o)]
-    rid = f"{cfg.method['name']}_s{cfg.seed}" + ("_" + ",".join(sorted(extra)) if extra else "")
+    """Readable and stable across re-runs: method, seed, the method's own overrides (what a sweep
+    over hyperparameters varies), then a short hash of any other override except paths."""
+    import hashlib
+    rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|paths\.[\w.]+)=", o)]
+    own = sorted(o for o in rest if o.startswith("method."))
+    other = sorted(o for o in rest if not o.startswith("method."))
+    rid = "_".join([f"{cfg.method['name']}_s{cfg.seed}", *own])
+    if other:
+        rid += "_cfg-" + hashlib.sha256("\n".join(other).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", rid)[:200]
 
 
@@ -55,9 +62,8 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
     if (run_dir / "DONE").exists():
         log.info("run %s is complete; skipping", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
-    if run_dir.exists():  # an earlier attempt died or failed: never trust its files
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    _clear_incomplete(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
     status = {"status": "running", "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json_atomic(run_dir / "status.json", status)
@@ -77,10 +83,19 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
         _update_index(cfg)
 
 
+def _clear_incomplete(run_dir: Path) -> None:
+    """An earlier attempt died or failed: never trust its files, except a complete mid-training
+    checkpoint (written atomically), which the method resumes from."""
+    if not run_dir.exists():
+        return
+    for p in run_dir.iterdir():
+        if p.name != "checkpoint":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path) -> dict:
     from alignbench.evaluate import build_context, final_evaluation
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    set_threads(cfg.train.num_threads)
     ctx = build_context(cfg, mcfg, run_dir)
     set_seed(cfg.seed)
     ctx.log_point(0, model=ctx.reference(), label="pi0")
@@ -118,3 +133,20 @@ def _run_meta(d: Path) -> dict:
 def make_budget(cfg: Config) -> Budget:
     b = cfg.budget
     return Budget(b.pm_calls, b.generated_tokens, b.wall_seconds)
+
+
+class SweepSummary:
+    """Hydra callback: after a multirun, log what every job ended as (from index.json)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = Path(config.paths.sweep_dir) / "index.json"
+        if not path.exists():
+            return
+        runs = json.loads(path.read_text())["runs"]
+        by = {}
+        for r in runs:
+            by.setdefault(r["status"], []).append(r["run_id"])
+        log.info("sweep %s: %s", path.parent, ", ".join(f"{len(v)} {k}" for k, v in sorted(by.items())))
+        for r in runs:
+            if r["status"] != "done":
+                log.warning("  %s: %s %s", r["run_id"], r["status"], r.get("error") or "")

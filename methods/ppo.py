@@ -97,7 +97,7 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     tokens), scores [B]. Returns (rewards [B, T], per-token k1 KL [B, T])."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
-    rows = torch.arange(rewards.shape[0])
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores
     return rewards, kl
 

@@ -36,6 +36,7 @@ from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, pa
 log = logging.getLogger(__name__)
 
 MODES = ["best_of_n", "finetune"]
+DEFAULT_N = {"best_of_n": 16, "finetune": 4}  # see RejectionSamplingConfig.k
 CURVE_SEED_OFFSET = 20_011  # π0 samples for the reward-vs-KL curve (measurement stream)
 POOL_SEED_OFFSET = 30_013  # the independent π0 pool that estimates the reward CDF F
 
@@ -93,13 +94,22 @@ def curve_ns(n: int) -> list[int]:
 class RejectionSamplingConfig(MethodConfig):
     name: str = "rejection_sampling"
     mode: str = opt("best_of_n", choices=MODES)  # best_of_n: inference-time; finetune: Llama 2 RS fine-tuning
-    n: int = opt(16, ge=1)  # K: samples per prompt, the PM keeps the best
+    n: Optional[int] = opt(None, ge=1)  # K: samples per prompt, the PM keeps the best; None: DEFAULT_N[mode]
     temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
     kl_pool: int = opt(64, ge=1)  # best_of_n: independent π0 samples per eval prompt for the KL estimate
     rounds: int = opt(2, ge=1)  # finetune: sample -> select -> fine-tune rounds
-    prompts_per_round: int = opt(384, gt=0)  # finetune: training prompts sampled each round
-    epochs: float = opt(2.0, gt=0)  # finetune: passes over each round's selected responses
-    lr: Optional[float] = opt(1e-3, gt=0)  # finetune: None = train.lr
+    prompts_per_round: int = opt(512, gt=0)  # finetune: training prompts sampled each round
+    epochs: float = opt(1.0, gt=0)  # finetune: passes over each round's selected responses
+    lr: Optional[float] = opt(5e-4, gt=0)  # finetune: None = train.lr
+    eval_every: int = opt(16, gt=0)  # finetune: optimiser steps between (KL, reward) points
+
+    @property
+    def k(self) -> int:
+        """Samples per prompt. The defaults differ by mode because they answer different questions:
+        best-of-16 traces the reward-vs-KL curve far enough to show the gold reward peak and turn
+        down; fine-tuning on best-of-16 over-optimises the PM on the demo (the gold reward falls
+        below π0's), best-of-4 improves both."""
+        return self.n if self.n is not None else DEFAULT_N[self.mode]
 
 
 # --------------------------------------------------------------------------- the method
@@ -122,7 +132,7 @@ def _temperature(ctx, cfg) -> float:
 
 def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement)."""
-    pi0, n, temp = ctx.reference(), cfg.n, _temperature(ctx, cfg)
+    pi0, n, temp = ctx.reference(), cfg.k, _temperature(ctx, cfg)
 
     def sampler(prompts: list[str], seed: int) -> list[str]:
         out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed)
@@ -141,13 +151,13 @@ def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
 def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict]:
     """One pool of n π0 samples per held-out prompt, best of its first k for each k in curve_ns;
     plus an independent pool for the reward CDF. Measurement, like ctx.measure: not charged."""
-    prompts, n = ctx.eval_prompts, cfg.n
-    spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls)
+    prompts, n = ctx.eval_prompts, cfg.k
+    spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls)
     pool = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
     scores = ctx.score(pool.prompts, pool.responses).view(len(prompts), n)
     ref = ctx.sample(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
     ref_scores = ctx.score(ref.prompts, ref.responses).view(len(prompts), cfg.kl_pool)
-    ctx.cost.tokens_generated, ctx.cost.pm_calls = spent
+    ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls = spent  # measurement is free
     points = []
     for k in tqdm(curve_ns(n), desc="best-of-n curve", leave=False):
         idx = select_best(scores[:, :k])
@@ -161,7 +171,7 @@ def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict
 
 def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     """R rounds of: K samples per prompt from the current policy -> PM's best -> SFT on them."""
-    policy, temp, tok = ctx.policy(), _temperature(ctx, cfg), ctx.tokenizer
+    policy, temp, tok, k = ctx.policy(), _temperature(ctx, cfg), ctx.tokenizer, cfg.k
     order = list(range(len(ctx.train_prompts)))
     random.Random(ctx.seed).shuffle(order)  # each round takes the next slice: fresh prompts
     step, last_logged, stopped, rounds = 0, -1, None, []
@@ -170,10 +180,10 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
             break
         start = rnd * cfg.prompts_per_round
         prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
-        out = ctx.sample(policy, prompts, n=cfg.n, temperature=temp, seed=ctx.seed * 1000 + rnd)
-        scores = ctx.score(out.prompts, out.responses).view(len(prompts), cfg.n)
+        out = ctx.sample(policy, prompts, n=k, temperature=temp, seed=ctx.seed * 1000 + rnd)
+        scores = ctx.score(out.prompts, out.responses).view(len(prompts), k)
         best = select_best(scores).tolist()
-        data = [encode(tok, p, out.responses[i * cfg.n + j], ctx.max_len) for i, (p, j) in enumerate(zip(prompts, best))]
+        data = [encode(tok, p, out.responses[i * k + j], ctx.max_len) for i, (p, j) in enumerate(zip(prompts, best))]
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(batches))
         policy.train()
@@ -199,7 +209,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
                        "best_reward_mean": scores.max(1).values.mean().item(),
                        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
         log.info("RS round %d: sample reward mean %.3f, best-of-%d mean %.3f", rnd + 1,
-                 rounds[-1]["sample_reward_mean"], cfg.n, rounds[-1]["best_reward_mean"])
+                 rounds[-1]["sample_reward_mean"], k, rounds[-1]["best_reward_mean"])
         if stopped:
             break
     if step != last_logged:
@@ -208,5 +218,5 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     path = ctx.out_dir / "policy"
     policy.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
-    return PolicyArtifact(path=path, info={"mode": "finetune", "n": cfg.n, "temperature": temp, "steps": step,
+    return PolicyArtifact(path=path, info={"mode": "finetune", "n": k, "temperature": temp, "steps": step,
                                            "rounds": rounds, "stopped": stopped})

@@ -56,10 +56,11 @@ class RRHFConfig(MethodConfig):
     k_samples: int = opt(4, ge=0)  # policy samples per prompt
     include_dataset: bool = True  # also rank the dataset's chosen and rejected responses
     ce_weight: float = opt(1.0, ge=0)  # weight of the cross-entropy on the best-scored response
-    steps: int = opt(60, gt=0)  # optimiser steps
+    steps: int = opt(30, gt=0)  # optimiser steps
     prompts_per_step: int = opt(8, gt=0)  # prompts (preference pairs) per step; k responses each
     temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
-    lr: Optional[float] = opt(5e-4, gt=0)  # None: train.lr
+    lr: Optional[float] = opt(None, gt=0)  # None: train.lr
+    eval_every: int = opt(10, gt=0)  # steps between (KL, reward) points
 
     @property
     def k(self) -> int:
@@ -84,19 +85,21 @@ class RRHF(Method):
         policy, tok = ctx.policy(), ctx.tokenizer
         temp = cfg.temperature or ctx.cfg.train.temperature
         pairs = ctx.pairs
-        schedule = batch_schedule(len(pairs), cfg.prompts_per_step, epochs=cfg.steps * cfg.prompts_per_step / len(pairs),
-                                  seed=ctx.seed, max_steps=cfg.steps)
+        epochs = cfg.steps * cfg.prompts_per_step / len(pairs)
+        schedule = batch_schedule(len(pairs), cfg.prompts_per_step, epochs, seed=ctx.seed, max_steps=cfg.steps)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(schedule))
         history, stopped, step, last_logged = [], None, 0, -1
         for step_idx, idx in enumerate(tqdm(schedule, desc="RRHF", leave=False, mininterval=2)):
             if (stopped := ctx.budget_hit()):
                 break
-            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in idx], cfg, temp, seed=ctx.seed * 100_003 + step_idx)
+            seed = ctx.seed * 100_003 + step_idx
+            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in idx], cfg, temp, seed)
             flat_prompts = [p for p in prompts for _ in range(cfg.k)]
             flat = [r for rs in responses for r in rs]
             rewards = ctx.score(flat_prompts, flat).view(len(prompts), cfg.k)
             policy.train()
-            batch = pad_batch([encode(tok, p, r, ctx.max_len) for p, r in zip(flat_prompts, flat)], tok.pad_token_id, ctx.device)
+            seqs = [encode(tok, p, r, ctx.max_len) for p, r in zip(flat_prompts, flat)]
+            batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
             logp, _ = response_logprobs(policy, batch, average=True)
             loss, parts = rrhf_loss(logp.view(len(prompts), cfg.k), rewards, cfg.ce_weight)
             loss.backward()
@@ -111,6 +114,8 @@ class RRHF(Method):
             if step % cfg.eval_every == 0:
                 ctx.log_point(step, model=policy, **{k: v for k, v in history[-1].items() if k != "step"})
                 last_logged = step
+        if stopped:
+            log.info("RRHF stopped after %d steps: %s", step, stopped)
         if step != last_logged:
             ctx.log_point(step, model=policy, label="end")
         policy.eval()

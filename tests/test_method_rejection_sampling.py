@@ -86,13 +86,20 @@ def test_bad_settings_name_the_key(key, value):
         method_config(RejectionSampling, {"name": "rejection_sampling", key: value})
 
 
-def test_defaults_are_valid():
+def test_n_defaults_by_mode():
     cfg = method_config(RejectionSampling, {"name": "rejection_sampling"})
-    assert cfg.mode == "best_of_n" and cfg.n >= 1
+    assert cfg.mode == "best_of_n" and cfg.n is None and cfg.k == 16
+    assert method_config(RejectionSampling, {"name": "rejection_sampling", "mode": "finetune"}).k == 4
+    assert method_config(RejectionSampling, {"name": "rejection_sampling", "mode": "finetune", "n": 7}).k == 7
 
 
 # --------------------------------------------------------------------------- smoke runs
+# one torch thread: on a shared 2-core machine, more threads oversubscribe it and run ~5x slower
+FAST = ["train.num_threads=1"]
+
+
 def _run(tiny_overrides, extra):
+    extra = FAST + extra
     from alignbench.cli import compose
     from alignbench.runner import run_job
     metrics = run_job(compose(tiny_overrides + ["method=rejection_sampling"] + extra),

@@ -58,7 +58,8 @@ def test_k_counts_dataset_responses():
 def test_smoke_rrhf_raises_proxy_reward(tiny_overrides):
     from alignbench.cli import compose
     from alignbench.runner import run_job
-    extra = ["method.steps=12", "method.eval_every=6"]
+    # one torch thread: on a shared 2-core machine, more threads oversubscribe it and run ~5x slower
+    extra = ["train.num_threads=1", "method.steps=12", "method.eval_every=6"]
     metrics = run_job(compose(tiny_overrides + ["method=rrhf"] + extra), ["method=rrhf"] + extra)
     run_dir = Path(next(o for o in tiny_overrides if o.startswith("paths.sweep_dir=")).split("=", 1)[1]) / "runs" / metrics["run_id"]
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -69,3 +70,14 @@ def test_smoke_rrhf_raises_proxy_reward(tiny_overrides):
     k_samples, per_step = 4, 8  # the defaults: PM calls = steps x prompts x k
     assert metrics["cost"]["pm_calls"] == 12 * per_step * (k_samples + 2)
     assert metrics["cost"]["tokens_generated"] > 0 and metrics["final"]["kl_k3"] > 0
+
+
+def test_budget_stops_cleanly(tiny_overrides):
+    """A PM-call budget of two steps' worth (2 x 8 prompts x 6 responses) stops training there."""
+    from alignbench.cli import compose
+    from alignbench.runner import run_job
+    extra = ["train.num_threads=1", "method.steps=12", "budget.pm_calls=96"]
+    metrics = run_job(compose(tiny_overrides + ["method=rrhf"] + extra), ["method=rrhf"] + extra)
+    assert metrics["info"]["steps"] == 2
+    assert "budget.pm_calls=96" in metrics["info"]["stopped"]
+    assert metrics["cost"]["pm_calls"] == 96

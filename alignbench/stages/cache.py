@@ -80,8 +80,9 @@ def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
         if final.exists():
             log.warning("stage %s: %s has no complete record; rebuilding it", stage, final)
             shutil.rmtree(final)
+        for stale in root.glob(f".tmp-{stage}-{key}-*"):  # left by a builder that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".tmp-{stage}-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         start = time.time()
         try:

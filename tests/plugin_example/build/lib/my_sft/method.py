@@ -1,0 +1,29 @@
+"""The README's worked example of a method plugin (kept identical to it by tests/test_plugin.py)."""
+from dataclasses import dataclass
+
+from alignbench.config import opt
+from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+
+
+@dataclass
+class SFTConfig(MethodConfig):
+    epochs: float = opt(1.0, gt=0)
+
+
+class SFT(Method):
+    """Supervised fine-tuning on the chosen responses."""
+    name = "my_sft"
+    config_class = SFTConfig
+
+    def train(self, ctx) -> PolicyArtifact:
+        policy, tok = ctx.policy(), ctx.tokenizer
+        data = [encode(tok, p.prompt, p.chosen, ctx.max_len) for p in ctx.pairs]
+        batches = batch_schedule(len(data), ctx.batch_size, ctx.method_cfg.epochs, ctx.seed)
+        res = supervised_loop(policy, batches, lambda idx: pad_batch([data[i] for i in idx], tok.pad_token_id),
+                              lm_loss, ctx.lr, "my_sft", device=ctx.device)
+        ctx.cost.tokens_trained += res.tokens
+        ctx.log_point(res.steps, model=policy)
+        policy.save_pretrained(ctx.out_dir / "policy")
+        tok.save_pretrained(ctx.out_dir / "policy")
+        return PolicyArtifact(path=ctx.out_dir / "policy")

@@ -1,0 +1,82 @@
+"""Fault injection: parallel builders of one stage, a builder killed mid-build, a job that raises
+inside a multirun (the others complete; a re-run re-runs only the failed job)."""
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignbench.stages.cache import build_stage
+from tests.conftest import TINY
+from tests.test_plugin import _env, plugin_site  # noqa: F401 (fixture)
+
+
+def _slow_build(cache, barrier, out_q):
+    def build(out):
+        (out / "weights.bin").write_text(str(os.getpid()))
+        time.sleep(1.0)
+        return {"metrics": {"builder": os.getpid()}}
+    barrier.wait()  # both workers ask for the stage at the same moment
+    art = build_stage("shared", {"k": 1}, cache, build)
+    out_q.put((os.getpid(), art.reused, art.record["metrics"]["builder"], str(art.path)))
+
+
+def test_parallel_workers_build_a_stage_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, q = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_slow_build, args=(tmp_path, barrier, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sorted(r[1] for r in results) == [False, True]  # one built, the other waited and reused
+    assert len({r[2] for r in results}) == 1 and len({r[3] for r in results}) == 1
+    assert (Path(results[0][3]) / "weights.bin").read_text() == str(results[0][2])
+
+
+def _build_forever(cache):
+    def build(out):
+        (out / "partial.bin").write_text("half")
+        time.sleep(60)
+        return {}
+    build_stage("victim", {"k": 2}, cache, build)
+
+
+def test_stage_killed_mid_build_is_rebuilt(tmp_path):
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_build_forever, args=(tmp_path,))
+    p.start()
+    root = tmp_path / "stages"
+    deadline = time.time() + 30
+    while not list(root.glob(".tmp-victim-*/partial.bin")) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    assert not [d for d in root.glob("victim-*")]  # nothing that looks complete
+    art = build_stage("victim", {"k": 2}, tmp_path, lambda out: (out / "ok.bin").write_text("ok") and {})
+    assert not art.reused and (art.path / "ok.bin").exists() and not (art.path / "partial.bin").exists()
+    assert not list(root.glob(".tmp-victim-*"))  # the dead builder's leftovers are gone
+
+
+@pytest.mark.slow
+def test_failed_job_leaves_the_sweep_running_and_rerun_retries_only_it(plugin_site, stage_cache, tmp_path):  # noqa: F811
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "alignbench.cli", "run", "-m", "method=context_distilled,explode,my_sft",
+           *TINY, f"paths.cache_dir={stage_cache}", f"paths.sweep_dir={sweep}"]
+    subprocess.run(cmd, env=_env(plugin_site), cwd=tmp_path, capture_output=True)
+    runs = {r["method"]: r for r in json.loads((sweep / "index.json").read_text())["runs"]}
+    assert runs["context_distilled"]["status"] == "done" and runs["my_sft"]["status"] == "done"
+    assert runs["explode"]["status"] == "failed" and "injected failure" in runs["explode"]["error"]
+    done_mtimes = {m: (Path(runs[m]["dir"]) / "DONE").stat().st_mtime for m in ("context_distilled", "my_sft")}
+
+    proc = subprocess.run(cmd, env=_env(plugin_site), cwd=tmp_path, capture_output=True, text=True)
+    runs = {r["method"]: r for r in json.loads((sweep / "index.json").read_text())["runs"]}
+    assert runs["explode"]["status"] == "failed"  # retried (and failed again)
+    assert {m: (Path(runs[m]["dir"]) / "DONE").stat().st_mtime for m in done_mtimes} == done_mtimes
+    assert proc.stderr.count("is complete; skipping") == 2 or proc.stdout.count("is complete; skipping") == 2
