@@ -401,13 +401,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="alignbench bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=WHAT + ("all",), help="which benchmark")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps (batches) per side; the first is warm-up")
-    ap.add_argument("--batch-size", type=int, default=8, help="pairs (dpo), prompts (generate) or sequences per step")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (batches) per side; the first is warm-up")
+    ap.add_argument("--batch-size", type=int, default=16, help="pairs (dpo), prompts (generate) or sequences per step")
     ap.add_argument("--seq-len", type=int, default=256, help="max tokens per sequence (prompt + response)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens sampled per prompt")
     ap.add_argument("--model", default=None, help="a local save_pretrained causal-LM directory (default: tiny Llama)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared or small machine more threads than free cores "
+                         "make small-op timings erratic; 0: torch's default)")
     ap.add_argument("--pairs", type=int, default=200, help="hh_synth dialogues for the tokenizer and the batches")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--hidden-size", type=int, default=128)

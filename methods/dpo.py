@@ -203,10 +203,14 @@ class DPO(Method):
         policy = ctx.policy()
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(schedule))
         initial = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
-        window: list[dict] = []  # training-batch stats since the last logged point
-        stopped, step = None, 0
-        bar = tqdm(schedule, desc="dpo", leave=False, mininterval=2)
-        for step, idx in enumerate(bar, start=1):
+        # Resume after a kill: the schedule is a pure function of the seed, so skipping the
+        # finished steps and restoring weights, optimizer, RNG and costs continues the same run.
+        start, saved = ctx.resume({"policy": policy}, opt, sched)
+        window: list[dict] = saved.get("window", [])  # training-batch stats since the last logged point
+        initial = saved.get("initial", initial)
+        stopped, step = None, start
+        bar = tqdm(schedule[start:], desc="dpo", leave=False, mininterval=2, initial=start, total=len(schedule))
+        for step, idx in enumerate(bar, start=start + 1):
             stopped = ctx.budget_hit()
             if stopped:
                 step -= 1
@@ -220,6 +224,7 @@ class DPO(Method):
             if step % cfg.eval_every == 0:
                 self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
                 window = []
+            ctx.save_checkpoint(step - 1, {"policy": policy}, opt, sched, window=window, initial=initial)
         if window or step == 0:
             self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
         final = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)

@@ -80,3 +80,43 @@ def test_failed_job_leaves_the_sweep_running_and_rerun_retries_only_it(plugin_si
     assert runs["explode"]["status"] == "failed"  # retried (and failed again)
     assert {m: (Path(runs[m]["dir"]) / "DONE").stat().st_mtime for m in done_mtimes} == done_mtimes
     assert proc.stderr.count("is complete; skipping") == 2 or proc.stdout.count("is complete; skipping") == 2
+
+
+def _metrics(sweep: Path) -> dict:
+    runs = json.loads((sweep / "index.json").read_text())["runs"]
+    return json.loads((Path(runs[0]["dir"]) / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_job_killed_mid_training_resumes_and_matches_uninterrupted(stage_cache, tmp_path):
+    """SIGKILL a DPO job after its first checkpoint, re-run the same command: it resumes from
+    the checkpoint and ends with exactly the metrics of an uninterrupted run (CPU, fixed seed)."""
+    common = [sys.executable, "-m", "alignbench.cli", "run", "method=dpo", "method.max_steps=16",
+              "method.eval_every=4", "train.checkpoint_every=4", "train.num_threads=1", *TINY,
+              f"paths.cache_dir={stage_cache}"]
+    subprocess.run(common + [f"paths.sweep_dir={tmp_path}/clean"], check=True, capture_output=True, cwd=tmp_path)
+    clean = _metrics(tmp_path / "clean")
+
+    killed = common + [f"paths.sweep_dir={tmp_path}/killed"]
+    proc = subprocess.Popen(killed, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        states = list((tmp_path / "killed" / "runs").glob("*/checkpoint/state.json"))
+        if states and json.loads(states[0].read_text())["step"] >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = states[0].parent.parent
+    assert not (run_dir / "DONE").exists()
+    resumed_from = json.loads(states[0].read_text())["step"]
+    assert 7 <= resumed_from < 15
+
+    out = subprocess.run(killed, check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "resuming from checkpoint" in out.stdout + out.stderr
+    resumed = _metrics(tmp_path / "killed")
+    for key in ("proxy_reward", "judge_reward", "kl_k1", "kl_k3"):
+        assert resumed["final"][key] == clean["final"][key], key  # bitwise on CPU
+    assert resumed["cost"]["tokens_trained"] == clean["cost"]["tokens_trained"]
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in log] == [0, 4, 8, 12, 16, -1]

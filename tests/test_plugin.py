@@ -3,6 +3,7 @@ sweep next to the built-ins; and the README's worked example is exactly the plug
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ def test_readme_example_is_the_tested_plugin():
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("site")
+    target, src = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "plugin"
+    shutil.copytree(EXAMPLE, src)  # pip writes build/ into the source: keep the repo clean
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(EXAMPLE)], check=True)
+                    "--no-index", "--target", str(target), str(src)], check=True)
     assert list(target.glob("my_sft-0.1.0.dist-info/entry_points.txt"))
     return target
 
