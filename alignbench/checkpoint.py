@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                      str(tmp / f"{name}.safetensors"))
+            save_model(module, str(tmp / f"{name}.safetensors"))  # handles tied weights
         torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
                     "scheduler": scheduler.state_dict() if scheduler else None,
                     "torch_rng": torch.get_rng_state(),
@@ -64,7 +63,7 @@ class Checkpointer:
         if not self.enabled or not (self.dir / "state.json").exists():
             return None
         for name, module in modules.items():
-            module.load_state_dict(load_file(str(self.dir / f"{name}.safetensors")))
+            load_model(module, str(self.dir / f"{name}.safetensors"), device=str(next(module.parameters()).device))
         trainer = torch.load(self.dir / "trainer.pt", weights_only=True)
         if optimizer is not None and trainer["optimizer"] is not None:
             optimizer.load_state_dict(trainer["optimizer"])

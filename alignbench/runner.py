@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from alignbench.config import Config, to_config
@@ -30,9 +31,10 @@ log = logging.getLogger(__name__)
 
 def run_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
     """Readable and stable across re-runs: method, seed, the method's own overrides (what a sweep
-    over hyperparameters varies), then a short hash of any other override except paths."""
+    over hyperparameters varies), then a short hash of any other override (paths and the
+    experiment preset, which already name the sweep directory, excepted)."""
     import hashlib
-    rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|paths\.[\w.]+)=", o)]
+    rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|experiment|paths\.[\w.]+)=", o)]
     own = sorted(o for o in rest if o.startswith("method."))
     other = sorted(o for o in rest if not o.startswith("method."))
     rid = "_".join([f"{cfg.method['name']}_s{cfg.seed}", *own])
@@ -118,7 +120,7 @@ def _update_index(cfg: Config) -> None:
             if st.get("status") == "done" and not (d / "DONE").exists():
                 st["status"] = "incomplete"
             meta = _run_meta(d)
-            runs.append({"run_id": d.name, "dir": str(d), **meta, "status": st.get("status"), "error": st.get("error")})
+            runs.append({"run_id": d.name, "dir": f"runs/{d.name}", **meta, "status": st.get("status"), "error": st.get("error")})
         write_json_atomic(sweep / "index.json", {"sweep": sweep.name, "runs": runs})
 
 
@@ -135,7 +137,7 @@ def make_budget(cfg: Config) -> Budget:
     return Budget(b.pm_calls, b.generated_tokens, b.wall_seconds)
 
 
-class SweepSummary:
+class SweepSummary(Callback):
     """Hydra callback: after a multirun, log what every job ended as (from index.json)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:

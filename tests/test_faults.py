@@ -73,18 +73,18 @@ def test_failed_job_leaves_the_sweep_running_and_rerun_retries_only_it(plugin_si
     runs = {r["method"]: r for r in json.loads((sweep / "index.json").read_text())["runs"]}
     assert runs["context_distilled"]["status"] == "done" and runs["my_sft"]["status"] == "done"
     assert runs["explode"]["status"] == "failed" and "injected failure" in runs["explode"]["error"]
-    done_mtimes = {m: (Path(runs[m]["dir"]) / "DONE").stat().st_mtime for m in ("context_distilled", "my_sft")}
+    done_mtimes = {m: (sweep / runs[m]["dir"] / "DONE").stat().st_mtime for m in ("context_distilled", "my_sft")}
 
     proc = subprocess.run(cmd, env=_env(plugin_site), cwd=tmp_path, capture_output=True, text=True)
     runs = {r["method"]: r for r in json.loads((sweep / "index.json").read_text())["runs"]}
     assert runs["explode"]["status"] == "failed"  # retried (and failed again)
-    assert {m: (Path(runs[m]["dir"]) / "DONE").stat().st_mtime for m in done_mtimes} == done_mtimes
+    assert {m: (sweep / runs[m]["dir"] / "DONE").stat().st_mtime for m in done_mtimes} == done_mtimes
     assert proc.stderr.count("is complete; skipping") == 2 or proc.stdout.count("is complete; skipping") == 2
 
 
 def _metrics(sweep: Path) -> dict:
     runs = json.loads((sweep / "index.json").read_text())["runs"]
-    return json.loads((Path(runs[0]["dir"]) / "metrics.json").read_text())
+    return json.loads((sweep / runs[0]["dir"] / "metrics.json").read_text())
 
 
 @pytest.mark.slow

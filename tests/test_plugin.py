@@ -48,7 +48,7 @@ def test_plugin_runs_in_a_sweep_next_to_a_builtin(plugin_site, stage_cache, tmp_
     subprocess.run(cmd, env=_env(plugin_site), check=True, cwd=tmp_path, capture_output=True)
     index = json.loads((sweep / "index.json").read_text())
     assert {(r["method"], r["status"]) for r in index["runs"]} == {("context_distilled", "done"), ("my_sft", "done")}
-    dirs = {r["method"]: Path(r["dir"]) for r in index["runs"]}
+    dirs = {r["method"]: sweep / r["dir"] for r in index["runs"]}
     base = json.loads((dirs["context_distilled"] / "metrics.json").read_text())
     sft = json.loads((dirs["my_sft"] / "metrics.json").read_text())
     assert base["stages"] == sft["stages"]  # same π0 and PM for both

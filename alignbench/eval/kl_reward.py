@@ -86,10 +86,19 @@ def fit_rl(d, r, offset: float = 0.0) -> Fit:
     return _fit("rl", d, r, offset)
 
 
+# Inference-time policies (best-of-n) have no log-probs of their own: their points carry the
+# sample estimate of KL(π‖π0) instead of k1/k3, and it stands in for ``kl_key`` there.
+KL_FALLBACK = "kl_estimate"
+
+
 def points_frame(points, kl_key: str = "kl_k3") -> pd.DataFrame:
-    """train_log points as a DataFrame with ``d`` = sqrt(max(KL, 0)) from ``kl_key``."""
+    """train_log points as a DataFrame with ``d`` = sqrt(max(KL, 0)) from ``kl_key`` (or, where a
+    point has none, its best-of-n sample estimate ``kl_estimate``)."""
     df = pd.DataFrame(list(points))
-    df["kl"] = pd.to_numeric(df[kl_key], errors="coerce").astype(float) if kl_key in df else np.nan
+    kl = pd.to_numeric(df[kl_key], errors="coerce").astype(float) if kl_key in df else pd.Series(np.nan, index=df.index)
+    if KL_FALLBACK in df:
+        kl = kl.fillna(pd.to_numeric(df[KL_FALLBACK], errors="coerce").astype(float))
+    df["kl"] = kl
     df["d"] = np.sqrt(df["kl"].clip(lower=0))
     for key in REWARD_KEYS:
         df[key] = pd.to_numeric(df[key], errors="coerce") if key in df else np.nan

@@ -166,3 +166,20 @@ def elo_rows(judge_scores: dict, baseline: str | None = None, tie_eps: float = 0
 def win_probability(elo_a: float, elo_b: float) -> float:
     """Elo's expected win fraction of a over b."""
     return 1.0 / (1.0 + 10 ** (-(elo_a - elo_b) / 400.0))
+
+
+def gain_rows(scores: dict, baseline: str, metric: str, n_boot: int = 2000, seed: int = 0,
+              alpha: float = 0.05, **ident) -> list[dict]:
+    """Mean per-prompt reward gain of each method over the baseline on the same prompts, with a
+    paired percentile bootstrap over prompts (the pairing removes the prompts' own variance)."""
+    scores = _as_arrays(scores)
+    idx = _boot_indices(next(iter(scores.values())).size, n_boot, seed)
+    rows = []
+    for m in scores:
+        if m == baseline:
+            continue
+        diff = scores[m] - scores[baseline]
+        lo, hi = np.quantile(diff[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
+        rows.append(make_row(evaluator="gain", metric=metric, method=m, slice=f"vs:{baseline}",
+                             value=float(diff.mean()), ci_low=float(lo), ci_high=float(hi), n=int(diff.size), **ident))
+    return rows

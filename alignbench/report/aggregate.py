@@ -60,12 +60,12 @@ def samples_frame(sweep: Sweep) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def judge_scores(samples: pd.DataFrame) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Per method, the judge reward on each prompt (mean over the method's seeds), on the prompts
-    every method answered. Returns (scores, prompt_ids)."""
-    if samples.empty or "judge_reward" not in samples:
+def judge_scores(samples: pd.DataFrame, column: str = "judge_reward") -> tuple[dict[str, np.ndarray], list[int]]:
+    """Per method, the judge reward (or another per-sample ``column``) on each prompt (mean over the
+    method's seeds), on the prompts every method answered. Returns (scores, prompt_ids)."""
+    if samples.empty or column not in samples:
         return {}, []
-    table = samples.pivot_table(index="prompt_id", columns="method", values="judge_reward", aggfunc="mean")
+    table = samples.pivot_table(index="prompt_id", columns="method", values=column, aggfunc="mean")
     table = table.dropna(axis=1, how="all").dropna()  # a method without judge rewards drops out, not the prompts
     return {m: table[m].to_numpy(float) for m in table.columns}, [int(p) for p in table.index]
 

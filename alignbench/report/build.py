@@ -13,7 +13,7 @@ import pandas as pd
 from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, write_rows
-from alignbench.eval.win_rate import elo_rows, win_rates
+from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
 from alignbench.report import plots, tables
 from alignbench.report.aggregate import (aggregate_seeds, combine_rows, cost_frame, judge_scores, nlp_deltas,
                                          samples_frame, train_points)
@@ -35,16 +35,21 @@ INTERVALS = [
     "Across seeds: the mean of the runs' values with a percentile bootstrap over the seed values (with 2-3 "
     "seeds this is about the min-max range); a metric from one run keeps that run's own interval.",
     "Mean judge reward of a run: percentile bootstrap over prompts.",
+    "Gain over the baseline (proxy or judge reward): mean per-prompt difference on the same prompts, "
+    "paired percentile bootstrap over prompts.",
     "NLP deltas: normal approximation from both sides' intervals, treated as independent (conservative).",
 ]
 
 
-def _derived_rows(sweep: Sweep, scores: dict, baseline: str, n_boot: int, seed: int) -> pd.DataFrame:
+def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot: int, seed: int) -> pd.DataFrame:
     ident = dict(sweep=sweep.name, run="")
     rows = kl_reward_rows(train_points(sweep), **ident)
     if len(scores) >= 2:
         rows += win_rates(scores, baseline, n_boot=n_boot, seed=seed, **ident)
         rows += elo_rows(scores, baseline, seed=seed, **ident)
+        rows += gain_rows(scores, baseline, "judge_gain", n_boot=n_boot, seed=seed, **ident)
+    if len(proxy) >= 2 and baseline in proxy:
+        rows += gain_rows(proxy, baseline, "proxy_gain", n_boot=n_boot, seed=seed, **ident)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -90,7 +95,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
     if scores and baseline not in scores:
         win_base = sorted(scores)[0]
         notes.append(f"baseline {baseline!r} has no usable samples; win rates and Elo are against {win_base!r}.")
-    derived = _derived_rows(sweep, scores, win_base, n_boot, seed)
+    proxy, _ = judge_scores(samples, "proxy_reward")
+    derived = _derived_rows(sweep, scores, proxy, win_base, n_boot, seed)
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, baseline)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)

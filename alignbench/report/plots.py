@@ -92,6 +92,7 @@ def accuracy_vs_threshold(agg: pd.DataFrame, path: Path) -> Path | None:
 def curve_form(g: pd.DataFrame) -> str:
     """Gao et al.'s best-of-n form for best-of-n points (labels "n=<N>"), else the RL form."""
     labels = g["label"].astype(str) if "label" in g else pd.Series(dtype=str)
+    labels = labels[~labels.isin(["pi0", "final"])]  # every run has these two; they say nothing of its kind
     return "bon" if len(labels) and labels.map(lambda s: bool(re.fullmatch(r"n=\d+", s))).all() else "rl"
 
 

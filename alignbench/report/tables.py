@@ -49,17 +49,21 @@ def method_table(sweep: Sweep, cost: pd.DataFrame, derived: pd.DataFrame, baseli
     wins = select(derived, "win_rate", "win_rate")
     wins = wins[wins["slice"] == f"vs:{baseline}"].set_index("method")
     elo = select(derived, "win_rate", "elo").set_index("method")
+    gains = {m: select(derived, "gain", m).set_index("method") for m in ("proxy_gain", "judge_gain")}
     rows = []
     for method in sorted({r.method for r in sweep.runs}):
         runs = [r for r in sweep.runs if r.method == method]
         c = cost[cost["method"] == method]
         w = wins.loc[method] if method in wins.index else {}
         e = elo.loc[method] if method in elo.index else {}
+        g = {k: (v.loc[method] if method in v.index else {}) for k, v in gains.items()}
         rows.append([method, f"{sum(r.ok for r in runs)}/{len(runs)}", fmt(c["judge_reward"].mean()),
+                     *[fmt_ci(g[k].get("value"), g[k].get("ci_low"), g[k].get("ci_high")) for k in gains],
                      fmt_ci(w.get("value"), w.get("ci_low"), w.get("ci_high")),
                      fmt_ci(e.get("value"), e.get("ci_low"), e.get("ci_high"), 1),
                      fmt(c["wall_s"].mean(), 1), fmt(c["tokens_generated"].mean())])
-    return Table(["method", "runs usable", "judge reward (mean over seeds)", f"win rate vs {baseline}",
+    return Table(["method", "runs usable", "judge reward (mean over seeds)", f"proxy gain vs {baseline}",
+                  f"judge gain vs {baseline}", f"win rate vs {baseline}",
                   "Elo (baseline 0)", "wall s (mean)", "tokens generated (mean)"], rows)
 
 
