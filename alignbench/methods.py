@@ -18,11 +18,14 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from omegaconf import OmegaConf
 
 from alignbench.config import ConfigError, check, opt
+
+if TYPE_CHECKING:  # the context imports this module; annotations only
+    from alignbench.context import RunContext
 
 log = logging.getLogger(__name__)
 GROUP = "alignbench.methods"

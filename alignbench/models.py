@@ -57,7 +57,7 @@ def load_pretrained_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     if cfg.kind == "gguf":
         path, gguf = _gguf_location(cfg)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+        model = _dequantized(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32))
     else:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, use_safetensors=None, **kw)
@@ -65,6 +65,17 @@ def load_pretrained_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """transformers dequantises GGUF weights on load but keeps the model marked as quantized,
+    which blocks save_pretrained: rebuild a plain model of the same config with those weights."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -55,7 +56,22 @@ def validate(cfg_node: DictConfig) -> tuple[Config, object, type]:
     mcfg = method_config(method_cls, cfg.method)
     from alignbench.stages.graph import judge_kind
     judge_kind(cfg)
+    for key, path in (("paths.sweep_dir", cfg.paths.sweep_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
+        check_writable(key, Path(path))
     return cfg, mcfg, method_cls
+
+
+def check_writable(key: str, path: Path) -> None:
+    """Fail before any training when an output directory cannot be written (missing permission,
+    a file in the way, a full disk), naming the config key."""
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        from alignbench.config import ConfigError
+        raise ConfigError(f"{key}: cannot write to {path}: {e.strerror or e}") from e
 
 
 def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict:

@@ -11,7 +11,6 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -117,6 +116,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: float) -> None:
+    """One update, the same for every stage and method: backward, clip the global grad norm,
+    step the optimizer and the schedule, clear the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
                     make_batch: Callable[[list[int]], dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
                     lr: float, desc: str, grad_clip: float = 1.0, weight_decay: float = 0.0,
@@ -130,11 +139,7 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
     for step, idx in enumerate(bar):
         batch = {k: v.to(device) for k, v in make_batch(idx).items()}
         loss = loss_fn(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, model.parameters(), opt, sched, grad_clip)
         tokens += int(batch["attention_mask"].sum())
         losses.append(loss.item())
         if step % 10 == 0:

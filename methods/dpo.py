@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import Encoded, batch_schedule, encode, make_optimizer, pad_batch, response_logprobs
+from alignbench.train import (Encoded, batch_schedule, encode, make_optimizer, optimizer_step, pad_batch,
+                              response_logprobs)
 
 log = logging.getLogger(__name__)
 LOSSES = ("sigmoid", "ipo")
@@ -155,11 +156,7 @@ def dpo_step(policy, optimizer, scheduler, encoded, ref, idx, pad_id, device, be
              label_smoothing=0.0, grad_clip: float = 1.0) -> tuple[DPOLossOutput, int]:
     """One optimiser step on one batch of pairs (what the benchmark times against TRL)."""
     out, n_tokens = dpo_batch_loss(policy, encoded, ref, idx, pad_id, device, beta, loss_type, label_smoothing)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(out.loss, policy.parameters(), optimizer, scheduler, grad_clip)
     return out, n_tokens
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import encode, lm_loss, make_optimizer, pad_batch, token_logprobs
+from alignbench.train import encode, lm_loss, make_optimizer, optimizer_step, pad_batch, token_logprobs
 
 
 # --------------------------------------------------------------------------- config
@@ -299,11 +299,7 @@ class PPO(Method):
                         pt = ptx.next()
                         loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
                         ctx.cost.tokens_trained += int(pt["attention_mask"].sum())
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params.parameters(), ctx.cfg.train.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(loss, params.parameters(), optimizer, scheduler, ctx.cfg.train.grad_clip)
                     for k, v in s.items():
                         stats.setdefault(k, []).append(v)
             # 3. the KL coefficient for the next rollout

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alignbench.config import opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, pad_batch
+from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, optimizer_step, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
                 break
             batch = pad_batch([data[i] for i in idx], tok.pad_token_id, ctx.device)
             loss = lm_loss(policy, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
             ctx.cost.tokens_trained += int(batch["attention_mask"].sum())
             losses.append(loss.item())
             step += 1

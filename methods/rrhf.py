@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode, make_optimizer, pad_batch, response_logprobs
+from alignbench.train import batch_schedule, encode, make_optimizer, optimizer_step, pad_batch, response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,7 @@ class RRHF(Method):
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
             logp, _ = response_logprobs(policy, batch, average=True)
             loss, parts = rrhf_loss(logp.view(len(prompts), cfg.k), rewards, cfg.ce_weight)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), ctx.cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
             ctx.cost.tokens_trained += int(batch["attention_mask"].sum())
             step = step_idx + 1
             history.append({"step": step, "loss": loss.item(), **parts,

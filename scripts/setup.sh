@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip warns about every unusable index entry of some local mirrors; keep real errors visible.
+quiet_pip() { python -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install -q "torch==2.13.0"
+  quiet_pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+quiet_pip install -q -e ".[dev]"
 python -c "import alignbench, torch; print('alignbench', alignbench.__version__, '| torch', torch.__version__)"

@@ -47,3 +47,11 @@ def test_unknown_method_lists_registered_ones():
 def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["data-stats", "stages.pm.lr=-1"]) == 2
     assert "stages.pm.lr: must be > 0" in capsys.readouterr().err
+
+
+def test_unwritable_output_directory_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="paths.sweep_dir: cannot write"):
+        validate(compose([f"paths.sweep_dir={blocker}/sweep", f"paths.cache_dir={tmp_path}/cache"]))
+    assert blocker.read_text() == "not a directory"  # nothing already written is touched

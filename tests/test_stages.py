@@ -1,5 +1,6 @@
 """Shared stages: caching (reuse and exact invalidation), atomic artifacts, and the stage losses."""
 import json
+import math
 import time
 
 import pytest
@@ -44,7 +45,8 @@ def test_stage_records_carry_config_metrics_and_counts(tiny_config):
     assert rec["complete"] and rec["upstream"] == {"pi0": st.pi0.key}
     assert rec["pm"]["epochs"] == 1.0 and rec["data"]["name"] == "hh_synth"
     assert rec["data_counts"]["train_pairs"] > 0 and 0.0 <= rec["metrics"]["heldout_accuracy"] <= 1.0
-    assert st.base.record["metrics"]["heldout_nll"] < 3.0  # learned something (uniform over 384 ≈ 5.95)
+    # learned something: well below a uniform guess over the vocabulary (ln 512 ≈ 6.24 nats)
+    assert st.base.record["metrics"]["heldout_nll"] < 0.7 * math.log(tiny_config.model.vocab_size)
     assert (st.pm.path / "model.safetensors").exists() and (st.pi0.path / "tokenizer.json").exists()
 
 

@@ -20,7 +20,7 @@ from alignbench.data import load_data
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.base import dialogue_corpus, mean_nll
 from alignbench.stages.cache import Artifact, build_stage
-from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
 # Our HHH prompt: a short preamble and three dialogues showing a helpful, honest, harmless
 # assistant, including the helpful/harmless tension (refuse harm, help with benign "edgy" asks).
