@@ -133,7 +133,8 @@ class RunContext:
         return state.pop("step") + 1, state
 
     # ---- measurement (not charged)
-    def measure(self, model=None, responses: Optional[list[str]] = None, label: str = "train") -> dict:
+    def measure(self, model=None, responses: Optional[list[str]] = None, label: str = "train",
+                scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
         """Proxy and judge reward and KL(π‖π0) of ``model`` on the fixed held-out prompts; or of given
         responses (inference-time policies: KL then comes from the method)."""
         prompts = self.eval_prompts
@@ -141,21 +142,25 @@ class RunContext:
             responses = sample(model, self.tokenizer, prompts, seed=self.seed + EVAL_SEED_OFFSET,
                                temperature=self.cfg.train.temperature,
                                max_new_tokens=self.cfg.train.max_new_tokens, max_len=self.max_len).responses
-        calls = self.pm.calls
-        proxy = self.pm.score(prompts, responses)
-        self.pm.calls = calls  # measurement is free: it is not the method's spending
-        point = {"label": label, "proxy_reward": proxy.mean().item(),
-                 "judge_reward": float(sum(self.judge(prompts, responses)) / len(prompts)), "judge": self.judge_name,
-                 "mean_response_chars": sum(map(len, responses)) / len(responses)}
+        proxy, judge = scores or self.score_free(prompts, responses)
+        point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
+                 "judge": self.judge_name, "mean_response_chars": sum(map(len, responses)) / len(responses)}
         if model is not None:
             point.update(kl_estimates(model, self.reference(), self.tokenizer, prompts, responses, self.max_len, self.device))
         return point
 
-    def log_point(self, step: int, model=None, responses=None, label: str = "train", **extra) -> dict:
+    def score_free(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
+        """Per-response proxy and judge rewards for measurement: not charged to the method."""
+        calls = self.pm.calls
+        proxy = self.pm.score(prompts, responses).tolist()
+        self.pm.calls = calls
+        return proxy, [float(j) for j in self.judge(prompts, responses)]
+
+    def log_point(self, step: int, model=None, responses=None, label: str = "train", scores=None, **extra) -> dict:
         """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl."""
         was_training = model.training if model is not None else False
         point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
-                 **self.measure(model, responses, label), **self.cost.as_dict(), **extra}
+                 **self.measure(model, responses, label, scores), **self.cost.as_dict(), **extra}
         if model is not None and was_training:
             model.train()
         with open(self.out_dir / "train_log.jsonl", "a") as f:

@@ -65,10 +65,9 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
         responses = artifact.sampler(prompts, ctx.seed + EVAL_SEED_OFFSET)
     else:
         raise ValueError(f"method {cfg.method['name']}: train() returned a PolicyArtifact with neither path nor sampler")
-    point = ctx.log_point(-1, model=model, responses=responses, label="final",
+    proxy, judge = ctx.score_free(prompts, responses)  # per prompt, for samples.jsonl and the rows
+    point = ctx.log_point(-1, model=model, responses=responses, label="final", scores=(proxy, judge),
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
-    proxy = ctx.pm.score(prompts, responses).tolist()
-    judge = list(ctx.judge(prompts, responses))
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
         for i, (p, r, s, j) in enumerate(zip(prompts, responses, proxy, judge)):
             f.write(json.dumps({"prompt_id": i, "prompt": p, "response": r, "proxy_reward": s,
