@@ -38,7 +38,9 @@ class Checkpointer:
         return self.enabled and (step + 1) % self.every == 0
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer=None, scheduler=None,
-             state: Optional[dict] = None) -> None:
+             state: Optional[dict] = None, tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """``state``: the method's JSON-serialisable state; ``tensors``: its tensor state (e.g. a
+        torch.Generator's ``get_state()``)."""
         tmp = self.dir.with_name(self.dir.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -47,7 +49,8 @@ class Checkpointer:
         torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
                     "scheduler": scheduler.state_dict() if scheduler else None,
                     "torch_rng": torch.get_rng_state(),
-                    "python_rng": _py_state_to_list(random.getstate())}, tmp / "trainer.pt")
+                    "python_rng": py_state_to_list(random.getstate()),
+                    "tensors": tensors or {}}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
         old = self.dir.with_name(self.dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -59,8 +62,8 @@ class Checkpointer:
 
     def restore(self, modules: dict[str, torch.nn.Module], optimizer=None, scheduler=None) -> Optional[dict]:
         """Load the last complete checkpoint into the given objects; returns its state (with
-        "step", the last finished step) or None when there is none."""
-        if not self.enabled or not (self.dir / "state.json").exists():
+        "step", the last finished step, and "tensors") or None when there is none."""
+        if self.peek() is None:
             return None
         for name, module in modules.items():
             load_model(module, str(self.dir / f"{name}.safetensors"), device=str(next(module.parameters()).device))
@@ -70,17 +73,24 @@ class Checkpointer:
         if scheduler is not None and trainer["scheduler"] is not None:
             scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
-        random.setstate(_py_state_from_list(trainer["python_rng"]))
-        state = json.loads((self.dir / "state.json").read_text())
+        random.setstate(py_state_from_list(trainer["python_rng"]))
+        state = {**self.peek(), "tensors": trainer.get("tensors", {})}
         log.info("resuming from checkpoint %s (step %d)", self.dir, state["step"])
         return state
 
+    def peek(self) -> Optional[dict]:
+        """The last checkpoint's JSON state without loading anything (None when there is none):
+        lets a method rebuild objects that depend on it (e.g. a per-round optimizer) first."""
+        if not self.enabled or not (self.dir / "state.json").exists():
+            return None
+        return json.loads((self.dir / "state.json").read_text())
 
-def _py_state_to_list(state) -> list:
+
+def py_state_to_list(state) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
 
 
-def _py_state_from_list(state) -> tuple:
+def py_state_from_list(state) -> tuple:
     version, internal, gauss = state
     return (int(version), tuple(int(x) for x in internal), gauss)

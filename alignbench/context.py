@@ -91,6 +91,14 @@ class RunContext:
             self._reference = load_lm(self.stages.pi0.path).to(self.device).eval().requires_grad_(False)
         return self._reference
 
+    def save_policy(self, policy) -> Path:
+        """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation loads."""
+        path = self.out_dir / "policy"
+        policy.eval()
+        policy.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path
+
     # ---- charged operations
     def sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
                max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
@@ -108,21 +116,32 @@ class RunContext:
         return self.budget.exhausted(self.cost)
 
     # ---- checkpoints (resume after a kill or pre-emption; train.checkpoint_every steps)
-    def save_checkpoint(self, step: int, modules: dict, optimizer=None, scheduler=None, **state) -> None:
-        """Call after finishing ``step``; writes only when a checkpoint is due."""
-        ckpt = Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
-        if not ckpt.due(step):
+    @property
+    def _checkpointer(self) -> Checkpointer:
+        return Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
+
+    def save_checkpoint(self, step: int, modules: dict, optimizer=None, scheduler=None,
+                        tensors: Optional[dict] = None, force: bool = False, **state) -> None:
+        """Call after finishing ``step`` (0-based, counted over the whole run); writes only when a
+        checkpoint is due (or ``force``, e.g. at a round boundary). ``state``: the method's own
+        JSON-serialisable state; ``tensors``: its tensor state (torch.Generator states)."""
+        ckpt = self._checkpointer
+        if not (ckpt.due(step) or (force and ckpt.enabled)):
             return
         log_file = self.out_dir / "train_log.jsonl"
         cost = self.cost.as_dict()
         ckpt.save(step, modules, optimizer, scheduler,
-                  {"cost": cost, "train_log": log_file.read_text() if log_file.exists() else "", **state})
+                  {"cost": cost, "train_log": log_file.read_text() if log_file.exists() else "", **state}, tensors)
+
+    def checkpoint_state(self) -> Optional[dict]:
+        """The method state of the last checkpoint, loading nothing (None: starting fresh)."""
+        return self._checkpointer.peek()
 
     def resume(self, modules: dict, optimizer=None, scheduler=None) -> tuple[int, dict]:
         """(first step to run, saved method state): restores weights, optimizer, RNG, costs and
-        the train log of the last checkpoint; (0, {}) when starting fresh."""
-        ckpt = Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
-        state = ckpt.restore(modules, optimizer, scheduler)
+        the train log of the last checkpoint; (0, {}) when starting fresh. The state's "tensors"
+        holds what was saved with ``tensors=``."""
+        state = self._checkpointer.restore(modules, optimizer, scheduler)
         if state is None:
             return 0, {}
         cost = state.pop("cost")

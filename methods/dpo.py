@@ -226,15 +226,12 @@ class DPO(Method):
             self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
         final = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
 
-        out_dir = ctx.out_dir / "policy"
-        policy.save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
         info = {"steps": step, "planned_steps": len(schedule), "stopped": stopped or "schedule complete",
                 "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing,
                 "ref_logps_seconds": round(ref_seconds, 3), "ref_logps_pairs": len(used),
                 "probe_pairs": len(probe_idx),
                 **{f"initial_{k}": v for k, v in initial.items()}, **{f"final_{k}": v for k, v in final.items()}}
-        return PolicyArtifact(path=out_dir, info=info)
+        return PolicyArtifact(path=ctx.save_policy(policy), info=info)
 
     @staticmethod
     def _log(ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:

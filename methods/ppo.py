@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
 from alignbench.train import encode, lm_loss, make_optimizer, optimizer_step, pad_batch, token_logprobs
@@ -273,8 +274,20 @@ class PPO(Method):
         ptx = PTXBatches(ctx, minibatch, ctx.seed + 1) if cfg.ptx_coef > 0 else None
         n_prompts = len(ctx.train_prompts)
 
-        stopped, done, last_logged, extra = None, 0, 0, {}
-        bar = tqdm(range(1, cfg.steps + 1), desc="ppo", leave=False, mininterval=2)
+        # Resume after a kill: weights, optimizer, the prompt/minibatch/ptx RNG streams and the KL
+        # coefficient come back from the checkpoint, so the resumed run draws what this one would.
+        modules = {"policy": policy, "value_head": value_head}
+        start, saved = ctx.resume(modules, optimizer, scheduler)
+        if saved:
+            rng.setstate(py_state_from_list(saved["rng"]))
+            shuffle.set_state(saved["tensors"]["shuffle"])
+            if ptx is not None:
+                ptx.rng.setstate(py_state_from_list(saved["ptx_rng"]))
+            kl_coef = saved["kl_coef"]
+            if kl_ctl is not None:
+                kl_ctl.value = kl_coef
+        stopped, done, last_logged, extra = None, start, saved.get("last_logged", 0), saved.get("extra", {})
+        bar = tqdm(range(start + 1, cfg.steps + 1), desc="ppo", leave=False, mininterval=2, initial=start, total=cfg.steps)
         for step in bar:
             if (stopped := ctx.budget_hit()) is not None:
                 break
@@ -314,11 +327,12 @@ class PPO(Method):
             if step % cfg.eval_every == 0:
                 ctx.log_point(step, model=policy, **extra)
                 last_logged = step
+            ctx.save_checkpoint(step - 1, modules, optimizer, scheduler, tensors={"shuffle": shuffle.get_state()},
+                                rng=py_state_to_list(rng.getstate()), kl_coef=kl_coef, last_logged=last_logged,
+                                extra=extra, ptx_rng=py_state_to_list(ptx.rng.getstate()) if ptx else None)
         if done > last_logged:  # the end point (also after a budget stop)
             ctx.log_point(done, model=policy, **extra)
 
-        out = ctx.out_dir / "policy"  # the LM only: the value head is a training device
-        policy.save_pretrained(out, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(out)
-        return PolicyArtifact(path=out, info={"steps_done": done, "stopped": stopped or "steps done",
+        # the LM only: the value head is a training device
+        return PolicyArtifact(path=ctx.save_policy(policy), info={"steps_done": done, "stopped": stopped or "steps done",
                                               "final_kl_coef": kl_coef, "minibatch": minibatch})

@@ -174,21 +174,29 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     policy, temp, tok, k = ctx.policy(), _temperature(ctx, cfg), ctx.tokenizer, cfg.k
     order = list(range(len(ctx.train_prompts)))
     random.Random(ctx.seed).shuffle(order)  # each round takes the next slice: fresh prompts
-    step, last_logged, stopped, rounds = 0, -1, None, []
-    for rnd in range(cfg.rounds):
+    # Resume after a kill: the checkpoint holds the round, its selected responses and how many of
+    # its batches are done; that round's optimizer is rebuilt before its state is loaded into it.
+    saved = ctx.checkpoint_state() or {}
+    step = saved["step"] + 1 if saved else 0
+    last_logged, rounds, stopped = saved.get("last_logged", -1), saved.get("rounds", []), None
+    for rnd in range(saved.get("round", 0), cfg.rounds):
         if (stopped := ctx.budget_hit()):
             break
         start = rnd * cfg.prompts_per_round
         prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
-        out = ctx.sample(policy, prompts, n=k, temperature=temp, seed=ctx.seed * 1000 + rnd)
-        scores = ctx.score(out.prompts, out.responses).view(len(prompts), k)
-        best = select_best(scores).tolist()
-        data = [encode(tok, p, out.responses[i * k + j], ctx.max_len) for i, (p, j) in enumerate(zip(prompts, best))]
+        resuming = saved.get("round") == rnd
+        selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
+            _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        data = [encode(tok, p, r, ctx.max_len) for p, r in zip(prompts, selected)]
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(batches))
+        done, losses = 0, []
+        if resuming:
+            _, state = ctx.resume({"policy": policy}, opt, sched)
+            done, losses = state["round_step"], state["losses"]
         policy.train()
-        losses = []
-        for idx in tqdm(batches, desc=f"RS round {rnd + 1}/{cfg.rounds}", leave=False, mininterval=2):
+        bar = tqdm(total=len(batches), initial=done, desc=f"RS round {rnd + 1}/{cfg.rounds}", leave=False, mininterval=2)
+        for b, idx in enumerate(batches[done:], start=done):
             if (stopped := ctx.budget_hit()):
                 break
             batch = pad_batch([data[i] for i in idx], tok.pad_token_id, ctx.device)
@@ -200,19 +208,26 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
             if step % cfg.eval_every == 0:
                 ctx.log_point(step, model=policy, label=f"round {rnd + 1}")
                 last_logged = step
-        rounds.append({"round": rnd + 1, "steps": len(losses), "sample_reward_mean": scores.mean().item(),
-                       "sample_reward_median": scores.median().item(),
-                       "best_reward_mean": scores.max(1).values.mean().item(),
+            bar.update()
+            ctx.save_checkpoint(step - 1, {"policy": policy}, opt, sched, round=rnd, round_step=b + 1, losses=losses,
+                                selected=selected, round_stats=stats, rounds=rounds, last_logged=last_logged)
+        bar.close()
+        rounds.append({"round": rnd + 1, "steps": len(losses), **stats,
                        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
         log.info("RS round %d: sample reward mean %.3f, best-of-%d mean %.3f", rnd + 1,
-                 rounds[-1]["sample_reward_mean"], k, rounds[-1]["best_reward_mean"])
+                 stats["sample_reward_mean"], k, stats["best_reward_mean"])
         if stopped:
             break
     if step != last_logged:
         ctx.log_point(step, model=policy, label="end")
-    policy.eval()
-    path = ctx.out_dir / "policy"
-    policy.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return PolicyArtifact(path=path, info={"mode": "finetune", "n": k, "temperature": temp, "steps": step,
-                                           "rounds": rounds, "stopped": stopped})
+    return PolicyArtifact(path=ctx.save_policy(policy), info={"mode": "finetune", "n": k, "temperature": temp,
+                                                              "steps": step, "rounds": rounds, "stopped": stopped})
+
+
+def _select_round(ctx, policy, prompts: list[str], k: int, temp: float, seed: int) -> tuple[list[str], dict]:
+    """K samples per prompt from the current policy, the PM's best of each, and their statistics."""
+    out = ctx.sample(policy, prompts, n=k, temperature=temp, seed=seed)
+    scores = ctx.score(out.prompts, out.responses).view(len(prompts), k)
+    selected = [out.responses[i * k + j] for i, j in enumerate(select_best(scores).tolist())]
+    return selected, {"sample_reward_mean": scores.mean().item(), "sample_reward_median": scores.median().item(),
+                      "best_reward_mean": scores.max(1).values.mean().item()}

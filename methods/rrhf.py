@@ -88,8 +88,13 @@ class RRHF(Method):
         epochs = cfg.steps * cfg.prompts_per_step / len(pairs)
         schedule = batch_schedule(len(pairs), cfg.prompts_per_step, epochs, seed=ctx.seed, max_steps=cfg.steps)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(schedule))
-        history, stopped, step, last_logged = [], None, 0, -1
-        for step_idx, idx in enumerate(tqdm(schedule, desc="RRHF", leave=False, mininterval=2)):
+        # Resume after a kill: batches and sampling seeds are functions of (seed, step), so
+        # restoring weights, optimizer and costs and skipping finished steps continues the same run.
+        start, saved = ctx.resume({"policy": policy}, opt, sched)
+        history, last_logged = saved.get("history", []), saved.get("last_logged", -1)
+        stopped, step = None, start
+        bar = tqdm(total=len(schedule), initial=start, desc="RRHF", leave=False, mininterval=2)
+        for step_idx, idx in enumerate(schedule[start:], start=start):
             if (stopped := ctx.budget_hit()):
                 break
             seed = ctx.seed * 100_003 + step_idx
@@ -110,17 +115,17 @@ class RRHF(Method):
             if step % cfg.eval_every == 0:
                 ctx.log_point(step, model=policy, **{k: v for k, v in history[-1].items() if k != "step"})
                 last_logged = step
+            bar.update()
+            ctx.save_checkpoint(step_idx, {"policy": policy}, opt, sched, history=history, last_logged=last_logged)
+        bar.close()
         if stopped:
             log.info("RRHF stopped after %d steps: %s", step, stopped)
         if step != last_logged:
             ctx.log_point(step, model=policy, label="end")
-        policy.eval()
-        path = ctx.out_dir / "policy"
-        policy.save_pretrained(path, safe_serialization=True)
-        tok.save_pretrained(path)
-        return PolicyArtifact(path=path, info={"steps": step, "k": cfg.k, "stopped": stopped,
-                                               "loss_first": history[0]["loss"] if history else None,
-                                               "loss_last": history[-1]["loss"] if history else None})
+        return PolicyArtifact(path=ctx.save_policy(policy), info={
+            "steps": step, "k": cfg.k, "stopped": stopped,
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": history[-1]["loss"] if history else None})
 
     @staticmethod
     def _responses(ctx, policy, pairs, cfg: RRHFConfig, temp: float, seed: int) -> tuple[list[str], list[list[str]]]:

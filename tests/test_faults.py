@@ -87,12 +87,29 @@ def _metrics(sweep: Path) -> dict:
     return json.loads((sweep / runs[0]["dir"] / "metrics.json").read_text())
 
 
+# method overrides, the checkpoint step (0-based, last finished) to kill after, the steps logged
+KILL_CASES = {
+    "dpo": (["method=dpo", "method.max_steps=16", "method.eval_every=4", "train.checkpoint_every=4"], 7,
+            [0, 4, 8, 12, 16, -1]),
+    "ppo": (["method=ppo", "method.steps=6", "method.rollout_batch_size=16", "method.eval_every=2",
+             "method.kl_target=2", "method.ptx_coef=0.1", "train.checkpoint_every=1"], 2, [0, 2, 4, 6, -1]),
+    "rrhf": (["method=rrhf", "method.steps=12", "method.prompts_per_step=4", "method.eval_every=4",
+              "train.checkpoint_every=2"], 5, [0, 4, 8, 12, -1]),
+    # 2 rounds of 3 batches: killed inside round 2, so the checkpoint carries round 1's record
+    # and round 2's selected responses, optimizer and position
+    "rs_finetune": (["method=rejection_sampling", "method.mode=finetune", "method.rounds=2",
+                     "method.prompts_per_round=48", "method.eval_every=2", "train.checkpoint_every=1"], 3,
+                    [0, 2, 4, 6, -1]),
+}
+
+
 @pytest.mark.slow
-def test_job_killed_mid_training_resumes_and_matches_uninterrupted(stage_cache, tmp_path):
-    """SIGKILL a DPO job after its first checkpoint, re-run the same command: it resumes from
-    the checkpoint and ends with exactly the metrics of an uninterrupted run (CPU, fixed seed)."""
-    common = [sys.executable, "-m", "alignbench.cli", "run", "method=dpo", "method.max_steps=16",
-              "method.eval_every=4", "train.checkpoint_every=4", "train.num_threads=1", *TINY,
+@pytest.mark.parametrize("case", list(KILL_CASES))
+def test_job_killed_mid_training_resumes_and_matches_uninterrupted(case, stage_cache, tmp_path):
+    """SIGKILL a training job after a mid-training checkpoint, re-run the same command: it resumes
+    from the checkpoint and ends with exactly the metrics of an uninterrupted run (CPU, fixed seed)."""
+    overrides, kill_after, logged_steps = KILL_CASES[case]
+    common = [sys.executable, "-m", "alignbench.cli", "run", *overrides, "train.num_threads=1", *TINY,
               f"paths.cache_dir={stage_cache}"]
     subprocess.run(common + [f"paths.sweep_dir={tmp_path}/clean"], check=True, capture_output=True, cwd=tmp_path)
     clean = _metrics(tmp_path / "clean")
@@ -102,15 +119,15 @@ def test_job_killed_mid_training_resumes_and_matches_uninterrupted(stage_cache, 
     deadline = time.time() + 300
     while time.time() < deadline:
         states = list((tmp_path / "killed" / "runs").glob("*/checkpoint/state.json"))
-        if states and json.loads(states[0].read_text())["step"] >= 7:
+        if states and json.loads(states[0].read_text())["step"] >= kill_after:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_dir = states[0].parent.parent
-    assert not (run_dir / "DONE").exists()
+    assert not (run_dir / "DONE").exists(), "the job finished before it could be killed"
     resumed_from = json.loads(states[0].read_text())["step"]
-    assert 7 <= resumed_from < 15
+    assert kill_after <= resumed_from < logged_steps[-2] - 1
 
     out = subprocess.run(killed, check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "resuming from checkpoint" in out.stdout + out.stderr
@@ -118,5 +135,9 @@ def test_job_killed_mid_training_resumes_and_matches_uninterrupted(stage_cache, 
     for key in ("proxy_reward", "judge_reward", "kl_k1", "kl_k3"):
         assert resumed["final"][key] == clean["final"][key], key  # bitwise on CPU
     assert resumed["cost"]["tokens_trained"] == clean["cost"]["tokens_trained"]
+    assert resumed["cost"]["tokens_generated"] == clean["cost"]["tokens_generated"]
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert [p["step"] for p in log] == [0, 4, 8, 12, 16, -1]
+    assert [p["step"] for p in log] == logged_steps
+    clean_log = (tmp_path / "clean" / "runs" / run_dir.name / "train_log.jsonl").read_text().splitlines()
+    for a, b in zip(log, map(json.loads, clean_log)):
+        assert a["judge_reward"] == b["judge_reward"] and a.get("kl_k3") == b.get("kl_k3"), a["step"]
