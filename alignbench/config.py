@@ -153,7 +153,6 @@ class TrainConfig:
     temperature: float = opt(1.0, gt=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = opt("fp32", choices=["fp32", "bf16"])
-    log_every: int = opt(10, gt=0)
     checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints
     num_threads: int = opt(0, ge=0)  # torch CPU threads; 0 = torch's default
 

@@ -17,6 +17,7 @@ import torch
 
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
+from alignbench.distributed import Dist, autocast_forward
 from alignbench.methods import Budget, Cost
 from alignbench.models import load_lm
 from alignbench.sampling import SampleBatch, sample
@@ -61,6 +62,7 @@ class RunContext:
     out_dir: Path
     budget: Budget
     cost: Cost = field(default_factory=Cost)
+    dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
     _reference: Any = None
 
     # ---- models
@@ -83,20 +85,34 @@ class RunContext:
     def policy(self) -> torch.nn.Module:
         """A fresh trainable copy of π0 (every method starts here)."""
         torch.manual_seed(self.seed)
-        return load_lm(self.stages.pi0.path).to(self.device).train()
+        return self.load(self.stages.pi0.path).train()
 
     def reference(self) -> torch.nn.Module:
         """π0, frozen (the KL anchor and DPO's reference); loaded once."""
         if self._reference is None:
-            self._reference = load_lm(self.stages.pi0.path).to(self.device).eval().requires_grad_(False)
+            self._reference = self.load(self.stages.pi0.path).eval().requires_grad_(False)
         return self._reference
+
+    def load(self, path) -> torch.nn.Module:
+        """An LM on this run's device, under bf16 autocast when train.precision=bf16."""
+        return autocast_forward(load_lm(path).to(self.device), self.cfg.train.precision, self.device)
+
+    def for_training(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The module to run training forwards through: DDP-wrapped when launched multi-process
+        (see alignbench.distributed), else ``policy`` itself. Parameters are shared."""
+        return self.dist.prepare(policy)
+
+    def add_trained_tokens(self, n_local: int) -> None:
+        """Charge a step's training tokens, summed over the processes of the run."""
+        self.cost.tokens_trained += self.dist.sum(n_local)
 
     def save_policy(self, policy) -> Path:
         """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation loads."""
         path = self.out_dir / "policy"
         policy.eval()
-        policy.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        if self.dist.is_main:
+            policy.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
         return path
 
     # ---- charged operations
@@ -113,7 +129,8 @@ class RunContext:
         return self.pm.score(prompts, responses)
 
     def budget_hit(self) -> Optional[str]:
-        return self.budget.exhausted(self.cost)
+        """Why to stop (None: go on); the main process decides for all (they must agree)."""
+        return self.dist.from_main(self.budget.exhausted(self.cost))
 
     # ---- checkpoints (resume after a kill or pre-emption; train.checkpoint_every steps)
     @property
@@ -121,12 +138,12 @@ class RunContext:
         return Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
 
     def save_checkpoint(self, step: int, modules: dict, optimizer=None, scheduler=None,
-                        tensors: Optional[dict] = None, force: bool = False, **state) -> None:
+                        tensors: Optional[dict] = None, **state) -> None:
         """Call after finishing ``step`` (0-based, counted over the whole run); writes only when a
-        checkpoint is due (or ``force``, e.g. at a round boundary). ``state``: the method's own
+        checkpoint is due, on the main process. ``state``: the method's own
         JSON-serialisable state; ``tensors``: its tensor state (torch.Generator states)."""
         ckpt = self._checkpointer
-        if not (ckpt.due(step) or (force and ckpt.enabled)):
+        if not ckpt.due(step) or not self.dist.is_main:
             return
         log_file = self.out_dir / "train_log.jsonl"
         cost = self.cost.as_dict()
@@ -176,7 +193,10 @@ class RunContext:
         return proxy, [float(j) for j in self.judge(prompts, responses)]
 
     def log_point(self, step: int, model=None, responses=None, label: str = "train", scores=None, **extra) -> dict:
-        """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl."""
+        """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl (main process only;
+        the others get {})."""
+        if not self.dist.is_main:
+            return {}
         was_training = model.training if model is not None else False
         point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
                  **self.measure(model, responses, label, scores), **self.cost.as_dict(), **extra}

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from alignbench.config import Config
 from alignbench.context import EVAL_SEED_OFFSET, RunContext
 from alignbench.data import load_data
+from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
 from alignbench.methods import Budget, PolicyArtifact
-from alignbench.models import load_lm, load_tokenizer, pick_device
+from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import sample
 from alignbench.stages.graph import build_shared_stages, judge_kind
 from alignbench.stages.preference import PMScorer
@@ -40,24 +42,26 @@ def make_judge(cfg: Config, stages, device):
     return (lambda prompts, responses: scorer.score(prompts, responses).tolist()), "test_pm"
 
 
-def build_context(cfg: Config, method_cfg, run_dir: Path) -> RunContext:
+def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None) -> RunContext:
+    dist = dist or Dist()
     stages = build_shared_stages(cfg)
     data = load_data(cfg.data)
-    device = pick_device(cfg.train.device)
+    device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
     judge, judge_name = make_judge(cfg, stages, device)
     b = cfg.budget
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=load_tokenizer(stages.pi0.path), device=device,
         train_prompts=unique_prompts(data.train), eval_prompts=unique_prompts(data.test)[: cfg.eval.n_prompts],
         pairs=data.train, pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
-        judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds))
+        judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds),
+        dist=dist)
 
 
 def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
     cfg, prompts = ctx.cfg, ctx.eval_prompts
     model = None
     if artifact.path is not None:
-        model = load_lm(artifact.path).to(ctx.device).eval()
+        model = ctx.load(artifact.path).eval()
         responses = sample(model, ctx.tokenizer, prompts, seed=ctx.seed + EVAL_SEED_OFFSET,
                            temperature=cfg.train.temperature, max_new_tokens=cfg.train.max_new_tokens,
                            max_len=ctx.max_len).responses
@@ -88,7 +92,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
-               "judge": ctx.judge_name}
+               "judge": ctx.judge_name,
+               "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 

@@ -51,6 +51,9 @@ class PolicyArtifact:
 class Method:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = MethodConfig
+    # True when train() shards its global batch with ctx.dist and trains through
+    # ctx.for_training(policy), so it may run under a multi-process launch (alignbench.distributed)
+    supports_distributed: ClassVar[bool] = False
 
     def train(self, ctx: "RunContext") -> PolicyArtifact:  # pragma: no cover - interface
         raise NotImplementedError

@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from alignbench.config import Config, to_config
+from alignbench.distributed import Dist, launched_world_size, main_only_logging
 from alignbench.methods import Budget, PolicyArtifact, get_method, method_config
 from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
@@ -58,7 +59,22 @@ def validate(cfg_node: DictConfig) -> tuple[Config, object, type]:
     judge_kind(cfg)
     for key, path in (("paths.sweep_dir", cfg.paths.sweep_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
         check_writable(key, Path(path))
+    check_distributed(cfg, mcfg, method_cls, launched_world_size())
     return cfg, mcfg, method_cls
+
+
+def check_distributed(cfg: Config, mcfg, method_cls, world: int) -> None:
+    """Under a multi-process launch: the method must support it, and its global batch must split
+    evenly over the processes (else a step would not equal the single-process step)."""
+    if world <= 1:
+        return
+    from alignbench.config import ConfigError
+    if not method_cls.supports_distributed:
+        raise ConfigError(f"method={method_cls.name}: multi-process training is not supported by this method "
+                          f"(launched with WORLD_SIZE={world}); run it as one process")
+    key, batch = ("method.batch_size", mcfg.batch_size) if mcfg.batch_size else ("train.batch_size", cfg.train.batch_size)
+    if batch % world:
+        raise ConfigError(f"{key}: the global batch ({batch}) must divide evenly over the {world} processes")
 
 
 def check_writable(key: str, path: Path) -> None:
@@ -76,29 +92,36 @@ def check_writable(key: str, path: Path) -> None:
 
 def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict:
     cfg, mcfg, method_cls = validate(cfg_node)
+    dist = Dist.from_env(cfg.train.device)
     run_dir = Path(cfg.paths.sweep_dir) / "runs" / run_id_for(cfg, overrides)
     if (run_dir / "DONE").exists():
         log.info("run %s is complete; skipping", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
-    _clear_incomplete(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
     status = {"status": "running", "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json_atomic(run_dir / "status.json", status)
-    _update_index(cfg)
-    try:
-        metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir)
-        status.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if dist.is_main:  # one process owns the run directory
+        _clear_incomplete(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg_node, resolve=True))
         write_json_atomic(run_dir / "status.json", status)
-        (run_dir / "DONE").write_text("")
+        _update_index(cfg)
+    dist.wait()
+    try:
+        with main_only_logging(dist):
+            metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir, dist)
+        if dist.is_main:
+            status.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            write_json_atomic(run_dir / "status.json", status)
+            (run_dir / "DONE").write_text("")
         return metrics
     except BaseException as e:
         status.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_json_atomic(run_dir / "status.json", status)
+        # another rank's error is kept beside the main status (the launcher stops the main one)
+        write_json_atomic(run_dir / ("status.json" if dist.is_main else f"status.rank{dist.rank}.json"), status)
         raise
     finally:
-        _update_index(cfg)
+        if dist.is_main:
+            _update_index(cfg)
 
 
 def _clear_incomplete(run_dir: Path) -> None:
@@ -111,13 +134,15 @@ def _clear_incomplete(run_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path) -> dict:
+def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist) -> dict:
     from alignbench.evaluate import build_context, final_evaluation
     set_threads(cfg.train.num_threads)
-    ctx = build_context(cfg, mcfg, run_dir)
+    ctx = build_context(cfg, mcfg, run_dir, dist)
     set_seed(cfg.seed)
     ctx.log_point(0, model=ctx.reference(), label="pi0")
     artifact: PolicyArtifact = method_cls().train(ctx)
+    if not dist.is_main:  # the main process evaluates; the others' part ends with training
+        return {}
     return final_evaluation(ctx, artifact)
 
 

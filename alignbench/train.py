@@ -116,6 +116,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def autocast(precision: str, device) -> torch.autocast:
+    """bf16 mixed precision (train.precision=bf16): matmuls in bf16 under torch.autocast, weights
+    and optimizer state in fp32; a no-op context for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: float) -> None:
     """One update, the same for every stage and method: backward, clip the global grad norm,
     step the optimizer and the schedule, clear the gradients."""
@@ -130,7 +136,7 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
                     make_batch: Callable[[list[int]], dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
                     lr: float, desc: str, grad_clip: float = 1.0, weight_decay: float = 0.0,
                     warmup: int = 0, device: torch.device | str = "cpu",
-                    on_step: Optional[Callable[[int, float], None]] = None) -> LoopResult:
+                    on_step: Optional[Callable[[int, float], None]] = None, precision: str = "fp32") -> LoopResult:
     """Plain minibatch training: one optimiser step per batch, a progress bar, token accounting."""
     model.to(device).train()
     opt, sched = make_optimizer(model, lr, weight_decay, warmup, len(batches))
@@ -138,7 +144,8 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
     bar = tqdm(batches, desc=desc, leave=False, mininterval=2)
     for step, idx in enumerate(bar):
         batch = {k: v.to(device) for k, v in make_batch(idx).items()}
-        loss = loss_fn(model, batch)
+        with autocast(precision, device):
+            loss = loss_fn(model, batch)
         optimizer_step(loss, model.parameters(), opt, sched, grad_clip)
         tokens += int(batch["attention_mask"].sum())
         losses.append(loss.item())

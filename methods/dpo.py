@@ -179,6 +179,7 @@ class DPO(Method):
 
     name = "dpo"
     config_class = DPOConfig
+    supports_distributed = True  # the global batch is sharded over processes (alignbench.distributed)
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: DPOConfig = ctx.method_cfg
@@ -203,6 +204,7 @@ class DPO(Method):
         # Resume after a kill: the schedule is a pure function of the seed, so skipping the
         # finished steps and restoring weights, optimizer, RNG and costs continues the same run.
         start, saved = ctx.resume({"policy": policy}, opt, sched)
+        train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         window: list[dict] = saved.get("window", [])  # training-batch stats since the last logged point
         initial = saved.get("initial", initial)
         stopped, step = None, start
@@ -212,9 +214,10 @@ class DPO(Method):
             if stopped:
                 step -= 1
                 break
-            out, n_tok = dpo_step(policy, opt, sched, encoded, ref, idx, pad_id, device, cfg.beta, cfg.loss,
-                                  cfg.label_smoothing, ctx.cfg.train.grad_clip)
-            ctx.cost.tokens_trained += n_tok
+            # each process takes its share of the global batch; DDP averages the gradients
+            out, n_tok = dpo_step(train_model, opt, sched, encoded, ref, ctx.dist.shard(idx), pad_id, device, cfg.beta,
+                                  cfg.loss, cfg.label_smoothing, ctx.cfg.train.grad_clip)
+            ctx.add_trained_tokens(n_tok)
             window.append({"loss": out.loss.item(), **reward_stats(out)})
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")
@@ -235,6 +238,8 @@ class DPO(Method):
 
     @staticmethod
     def _log(ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:
+        if not ctx.dist.is_main:  # measurement is the main process's (its batches' stats in window)
+            return
         extra = probe(policy, encoded, ref, probe_idx, ctx.tokenizer.pad_token_id, ctx.device, cfg, ctx.batch_size)
         if window:  # TRL-style running means over the training batches since the last point
             extra.update({f"train_{k}": sum(w[k] for w in window) / len(window) for k in window[0]})

@@ -10,7 +10,7 @@ import torch
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
-from alignbench.stages.cache import Artifact, build_stage
+from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
 
@@ -38,7 +38,7 @@ def build_base(cfg: Config) -> Artifact:
     sc, mc = cfg.stages.base, cfg.model
     from alignbench.stages.distill import hhh_prompt
     key = {"model": dataclasses.asdict(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed}
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
         corpus = dialogue_corpus(data.train)
@@ -57,7 +57,7 @@ def build_base(cfg: Config) -> Artifact:
             batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
-                                  warmup=min(50, len(batches) // 10))
+                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            tokens_per_second=round(res.tokens_per_second, 1), final_loss=res.losses[-1])
         heldout = dialogue_corpus(data.eval)[:512]

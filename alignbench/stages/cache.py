@@ -61,6 +61,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def precision_key(cfg) -> dict:
+    """Part of a stage key: bf16-trained stages are cached apart from fp32 ones (fp32 keys are
+    unchanged, so existing caches stay valid)."""
+    return {"precision": "bf16"} if cfg.train.precision == "bf16" else {}
+
+
 def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
                 build: Callable[[Path], dict]) -> Artifact:
     """Return the stage's artifact, building it with ``build(tmp_dir) -> record fields`` if needed.

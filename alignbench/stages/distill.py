@@ -19,7 +19,7 @@ from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.base import dialogue_corpus, mean_nll
-from alignbench.stages.cache import Artifact, build_stage
+from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
 # Our HHH prompt: a short preamble and three dialogues showing a helpful, honest, harmless
@@ -59,7 +59,7 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     sc = cfg.stages.pi0
     prompt = hhh_prompt(cfg)
     key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed}
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
         tok, model = load_tokenizer(base.path), load_lm(base.path)
@@ -71,7 +71,8 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
             enc = [encode(tok, p.prompt, p.chosen, max_len) for p in data.train]
             batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
-                                  lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device)
+                                  lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device,
+                                  precision=cfg.train.precision)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            final_loss=res.losses[-1])
         metrics["heldout_nll"] = mean_nll(model, tok, dialogue_corpus(data.eval)[:512], max_len, device)
@@ -105,7 +106,7 @@ def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg:
 
     batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",
-                          cfg.train.grad_clip, device=device)
+                          cfg.train.grad_clip, device=device, precision=cfg.train.precision)
     return {"steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "tokens_per_second": round(res.tokens_per_second, 1), "first_kl": res.losses[0],
             "final_kl": sum(res.losses[-10:]) / len(res.losses[-10:]), "hhh_prompt_tokens": len(h)}

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
-from alignbench.stages.cache import Artifact, build_stage
+from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.train import batch_schedule, encode, pad_batch, supervised_loop
 
 
@@ -73,7 +73,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     data = load_data(cfg.data)
     sc = cfg.stages.pm
     key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed}
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
@@ -100,7 +100,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
 def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc) -> dict:
     batches = batch_schedule(len(pairs), sc.batch_size, epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(model, batches, lambda idx: pair_batch(tok, pairs, idx, max_len), pm_loss, sc.lr,
-                          desc, cfg.train.grad_clip, device=device)
+                          desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision)
     return {"pairs": len(pairs), "steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:])}
 
