@@ -30,7 +30,8 @@ DPO = ["method=dpo", "method.max_steps=12", "method.eval_every=4", "train.num_th
 def _run(tmp_path: Path, name: str, cache: Path, extra=(), procs: int = 1) -> Path:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
-    subprocess.run(launch + ["-m", "alignbench.cli", "run", *DPO, *TINY, *extra, f"paths.cache_dir={cache}",
+    multirun = ["-m"] if any(o.startswith("hydra/launcher=") for o in extra) else []
+    subprocess.run(launch + ["-m", "alignbench.cli", "run", *multirun, *DPO, *TINY, *extra, f"paths.cache_dir={cache}",
                              f"paths.sweep_dir={tmp_path / name}"], check=True, capture_output=True, cwd=tmp_path)
     runs = list((tmp_path / name / "runs").glob("*/DONE"))
     assert len(runs) == 1
@@ -63,6 +64,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(stage_ca
     run_two = tmp_path / "two" / "runs" / two["run_id"]
     assert [json.loads(line)["step"] for line in (run_two / "train_log.jsonl").read_text().splitlines()] \
         == [0, 4, 8, 12, -1]  # written once, by the main process
+
+    # a submitit job with 2 tasks (SLURM's tasks_per_node, run here by the local executor) joins its
+    # tasks into the same 2-process run
+    sub, _, sub_w = _read(_run(tmp_path, "submitit", stage_cache, extra=[
+        "hydra/launcher=submitit_local_run", "hydra.launcher.tasks_per_node=2"]))
+    assert sub["hardware"]["processes"] == 2 and _max_diff(sub_w, two_w) == 0
 
     # the tolerance is meaningful: the policy moved well beyond it, and halving the global batch
     # (what a launcher that did not shard would amount to) misses it by far
