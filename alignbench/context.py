@@ -64,6 +64,7 @@ class RunContext:
     cost: Cost = field(default_factory=Cost)
     dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
     _reference: Any = None
+    _synced: tuple = (0, 0)  # (tokens_generated, pm_calls) already merged over processes
 
     # ---- models
     @property
@@ -102,9 +103,18 @@ class RunContext:
         (see alignbench.distributed), else ``policy`` itself. Parameters are shared."""
         return self.dist.prepare(policy)
 
-    def add_trained_tokens(self, n_local: int) -> None:
-        """Charge a step's training tokens, summed over the processes of the run."""
-        self.cost.tokens_trained += self.dist.sum(n_local)
+    def charge_step(self, trained_tokens: int) -> None:
+        """Charge one optimiser step's training tokens. Under a multi-process launch this also merges
+        every process's sampling and PM costs since the previous step into the run's totals, so
+        every process calls it once per step (it is a collective there)."""
+        if not self.dist.enabled:
+            self.cost.tokens_trained += trained_tokens
+            return
+        gen0, pm0 = self._synced
+        trained, gen, pm = self.dist.sum([trained_tokens, self.cost.tokens_generated - gen0, self.cost.pm_calls - pm0])
+        self.cost.tokens_trained += trained
+        self.cost.tokens_generated, self.cost.pm_calls = gen0 + gen, pm0 + pm
+        self._synced = (self.cost.tokens_generated, self.cost.pm_calls)
 
     def save_policy(self, policy) -> Path:
         """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation loads."""
@@ -165,7 +175,10 @@ class RunContext:
         self.cost.tokens_trained, self.cost.tokens_generated = cost["tokens_trained"], cost["tokens_generated"]
         self.cost.pm_calls = cost["pm_calls"]
         self.cost.started = time.time() - cost["wall_s"]
-        (self.out_dir / "train_log.jsonl").write_text(state.pop("train_log"))
+        self._synced = (self.cost.tokens_generated, self.cost.pm_calls)  # the saved costs are run totals
+        log_text = state.pop("train_log")
+        if self.dist.is_main:
+            (self.out_dir / "train_log.jsonl").write_text(log_text)
         return state.pop("step") + 1, state
 
     # ---- measurement (not charged)

@@ -112,13 +112,35 @@ class Dist:
         n = len(items) // self.world
         return items[self.rank * n:(self.rank + 1) * n]
 
-    def sum(self, value: int) -> int:
-        """Sum of an integer over ranks (every rank must call it)."""
+    def sum(self, values: list[int]) -> list[int]:
+        """Element-wise sums of integers over ranks (every rank must call it)."""
         if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.long, device=self.device)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.long, device=self.device)
         torch.distributed.all_reduce(t)
-        return int(t.item())
+        return t.tolist()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a tensor over ranks (every rank must call it); on the tensor's device."""
+        if not self.enabled:
+            return t
+        out = t.detach().to(self.device, copy=True)  # NCCL reduces GPU tensors, gloo CPU ones
+        torch.distributed.all_reduce(out)
+        return out.to(t.device)
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank: the inverse of ``shard``
+        (every rank must call it)."""
+        if not self.enabled:
+            return list(items)
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def seed(self, seed: int) -> int:
+        """A sampling seed for this rank: rank 0 keeps ``seed`` (so a single-process run is
+        unchanged), the others get their own streams."""
+        return seed + 1_000_003 * self.rank
 
     def from_main(self, value):
         """The main rank's value on every rank (every rank must call it): decisions that must

@@ -38,6 +38,12 @@ class MethodConfig:
     batch_size: Optional[int] = opt(None, gt=0)  # None: train.batch_size
     eval_every: int = opt(25, gt=0)  # steps between (KL, reward) points for the sqrt-KL analysis
 
+    def global_batches(self, train) -> dict[str, int]:
+        """The batches a multi-process run splits over its processes, by config key (each must
+        divide evenly); ``train`` is the shared TrainConfig. Asked before training, only under a
+        multi-process launch: raise ConfigError for a setting that cannot run there."""
+        return {"method.batch_size": self.batch_size} if self.batch_size else {"train.batch_size": train.batch_size}
+
 
 @dataclass
 class PolicyArtifact:

@@ -72,9 +72,9 @@ def check_distributed(cfg: Config, mcfg, method_cls, world: int) -> None:
     if not method_cls.supports_distributed:
         raise ConfigError(f"method={method_cls.name}: multi-process training is not supported by this method "
                           f"(launched with WORLD_SIZE={world}); run it as one process")
-    key, batch = ("method.batch_size", mcfg.batch_size) if mcfg.batch_size else ("train.batch_size", cfg.train.batch_size)
-    if batch % world:
-        raise ConfigError(f"{key}: the global batch ({batch}) must divide evenly over the {world} processes")
+    for key, batch in mcfg.global_batches(cfg.train).items():
+        if batch % world:
+            raise ConfigError(f"{key}: the global batch ({batch}) must divide evenly over the {world} processes")
 
 
 def check_writable(key: str, path: Path) -> None:

@@ -217,7 +217,7 @@ class DPO(Method):
             # each process takes its share of the global batch; DDP averages the gradients
             out, n_tok = dpo_step(train_model, opt, sched, encoded, ref, ctx.dist.shard(idx), pad_id, device, cfg.beta,
                                   cfg.loss, cfg.label_smoothing, ctx.cfg.train.grad_clip)
-            ctx.add_trained_tokens(n_tok)
+            ctx.charge_step(n_tok)
             window.append({"loss": out.loss.item(), **reward_stats(out)})
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")

@@ -64,6 +64,12 @@ class PPOConfig(MethodConfig):
     whiten_advantages: bool = True  # advantages to mean 0, variance 1 per rollout
     ptx_coef: float = opt(0.0, ge=0)  # PPO-ptx: weight of the LM loss on chosen training transcripts
 
+    def global_batches(self, train) -> dict[str, int]:
+        if self.ptx_coef > 0:  # asked only under a multi-process launch
+            raise ConfigError("method.ptx_coef: PPO-ptx runs as one process only (its LM loss is a second "
+                              "forward per step, which DDP does not allow); set it to 0 or use one process")
+        return {"method.rollout_batch_size": self.rollout_batch_size, **super().global_batches(train)}
+
     def validate(self, prefix: str) -> None:
         if self.batch_size is not None and self.batch_size > self.rollout_batch_size:
             raise ConfigError(f"{prefix}.batch_size: the minibatch ({self.batch_size}) cannot exceed "
@@ -81,10 +87,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − mean) / std over the masked positions; with shift_mean=False only the scale changes."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, dist=None) -> torch.Tensor:
+    """(x − mean) / std over the masked positions; with shift_mean=False only the scale changes.
+    With ``dist`` (a multi-process run) the statistics are those of the whole rollout, summed over
+    the processes, as one process holding all of it would compute them."""
+    if dist is None or not dist.enabled:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        total, count = dist.all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+        mean = total / count.clamp(min=1)
+        var = dist.all_sum(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -169,6 +182,18 @@ def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor,
     return logprobs, values, out.logits[:, :-1]
 
 
+class ActorCritic(torch.nn.Module):
+    """The policy LM and its value head as one module (``policy_forward`` as its forward), so a
+    multi-process run wraps both in DDP and averages the value head's gradients too."""
+
+    def __init__(self, policy, value_head: torch.nn.Linear):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return policy_forward(self.policy, self.value_head, input_ids, attention_mask)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), -1)
     return -(logp.exp() * logp).sum(-1)
@@ -218,10 +243,10 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     logprobs, values, ref_logprobs = (torch.cat(x) * mask for x in (logprobs, values, ref_logprobs))
     rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores.to(mask.device), mask, kl_coef)
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, dist=ctx.dist)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, dist=ctx.dist)
     return Rollout(batch["input_ids"], batch["attention_mask"], mask, logprobs, values, advantages, returns,
                    scores, kl.sum(-1).cpu())
 
@@ -246,6 +271,9 @@ class PPO(Method):
 
     name = "ppo"
     config_class = PPOConfig
+    # each process rolls out its share of the prompts; whitening and the KL controller use the
+    # statistics of the whole rollout; each minibatch is split over the processes
+    supports_distributed = True
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: PPOConfig = ctx.method_cfg
@@ -261,12 +289,14 @@ class PPO(Method):
         value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(ctx.device)
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
-        params = torch.nn.ModuleList([policy, value_head])
+        params = ActorCritic(policy, value_head)
+        train_model = ctx.for_training(params)  # DDP under a multi-process launch
 
         minibatch = min(ctx.batch_size, cfg.rollout_batch_size)
         n_minibatches = math.ceil(cfg.rollout_batch_size / minibatch)
         optimizer, scheduler = make_optimizer(params, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps,
                                               cfg.steps * cfg.ppo_epochs * n_minibatches)
+        local_mb = minibatch // ctx.dist.world  # each process's share of a minibatch
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
         kl_coef = cfg.kl_coef
         rng = random.Random(ctx.seed)  # prompts and sampling seeds of every step
@@ -294,33 +324,36 @@ class PPO(Method):
             # 1. rollout
             idx = (rng.sample(range(n_prompts), cfg.rollout_batch_size) if cfg.rollout_batch_size <= n_prompts
                    else [rng.randrange(n_prompts) for _ in range(cfg.rollout_batch_size)])
-            roll = collect_rollout(ctx, policy, value_head, reference, [ctx.train_prompts[i] for i in idx],
-                                   rng.randrange(2 ** 31), cfg, kl_coef, minibatch)
+            roll = collect_rollout(ctx, policy, value_head, reference, [ctx.train_prompts[i] for i in ctx.dist.shard(idx)],
+                                   ctx.dist.seed(rng.randrange(2 ** 31)), cfg, kl_coef, local_mb)
             # 2. K epochs of minibatch updates on it
             stats: dict[str, list[float]] = {}
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(len(roll.scores), generator=shuffle)
-                for start in range(0, len(order), minibatch):
-                    mb = roll.minibatch(order[start:start + minibatch].to(roll.mask.device))
-                    logprobs, values, logits = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"])
+                for first in range(0, len(order), local_mb):
+                    mb = roll.minibatch(order[first:first + local_mb].to(roll.mask.device))
+                    logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"])
                     loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
                                        mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
                     if cfg.ent_coef > 0:
                         loss = loss - cfg.ent_coef * masked_mean(entropy(logits), mb["mask"])
-                    ctx.cost.tokens_trained += int(mb["attention_mask"].sum())
+                    tokens = int(mb["attention_mask"].sum())
                     if ptx is not None:
                         pt = ptx.next()
                         loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
-                        ctx.cost.tokens_trained += int(pt["attention_mask"].sum())
+                        tokens += int(pt["attention_mask"].sum())
                     optimizer_step(loss, params.parameters(), optimizer, scheduler, ctx.cfg.train.grad_clip)
+                    ctx.charge_step(tokens)
                     for k, v in s.items():
                         stats.setdefault(k, []).append(v)
             # 3. the KL coefficient for the next rollout
-            rollout_kl = roll.kl.mean().item()
+            kl_sum, score_sum, n_tokens, n = ctx.dist.all_sum(torch.stack(
+                [roll.kl.sum(), roll.scores.sum().cpu(), roll.mask.sum().cpu(), torch.tensor(float(len(roll.scores)))])).tolist()
+            rollout_kl = kl_sum / n  # of the whole rollout, over all processes
             if kl_ctl is not None:
-                kl_coef = kl_ctl.update(rollout_kl, len(roll.scores))
-            extra = {"rollout_score": roll.scores.mean().item(), "rollout_kl": rollout_kl, "kl_coef": kl_coef,
-                     "rollout_tokens": roll.mask.sum().item() / len(roll.scores),
+                kl_coef = kl_ctl.update(rollout_kl, int(n))
+            extra = {"rollout_score": score_sum / n, "rollout_kl": rollout_kl, "kl_coef": kl_coef,
+                     "rollout_tokens": n_tokens / n,
                      **{k: sum(v) / len(v) for k, v in stats.items()}}
             bar.set_postfix(score=f"{extra['rollout_score']:.2f}", kl=f"{rollout_kl:.2f}")
             done = step

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from alignbench.config import opt
+from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
 from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, optimizer_step, pad_batch
 
@@ -103,6 +103,12 @@ class RejectionSamplingConfig(MethodConfig):
     lr: Optional[float] = opt(5e-4, gt=0)  # finetune: None = train.lr
     eval_every: int = opt(16, gt=0)  # finetune: optimiser steps between (KL, reward) points
 
+    def global_batches(self, train) -> dict[str, int]:
+        if self.mode == "best_of_n":  # asked only under a multi-process launch
+            raise ConfigError("method.mode: best_of_n trains nothing, so it has no multi-process form; "
+                              "run it as one process")
+        return {"method.prompts_per_round": self.prompts_per_round, **super().global_batches(train)}
+
     @property
     def k(self) -> int:
         """Samples per prompt. The defaults differ by mode because they answer different questions:
@@ -118,6 +124,9 @@ class RejectionSampling(Method):
 
     name = "rejection_sampling"
     config_class = RejectionSamplingConfig
+    # finetune: each process samples its share of a round's prompts and trains on its share of each
+    # batch; best_of_n trains nothing and is refused on several processes (global_batches)
+    supports_distributed = True
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: RejectionSamplingConfig = ctx.method_cfg
@@ -187,6 +196,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
         resuming = saved.get("round") == rnd
         selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
             _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         data = [encode(tok, p, r, ctx.max_len) for p, r in zip(prompts, selected)]
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(batches))
@@ -199,10 +209,10 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
         for b, idx in enumerate(batches[done:], start=done):
             if (stopped := ctx.budget_hit()):
                 break
-            batch = pad_batch([data[i] for i in idx], tok.pad_token_id, ctx.device)
-            loss = lm_loss(policy, batch)
+            batch = pad_batch([data[i] for i in ctx.dist.shard(idx)], tok.pad_token_id, ctx.device)
+            loss = lm_loss(train_model, batch)
             optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
-            ctx.cost.tokens_trained += int(batch["attention_mask"].sum())
+            ctx.charge_step(int(batch["attention_mask"].sum()))
             losses.append(loss.item())
             step += 1
             if step % cfg.eval_every == 0:
@@ -225,9 +235,13 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
 
 
 def _select_round(ctx, policy, prompts: list[str], k: int, temp: float, seed: int) -> tuple[list[str], dict]:
-    """K samples per prompt from the current policy, the PM's best of each, and their statistics."""
-    out = ctx.sample(policy, prompts, n=k, temperature=temp, seed=seed)
-    scores = ctx.score(out.prompts, out.responses).view(len(prompts), k)
-    selected = [out.responses[i * k + j] for i, j in enumerate(select_best(scores).tolist())]
+    """K samples per prompt from the current policy, the PM's best of each, and their statistics.
+    Under a multi-process launch each process takes its share of the prompts, and the selections
+    are gathered back in prompt order."""
+    mine = ctx.dist.shard(prompts)
+    out = ctx.sample(policy, mine, n=k, temperature=temp, seed=ctx.dist.seed(seed))
+    scores = ctx.score(out.prompts, out.responses).view(len(mine), k)
+    selected = ctx.dist.gather([out.responses[i * k + j] for i, j in enumerate(select_best(scores).tolist())])
+    scores = torch.tensor(ctx.dist.gather(scores.tolist()))
     return selected, {"sample_reward_mean": scores.mean().item(), "sample_reward_median": scores.median().item(),
                       "best_reward_mean": scores.max(1).values.mean().item()}

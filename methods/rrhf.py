@@ -67,6 +67,9 @@ class RRHFConfig(MethodConfig):
         """Responses ranked per prompt."""
         return self.k_samples + (2 if self.include_dataset else 0)
 
+    def global_batches(self, train) -> dict[str, int]:
+        return {"method.prompts_per_step": self.prompts_per_step}
+
     def validate(self, prefix: str) -> None:
         if self.k < 2:
             raise ConfigError(f"{prefix}.k_samples: RRHF ranks at least 2 responses per prompt; k_samples="
@@ -79,6 +82,7 @@ class RRHF(Method):
 
     name = "rrhf"
     config_class = RRHFConfig
+    supports_distributed = True  # each process samples and ranks its share of the step's prompts
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: RRHFConfig = ctx.method_cfg
@@ -91,24 +95,25 @@ class RRHF(Method):
         # Resume after a kill: batches and sampling seeds are functions of (seed, step), so
         # restoring weights, optimizer and costs and skipping finished steps continues the same run.
         start, saved = ctx.resume({"policy": policy}, opt, sched)
+        train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         history, last_logged = saved.get("history", []), saved.get("last_logged", -1)
         stopped, step = None, start
         bar = tqdm(total=len(schedule), initial=start, desc="RRHF", leave=False, mininterval=2)
         for step_idx, idx in enumerate(schedule[start:], start=start):
             if (stopped := ctx.budget_hit()):
                 break
-            seed = ctx.seed * 100_003 + step_idx
-            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in idx], cfg, temp, seed)
+            seed = ctx.dist.seed(ctx.seed * 100_003 + step_idx)
+            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp, seed)
             flat_prompts = [p for p in prompts for _ in range(cfg.k)]
             flat = [r for rs in responses for r in rs]
             rewards = ctx.score(flat_prompts, flat).view(len(prompts), cfg.k)
             policy.train()
             seqs = [encode(tok, p, r, ctx.max_len) for p, r in zip(flat_prompts, flat)]
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
-            logp, _ = response_logprobs(policy, batch, average=True)
+            logp, _ = response_logprobs(train_model, batch, average=True)
             loss, parts = rrhf_loss(logp.view(len(prompts), cfg.k), rewards, cfg.ce_weight)
             optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
-            ctx.cost.tokens_trained += int(batch["attention_mask"].sum())
+            ctx.charge_step(int(batch["attention_mask"].sum()))
             step = step_idx + 1
             history.append({"step": step, "loss": loss.item(), **parts,
                             "sample_reward": rewards[:, :cfg.k_samples].mean().item() if cfg.k_samples else None})

@@ -24,15 +24,19 @@ from alignbench.train import lm_loss, supervised_loop
 from tests.conftest import TINY
 
 TOL = 1e-5
-DPO = ["method=dpo", "method.max_steps=12", "method.eval_every=4", "train.num_threads=1", "train.device=cpu"]
+DPO = ["method=dpo", "method.max_steps=12", "method.eval_every=4"]
 
 
-def _run(tmp_path: Path, name: str, cache: Path, extra=(), procs: int = 1) -> Path:
+def _run(tmp_path: Path, name: str, cache: Path, extra=(), procs: int = 1, method=tuple(DPO)) -> Path:
+    """One run of ``method`` on ``procs`` processes; its run directory."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
     multirun = ["-m"] if any(o.startswith("hydra/launcher=") for o in extra) else []
-    subprocess.run(launch + ["-m", "alignbench.cli", "run", *multirun, *DPO, *TINY, *extra, f"paths.cache_dir={cache}",
-                             f"paths.sweep_dir={tmp_path / name}"], check=True, capture_output=True, cwd=tmp_path)
+    out = subprocess.run(launch + ["-m", "alignbench.cli", "run", *multirun, *method, "train.num_threads=1", "train.device=cpu",
+                             *TINY, *extra, f"paths.cache_dir={cache}",
+                             f"paths.sweep_dir={tmp_path / name}"], capture_output=True, text=True, cwd=tmp_path)
+    (tmp_path / f"{name}.log").write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, f"{name} ({procs} processes) failed:\n{(out.stdout + out.stderr)[-4000:]}"
     runs = list((tmp_path / name / "runs").glob("*/DONE"))
     assert len(runs) == 1
     return runs[0].parent
@@ -81,16 +85,53 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(stage_ca
     assert _max_diff(one_w, half_w) > 0.1 * moved
 
 
-def test_methods_without_multiprocess_support_are_refused_before_training(tiny_overrides, monkeypatch):
+def test_settings_without_a_multiprocess_form_are_refused_before_training(tiny_overrides, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"method=ppo: multi-process training is not supported"):
-        validate(compose(tiny_overrides + ["method=ppo"]))
-    validate(compose(tiny_overrides + ["method=dpo"]))  # DPO shards its batch: accepted
+    for method, match in ((["method=context_distilled"], r"method=context_distilled: multi-process training is not"),
+                          (["method=rejection_sampling"], r"method.mode: best_of_n trains nothing"),
+                          (["method=ppo", "method.ptx_coef=0.1"], r"method.ptx_coef: PPO-ptx runs as one process")):
+        with pytest.raises(ConfigError, match=match):
+            validate(compose(tiny_overrides + method))
+    for ok in (["method=dpo"], ["method=ppo"], ["method=rrhf"], ["method=rejection_sampling", "method.mode=finetune"]):
+        validate(compose(tiny_overrides + ok))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"train.batch_size: the global batch \(16\) must divide evenly over the 3"):
         validate(compose(tiny_overrides + ["method=dpo"]))
     with pytest.raises(ConfigError, match=r"method.batch_size"):
         validate(compose(tiny_overrides + ["method=dpo", "method.batch_size=4"]))
+    with pytest.raises(ConfigError, match=r"method.prompts_per_step: the global batch \(8\)"):
+        validate(compose(tiny_overrides + ["method=rrhf"]))
+
+
+# method overrides, and the PM calls the whole run makes (the same on any number of processes)
+SAMPLING_METHODS = {
+    "ppo": (["method=ppo", "method.steps=6", "method.rollout_batch_size=32", "method.kl_target=2",
+             "train.checkpoint_every=4"], 6 * 32),
+    "rrhf": (["method=rrhf", "method.steps=6", "method.prompts_per_step=4"], 6 * 4 * 6),
+    "rs_finetune": (["method=rejection_sampling", "method.mode=finetune", "method.prompts_per_round=32"], 2 * 32 * 4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SAMPLING_METHODS))
+def test_sampling_methods_train_on_two_processes(case, stage_cache, tmp_path):
+    """PPO, RRHF and RS fine-tuning on 2 CPU processes: each samples its share of the prompts, so the
+    run is not bitwise the 1-process one, but it trains (the policy leaves π0), the costs are the
+    whole run's (PM calls summed over both processes), and a PPO run resumed on 2 processes from
+    its checkpoint ends exactly where the uninterrupted one did."""
+    overrides, pm_calls = SAMPLING_METHODS[case]
+    run = _run(tmp_path, "two", stage_cache, method=overrides, procs=2)
+    metrics, samples, _ = _read(run)
+    assert metrics["hardware"]["processes"] == 2 and len(samples) == 24
+    assert metrics["cost"]["pm_calls"] == pm_calls and metrics["cost"]["tokens_trained"] > 0
+    assert metrics["final"]["kl_k3"] > 0.05  # it trained
+    if case == "ppo":  # resume on 2 processes: drop the run's completion, keep its step-4 checkpoint
+        assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
+        (run / "DONE").unlink()
+        resumed, resumed_samples, _ = _read(_run(tmp_path, "two", stage_cache, method=overrides, procs=2))
+        assert "resuming from checkpoint" in (tmp_path / "two.log").read_text()
+        assert resumed["final"] == {**metrics["final"], "wall_s": resumed["final"]["wall_s"]}
+        assert resumed_samples == samples
 
 
 def _tiny_model() -> LlamaForCausalLM:

@@ -24,6 +24,4 @@ class SFT(Method):
                               lm_loss, ctx.lr, "my_sft", device=ctx.device)
         ctx.cost.tokens_trained += res.tokens
         ctx.log_point(res.steps, model=policy)
-        policy.save_pretrained(ctx.out_dir / "policy")
-        tok.save_pretrained(ctx.out_dir / "policy")
-        return PolicyArtifact(path=ctx.out_dir / "policy")
+        return PolicyArtifact(path=ctx.save_policy(policy))  # safetensors + tokenizer
