@@ -55,3 +55,21 @@ def test_unwritable_output_directory_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="paths.sweep_dir: cannot write"):
         validate(compose([f"paths.sweep_dir={blocker}/sweep", f"paths.cache_dir={tmp_path}/cache"]))
     assert blocker.read_text() == "not a directory"  # nothing already written is touched
+
+
+def test_every_method_yaml_lists_the_shared_method_fields():
+    """Hydra checks a multirun's overrides against the default method as well, so a sweep like
+    `-m method=context_distilled,dpo method.eval_every=10` composes only if every method YAML
+    lists MethodConfig's fields."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from alignbench.methods import MethodConfig
+    shared = {f.name for f in dataclasses.fields(MethodConfig)}
+    for path in sorted((Path(__file__).parents[1] / "conf" / "method").glob("*.yaml")):
+        missing = shared - set(yaml.safe_load(path.read_text()))
+        assert not missing, f"{path.name} lacks {sorted(missing)}"
+    cfg = to_config(compose(["method=context_distilled", "method.eval_every=10"]))
+    assert cfg.method["eval_every"] == 10
