@@ -1,5 +1,7 @@
 """Fault injection: parallel builders of one stage, a builder killed mid-build, a job that raises
-inside a multirun (the others complete; a re-run re-runs only the failed job)."""
+inside a multirun (the others complete; a re-run re-runs only the failed job), a full disk while a
+run writes its results, and a SIGKILL during each training method (the re-run resumes from the
+checkpoint and ends exactly as an uninterrupted run)."""
 import json
 import multiprocessing as mp
 import os
@@ -80,6 +82,37 @@ def test_failed_job_leaves_the_sweep_running_and_rerun_retries_only_it(plugin_si
     assert runs["explode"]["status"] == "failed"  # retried (and failed again)
     assert {m: (sweep / runs[m]["dir"] / "DONE").stat().st_mtime for m in done_mtimes} == done_mtimes
     assert proc.stderr.count("is complete; skipping") == 2 or proc.stdout.count("is complete; skipping") == 2
+
+
+def test_disk_full_while_writing_results_fails_the_run_and_a_rerun_completes(tiny_overrides, tmp_path, monkeypatch):
+    """ENOSPC while the run writes its results: the job is recorded failed with the OS error, the
+    run directory has no DONE (never taken as complete), and a re-run with space completes it."""
+    import errno
+
+    import alignbench.evaluate
+    from alignbench.cli import compose
+    from alignbench.runner import run_job
+
+    def full_disk(path, rows):
+        Path(path).write_text("sweep,run\n")  # a partial file, as a real full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    real = alignbench.evaluate.write_rows
+    monkeypatch.setattr(alignbench.evaluate, "write_rows", full_disk)
+    cfg = compose(tiny_overrides + ["method=context_distilled"])
+    with pytest.raises(OSError, match="No space left on device"):
+        run_job(cfg, ["method=context_distilled"])
+    run = tmp_path / "sweep" / "runs" / "context_distilled_s0"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "failed" and "No space left on device" in status["error"]
+    assert not (run / "DONE").exists()
+    index = json.loads((tmp_path / "sweep" / "index.json").read_text())
+    assert index["runs"][0]["status"] == "failed"
+
+    monkeypatch.setattr(alignbench.evaluate, "write_rows", real)
+    run_job(cfg, ["method=context_distilled"])
+    assert (run / "DONE").exists() and json.loads((run / "status.json").read_text())["status"] == "done"
+    assert len((run / "results.csv").read_text().splitlines()) > 10  # the partial file was replaced
 
 
 def _metrics(sweep: Path) -> dict:
