@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import TINY
 
 LAUNCHERS = {
-    "basic": [],
+    "basic": ["hydra/launcher=sequential"],  # the preset for Hydra's basic launcher
     "joblib": ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"],
     "submitit": ["hydra/launcher=submitit_local_run"],
 }
