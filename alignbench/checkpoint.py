@@ -63,7 +63,8 @@ class Checkpointer:
     def restore(self, modules: dict[str, torch.nn.Module], optimizer=None, scheduler=None) -> Optional[dict]:
         """Load the last complete checkpoint into the given objects; returns its state (with
         "step", the last finished step, and "tensors") or None when there is none."""
-        if self.peek() is None:
+        state = self.peek()
+        if state is None:
             return None
         for name, module in modules.items():
             load_model(module, str(self.dir / f"{name}.safetensors"), device=str(next(module.parameters()).device))
@@ -74,7 +75,7 @@ class Checkpointer:
             scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
         random.setstate(py_state_from_list(trainer["python_rng"]))
-        state = {**self.peek(), "tensors": trainer.get("tensors", {})}
+        state["tensors"] = trainer.get("tensors", {})
         log.info("resuming from checkpoint %s (step %d)", self.dir, state["step"])
         return state
 

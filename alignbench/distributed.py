@@ -25,7 +25,6 @@ import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from types import MethodType
 from typing import Any, Optional
 
 import torch
@@ -114,11 +113,7 @@ class Dist:
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sums of integers over ranks (every rank must call it)."""
-        if not self.enabled:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.long, device=self.device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
+        return self.all_sum(torch.tensor(values, dtype=torch.long)).tolist()
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a tensor over ranks (every rank must call it); on the tensor's device."""
@@ -160,16 +155,15 @@ def autocast_forward(model: torch.nn.Module, precision: str, device: torch.devic
     """bf16 mixed precision, as accelerate's ``mixed_precision="bf16"`` does it: the forward runs
     under torch.autocast (matmuls in bf16), weights and optimizer state stay fp32. Applied to the
     module itself, so training, sampling and measurement all see the same numerics."""
-    if precision != "bf16" or getattr(model, "_alignbench_autocast", False):
+    if precision != "bf16":
         return model
-    forward = model.forward.__func__ if hasattr(model.forward, "__func__") else model.forward
+    forward = model.forward
 
-    def autocast_forward(self, *args, **kwargs):
+    def forward_in_bf16(*args, **kwargs):
         with autocast(precision, device):
-            return forward(self, *args, **kwargs)
+            return forward(*args, **kwargs)
 
-    model.forward = MethodType(autocast_forward, model)
-    model._alignbench_autocast = True
+    model.forward = forward_in_bf16  # an instance attribute: nn.Module.__call__ (and DDP) use it
     return model
 
 
