@@ -57,8 +57,10 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
         dist=dist)
 
 
-def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
+def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optional[str] = None) -> dict:
+    """``config_id``: the run's configuration (``runner.config_id_for``); None: the method name."""
     cfg, prompts = ctx.cfg, ctx.eval_prompts
+    config_id = config_id or cfg.method["name"]
     model = None
     if artifact.path is not None:
         model = ctx.load(artifact.path).eval()
@@ -74,21 +76,22 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
         for i, (p, r, s, j) in enumerate(zip(prompts, responses, proxy, judge)):
-            f.write(json.dumps({"prompt_id": i, "prompt": p, "response": r, "proxy_reward": s,
+            f.write(json.dumps({"prompt_id": i, "config": config_id, "prompt": p, "response": r, "proxy_reward": s,
                                 "judge_reward": j, "judge": ctx.judge_name}) + "\n")
-    ident = dict(sweep=Path(cfg.paths.sweep_dir).name, run=ctx.out_dir.name, method=cfg.method["name"], seed=cfg.seed)
+    ident = dict(sweep=Path(cfg.paths.sweep_dir).name, run=ctx.out_dir.name, method=cfg.method["name"],
+                 config=config_id, seed=cfg.seed)
     rows = []
     for metric, values in (("proxy_reward", proxy), (f"{ctx.judge_name}_reward", judge)):
         v, lo, hi = bootstrap_ci(values, n_boot=cfg.eval.bootstrap, seed=cfg.seed)
         rows.append(make_row(evaluator="policy", metric=metric, slice="heldout", value=v, ci_low=lo, ci_high=hi,
                              n=len(values), **ident))
-    for k in ("kl_k1", "kl_k3", "kl_analytic", "kl_estimate"):
+    for k in ("kl_k1", "kl_k3", "kl_bound", "kl_estimate"):
         if point.get(k) is not None:
             rows.append(make_row(evaluator="policy", metric=k, slice="heldout", value=point[k], n=len(prompts), **ident))
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)
-    metrics = {"method": cfg.method["name"], "seed": cfg.seed, "run_id": ctx.out_dir.name,
+    metrics = {"method": cfg.method["name"], "config": config_id, "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
@@ -132,11 +135,13 @@ def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> lis
     else:  # inference-time policies (best-of-n) share π0's weights: their NLP scores are π0's
         log.info("nlp tasks: %s has no weights of its own; skipped", ident["method"])
     if cfg.method["name"] == "context_distilled":
-        models.append((ctx.stages.base.path, {**ident, "run": f"base-{ctx.stages.base.key}", "method": "base_lm"}))
+        models.append((ctx.stages.base.path, {**ident, "run": f"base-{ctx.stages.base.key}", "method": "base_lm",
+                                                 "config": "base_lm"}))
     rows = []
     for path, who in models:
         res = run_nlp_tasks(str(path), list(cfg.eval.nlp_tasks), limit=cfg.eval.nlp_limit,
                             data_dir=cfg.eval.nlp_data_dir, device=str(ctx.device), seed=0,
                             max_length=ctx.max_len)
-        rows += nlp_rows(res, **who)
+        run_ident = {k: v for k, v in who.items() if k != "config"}  # nlp_rows knows the run, not its config
+        rows += [{**r, "config": who["config"]} for r in nlp_rows(res, **run_ident)]
     return rows

@@ -31,18 +31,34 @@ from alignbench.stages.cache import write_json_atomic
 log = logging.getLogger(__name__)
 
 
-def run_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
-    """Readable and stable across re-runs: method, seed, the method's own overrides (what a sweep
-    over hyperparameters varies), then a short hash of any other override (paths and the
-    experiment preset, which already name the sweep directory, excepted)."""
+def _id_parts(cfg: Config, overrides: Optional[list[str]]) -> tuple[list[str], str]:
+    """The method's own overrides (sorted) and a hash suffix for any other override (paths and the
+    experiment preset, which already name the sweep directory, excepted; the seed is not here)."""
     import hashlib
     rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|experiment|paths\.[\w.]+)=", o)]
     own = sorted(o for o in rest if o.startswith("method."))
     other = sorted(o for o in rest if not o.startswith("method."))
-    rid = "_".join([f"{cfg.method['name']}_s{cfg.seed}", *own])
-    if other:
-        rid += "_cfg-" + hashlib.sha256("\n".join(other).encode()).hexdigest()[:8]
+    return own, ("_cfg-" + hashlib.sha256("\n".join(other).encode()).hexdigest()[:8]) if other else ""
+
+
+def _clean_id(rid: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", rid)[:200]
+
+
+def run_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
+    """Readable and stable across re-runs: method, seed, the method's own overrides (what a sweep
+    over hyperparameters varies), then a short hash of any other override (paths and the
+    experiment preset, which already name the sweep directory, excepted)."""
+    own, other = _id_parts(cfg, overrides)
+    return _clean_id("_".join([f"{cfg.method['name']}_s{cfg.seed}", *own]) + other)
+
+
+def config_id_for(cfg: Config, overrides: Optional[list[str]] = None) -> str:
+    """The configuration a run belongs to: its run id without the seed part (``dpo``,
+    ``dpo_method.beta=0.1``, ``ppo_cfg-1a2b3c4d``). Runs that share it differ only by seed, so the
+    report aggregates across them and never across configurations."""
+    own, other = _id_parts(cfg, overrides)
+    return _clean_id("_".join([cfg.method["name"], *own]) + other)
 
 
 def set_seed(seed: int) -> None:
@@ -94,10 +110,11 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
     cfg, mcfg, method_cls = validate(cfg_node)
     dist = Dist.from_env(cfg.train.device)
     run_dir = Path(cfg.paths.sweep_dir) / "runs" / run_id_for(cfg, overrides)
+    config_id = config_id_for(cfg, overrides)
     if (run_dir / "DONE").exists():
         log.info("run %s is complete; skipping", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
-    status = {"status": "running", "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    status = {"status": "running", "error": None, "config": config_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if dist.is_main:  # one process owns the run directory
         _clear_incomplete(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +124,7 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
     dist.wait()
     try:
         with main_only_logging(dist):
-            metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir, dist)
+            metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir, dist, config_id)
         if dist.is_main:
             status.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
             write_json_atomic(run_dir / "status.json", status)
@@ -134,7 +151,7 @@ def _clear_incomplete(run_dir: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist) -> dict:
+def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist, config_id: str) -> dict:
     from alignbench.evaluate import build_context, final_evaluation
     set_threads(cfg.train.num_threads)
     ctx = build_context(cfg, mcfg, run_dir, dist)
@@ -143,7 +160,7 @@ def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist
     artifact: PolicyArtifact = method_cls().train(ctx)
     if not dist.is_main:  # the main process evaluates; the others' part ends with training
         return {}
-    return final_evaluation(ctx, artifact)
+    return final_evaluation(ctx, artifact, config_id)
 
 
 def _update_index(cfg: Config) -> None:
@@ -161,7 +178,8 @@ def _update_index(cfg: Config) -> None:
             if st.get("status") == "done" and not (d / "DONE").exists():
                 st["status"] = "incomplete"
             meta = _run_meta(d)
-            runs.append({"run_id": d.name, "dir": f"runs/{d.name}", **meta, "status": st.get("status"), "error": st.get("error")})
+            runs.append({"run_id": d.name, "dir": f"runs/{d.name}", **meta, "config": st.get("config"),
+                         "status": st.get("status"), "error": st.get("error")})
         write_json_atomic(sweep / "index.json", {"sweep": sweep.name, "runs": runs})
 
 

@@ -198,10 +198,10 @@ def test_fit_elo_finite_when_one_side_always_wins():
 # --- KL vs reward -------------------------------------------------------------------------------
 
 def test_best_of_n_kl_values():
-    assert kl_reward.best_of_n_kl(1) == 0.0
-    assert kl_reward.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
-    assert kl_reward.best_of_n_kl(4) == pytest.approx(0.636294361)
-    assert kl_reward.best_of_n_kl(1000) == pytest.approx(math.log(1000) - 0.999)
+    assert kl_reward.best_of_n_kl_bound(1) == 0.0
+    assert kl_reward.best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert kl_reward.best_of_n_kl_bound(4) == pytest.approx(0.636294361)
+    assert kl_reward.best_of_n_kl_bound(1000) == pytest.approx(math.log(1000) - 0.999)
 
 
 def test_fits_recover_known_parameters():
@@ -223,13 +223,13 @@ def test_kl_reward_rows_offset_fits_and_best_of_n():
     points = [dict(method="ppo", seed=0, step=i, label="train", kl_k3=float(x * x),
                    proxy_reward=float(0.5 + x * (1.0 - 0.2 * x)), judge_reward=float(x), judge="gold")
               for i, x in enumerate(d)]
-    points += [dict(method="bon", seed=1, step=0, label=f"n={n}", kl_k3=kl_reward.best_of_n_kl(n),
+    points += [dict(method="bon", seed=1, step=0, label=f"n={n}", kl_k3=kl_reward.best_of_n_kl_bound(n),
                     proxy_reward=0.1 * n, judge_reward=None) for n in (1, 2, 4)]
     rows = kl_reward.kl_reward_rows(points, sweep="s")
     ppo = {r["metric"]: r["value"] for r in rows if r["method"] == "ppo" and r["slice"] == "proxy_reward"}
     assert ppo["offset"] == 0.5
     assert (ppo["bon.alpha"], ppo["bon.beta"], ppo["bon.r2"]) == pytest.approx((1.0, 0.2, 1.0))
     assert by(rows, method="bon", metric="kl_best_of_n", slice="n=4")["value"] == pytest.approx(0.636294361)
-    assert by(rows, method="bon", metric="kl_best_of_n_theory", slice="n=4")["value"] == pytest.approx(0.636294361)
+    assert by(rows, method="bon", metric="kl_best_of_n_bound", slice="n=4")["value"] == pytest.approx(0.636294361)
     assert not [r for r in rows if r["method"] == "bon" and r["slice"] == "judge_reward"]  # no judge values
     assert all(r["sweep"] == "s" for r in rows)

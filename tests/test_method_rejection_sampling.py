@@ -2,6 +2,7 @@
 errors, and smoke runs of both modes through the real pipeline on the tiny fixture."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 
 from alignbench.config import ConfigError
 from alignbench.methods import method_config
-from alignbench_methods.rejection_sampling import (RejectionSampling, bon_kl_analytic, bon_kl_estimate,
-                                                   bon_log_ratio, curve_ns, select_best)
+from alignbench_methods.rejection_sampling import (RejectionSampling, bon_kl_bound, bon_kl_exact, bon_kl_plugin,
+                                                   canonical_scores, curve_ns, select_best)
 
 
 # --------------------------------------------------------------------------- selection rule
@@ -27,6 +28,20 @@ def test_select_best_picks_argmax_and_first_on_ties():
         select_best(torch.tensor([1.0, 2.0]))
 
 
+def test_select_best_identical_texts_are_one_candidate():
+    """Padding-width float noise: the same text scored 1.0 and 1.0 + 1e-7. It is one candidate, so
+    the tie goes to its first occurrence, and a different text with a lower score never wins."""
+    scores = torch.tensor([[1.0, 1.0 + 1e-7, 0.5], [0.2, 0.9, 0.9 - 1e-7]])
+    texts = ["same", "same", "other", "x", "y", "y"]
+    assert select_best(scores).tolist() == [1, 1]  # float equality alone splits the identical texts
+    assert select_best(scores, texts).tolist() == [0, 1]
+    canon = canonical_scores(scores, texts)
+    assert canon[0, 1] == canon[0, 0] == scores[0, 0] and canon[1, 2] == canon[1, 1] == scores[1, 1]
+    assert canon[0, 2] == scores[0, 2] and canon[1, 0] == scores[1, 0]
+    with pytest.raises(ValueError, match="texts"):
+        canonical_scores(scores, texts[:-1])
+
+
 def test_curve_ns():
     assert curve_ns(16) == [1, 2, 4, 8, 16]
     assert curve_ns(6) == [1, 2, 4, 6]
@@ -34,48 +49,54 @@ def test_curve_ns():
 
 
 # --------------------------------------------------------------------------- KL
-def test_kl_analytic_formula():
-    assert bon_kl_analytic(1) == 0.0
-    assert bon_kl_analytic(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
-    assert bon_kl_analytic(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)  # 0.63629
-    assert bon_kl_analytic(16) == pytest.approx(math.log(16) - 15 / 16)
+def test_kl_bound_formula():
+    assert bon_kl_bound(1) == 0.0
+    assert bon_kl_bound(2) == pytest.approx(math.log(2) - 0.5)  # 0.19315
+    assert bon_kl_bound(4) == pytest.approx(1.386294 - 0.75, abs=1e-6)  # 0.63629
+    assert bon_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
 
 
-def test_log_ratio_hand_example():
-    """Pool {0, 1, 2} plus the sample itself (m + 1 = 4 points)."""
-    pool = torch.tensor([[0.0, 1.0, 2.0]] * 3)
-    got = bon_log_ratio(torch.tensor([1.0, 3.0, -1.0]), pool, n=2).tolist()
-    # r = 1 ties with a pool value: F₋ = 1/4, F = 3/4 -> (9/16 − 1/16)/(1/2) = 1 -> log 1 = 0
-    # r = 3 above the pool:        F₋ = 3/4, F = 1   -> (1 − 9/16)/(1/4) = 7/4
-    # r = −1 below the pool:       F₋ = 0,   F = 1/4 -> (1/16)/(1/4) = 1/4
-    assert got == pytest.approx([0.0, math.log(1.75), math.log(0.25)])
-    assert bon_log_ratio(torch.tensor([5.0]), torch.tensor([[1.0, 2.0]]), n=1).item() == 0.0  # n = 1 is π0
+def _enumerated_bon_kl(probs: list[float], rewards: list[float], n: int) -> float:
+    """KL(best-of-n ‖ π0) by enumerating every n-tuple of responses: the first sample with the
+    highest reward is kept."""
+    bon = [0.0] * len(probs)
+    for tup in itertools.product(range(len(probs)), repeat=n):
+        best = max(rewards[i] for i in tup)
+        bon[next(i for i in tup if rewards[i] == best)] += math.prod(probs[i] for i in tup)
+    return sum(q * math.log(q / p) for q, p in zip(bon, probs) if q > 0)
 
 
-@pytest.mark.parametrize("n", [2, 4, 8, 16])
-def test_kl_estimate_matches_formula_on_continuous_rewards(n):
-    """Standard-normal rewards: the estimate from best-of-n draws and an independent π0 pool per
-    prompt agrees with log n − (n − 1)/n within 0.05 (4000 prompts, pool of 256)."""
-    g = torch.Generator().manual_seed(n)
-    prompts, m = 4000, 256
-    pool = torch.randn(prompts, m, generator=g)
-    best = torch.randn(prompts, n, generator=g).max(dim=1).values
-    assert bon_kl_estimate(best, pool, n) == pytest.approx(bon_kl_analytic(n), abs=0.05)
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_kl_exact_matches_enumeration_with_ties(n):
+    """Five responses, two pairs of them tied in reward: the level formula equals brute force, and
+    is below the continuous bound."""
+    probs, rewards = [0.3, 0.25, 0.15, 0.2, 0.1], [0.0, 1.0, 1.0, 2.0, 2.0]
+    levels = [0.3, 0.25 + 0.15, 0.2 + 0.1]
+    exact = bon_kl_exact(levels, n)
+    assert exact == pytest.approx(_enumerated_bon_kl(probs, rewards, n), abs=1e-12)
+    assert exact <= bon_kl_bound(n) + 1e-12
+    if n > 1:
+        assert exact < bon_kl_bound(n) - 0.03  # ties matter
+    distinct = [0.3, 0.25, 0.15, 0.2, 0.1]  # no ties: still exact, and below the bound (finitely many levels)
+    assert bon_kl_exact(distinct, n) == pytest.approx(_enumerated_bon_kl(distinct, list(range(5)), n), abs=1e-12)
 
 
-def test_kl_estimate_is_exact_law_under_ties():
-    """A discrete reward (3 values, one of them 70% likely: a tiny policy repeats itself): the estimate follows the exact
-    discrete KL, Σ_v q_v log(q_v / p_v) with q_v = F(v)^n − F₋(v)^n, not the continuous formula."""
-    n, p = 4, torch.tensor([0.7, 0.2, 0.1])
-    cdf = p.cumsum(0)
-    q = cdf ** n - torch.cat([torch.zeros(1), cdf[:-1]]) ** n
-    exact = (q * (q / p).log()).sum().item()
-    assert abs(exact - bon_kl_analytic(n)) > 0.1  # the two differ here: ties matter
-    g = torch.Generator().manual_seed(0)
-    prompts, m = 4000, 256
-    pool = torch.multinomial(p, prompts * m, replacement=True, generator=g).view(prompts, m).float()
-    draws = torch.multinomial(p, prompts * n, replacement=True, generator=g).view(prompts, n).float()
-    assert bon_kl_estimate(draws.max(dim=1).values, pool, n) == pytest.approx(exact, abs=0.05)
+def test_kl_plugin_bias_as_stated():
+    """The bias bon_kl_plugin's docstring states (n = 16), measured against the exact KL."""
+    n, g = 16, torch.Generator().manual_seed(0)
+    # continuous reward: the plug-in depends only on the pool's ranks, so it is one number per m
+    for m, bias in ((64, -0.003), (256, -0.0002)):
+        est = bon_kl_plugin(torch.randn(3, m, generator=g), n)
+        assert est - bon_kl_bound(n) == pytest.approx(bias, abs=0.0005)
+    # a 3-level reward: the mean over 2000 prompts' pools (sd of one prompt's estimate ~0.05)
+    p = torch.tensor([0.7, 0.2, 0.1])
+    exact = bon_kl_exact(p, n)
+    assert exact == pytest.approx(1.674, abs=5e-4)
+    for m, bias in ((64, -0.035), (256, -0.009)):
+        pools = torch.multinomial(p, 2000 * m, replacement=True, generator=g).view(2000, m).float()
+        assert bon_kl_plugin(pools, n) - exact == pytest.approx(bias, abs=0.006)
+    assert bon_kl_plugin(torch.zeros(4, 8), n) == 0.0  # every sample ties: best-of-n is π0
+    assert bon_kl_plugin(torch.randn(4, 8, generator=g), 1) == pytest.approx(0.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- config
@@ -116,16 +137,16 @@ def test_smoke_best_of_n(tiny_overrides, tiny_config):
     pi0 = log[0]
     assert pi0["label"] == "pi0"
     assert metrics["final"]["proxy_reward"] > pi0["proxy_reward"]
-    # the curve over n, with both KLs; the estimate is 0 at n = 1 and never above log n
+    # the curve over n, with the bound and the estimate; the estimate is 0 at n = 1 and never above the bound
     curve = {p["label"]: p for p in log if p["label"].startswith("n=")}
     assert sorted(curve) == ["n=1", "n=2", "n=4"]
     assert curve["n=1"]["kl_estimate"] == pytest.approx(0.0, abs=1e-9)
     for n in (2, 4):
-        assert curve[f"n={n}"]["kl_analytic"] == pytest.approx(bon_kl_analytic(n))
-        assert 0 < curve[f"n={n}"]["kl_estimate"] <= math.log(n) + 1e-9
+        assert curve[f"n={n}"]["kl_bound"] == pytest.approx(bon_kl_bound(n))
+        assert 0 < curve[f"n={n}"]["kl_estimate"] <= bon_kl_bound(n) + 1e-9
     assert curve["n=4"]["proxy_reward"] > curve["n=1"]["proxy_reward"]
     info = metrics["info"]
-    assert info["kl_analytic"] == pytest.approx(math.log(4) - 0.75)
+    assert info["kl_bound"] == pytest.approx(math.log(4) - 0.75)
     assert info["kl_estimate"] == curve["n=4"]["kl_estimate"]
     # only the served policy is charged: n samples and n PM calls per held-out prompt, no training
     assert metrics["cost"]["pm_calls"] == 4 * n_prompts

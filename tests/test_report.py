@@ -115,8 +115,10 @@ def test_report_marks_bad_runs_and_gets_numbers_right(sweep, tmp_path):
     assert (kl["rl.alpha"], kl["rl.beta"], kl["rl.r2"], kl["offset"]) == pytest.approx((2.0, 0.5, 1.0, 0.5))
 
     # NLP: dpo seeds 0.44 and 0.46 -> mean 0.45, delta -0.05 against context_distilled's 0.50
-    assert re.search(r"\| dpo \| arc_easy \| 0\.450 \| 0\.500 \| -0\.050 \[-0\.0\d\d, -0\.0\d\d\] \|", md)
-    assert re.search(r"\| dpo \| nlp_tasks \| acc_norm \| arc_easy \| 0\.405 \[.*\] \| 2000 \| 2 \(seeds\) \|", md)
+    # (each side's interval across its 2 seeds is a t-interval now, so the delta's is wide)
+    assert re.search(r"\| dpo \| arc_easy \| 0\.450 \| 0\.500 \| -0\.050 \\\[-0\.1\d\d, 0\.0\d\d\\\] \|", md)
+    assert re.search(r"\| dpo \| nlp_tasks \| acc_norm \| arc_easy \| 0\.405 \\\[.*\\\] \| 2000 \| "
+                     r"2 \(t\(n=2\)\), range 0\.396–0\.414 \|", md)
     for png in ("pm_accuracy_by_turn", "pm_calibration", "pm_threshold", "win_rates", "reward_vs_kl",
                 "nlp_deltas", "cost_quality"):
         assert (out / f"{png}.png").exists() and f"]({png}.png)" in md
@@ -133,8 +135,8 @@ def test_html_is_self_contained_and_escaped(sweep, tmp_path):
     assert page.count("data:image/png;base64,") == 7
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
     md = (tmp_path / "r" / "report.md").read_text()
-    outside_fences = re.sub(r"(`{3,})text\n.*?\n\1", "", md, flags=re.S)
-    assert XSS in md and "<script" not in outside_fences  # verbatim only inside a code fence
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; done" in md  # escaped, renders as the text
+    assert "<script" not in md.lower() and "<b>" not in md
 
 
 def test_report_skips_what_is_absent(tmp_path):
@@ -157,17 +159,25 @@ def test_missing_index_is_a_clear_error(tmp_path):
 
 
 def test_aggregate_seeds_mean_or_own_interval():
-    rows = pd.DataFrame([make_row(run="a", method="m", seed=0, evaluator="e", metric="x", slice="", value=1.0,
-                                  ci_low=0.5, ci_high=1.5, n=10),
-                         make_row(run="b", method="m", seed=1, evaluator="e", metric="x", slice="", value=3.0,
-                                  ci_low=2.5, ci_high=3.5, n=10),
-                         make_row(run="c", method="k", seed=0, evaluator="e", metric="x", slice="", value=7.0,
-                                  ci_low=6.0, ci_high=8.0, n=5)])
-    agg = aggregate_seeds(rows, n_boot=500).set_index("method")
-    assert agg.loc["m", "value"] == 2.0 and agg.loc["m", "interval"] == "seeds" and agg.loc["m", "n"] == 20
-    assert 1.0 <= agg.loc["m", "ci_low"] < 2.0 < agg.loc["m", "ci_high"] <= 3.0
+    rows = pd.DataFrame([make_row(run="a", method="m", config="m", seed=0, evaluator="e", metric="x", slice="",
+                                  value=1.0, ci_low=0.5, ci_high=1.5, n=10),
+                         make_row(run="b", method="m", config="m", seed=1, evaluator="e", metric="x", slice="",
+                                  value=3.0, ci_low=2.5, ci_high=3.5, n=10),
+                         make_row(run="c", method="k", config="k", seed=0, evaluator="e", metric="x", slice="",
+                                  value=7.0, ci_low=6.0, ci_high=8.0, n=5)]
+                        + [make_row(run=f"f{i}", method="f", config="f", seed=i, evaluator="e", metric="x", slice="",
+                                    value=float(i), n=1) for i in range(6)])
+    agg = aggregate_seeds(rows, n_boot=500).set_index("config")
+    # two seeds: Student-t, mean ± t(0.975, 1) · s/√2 with s = √2
+    half = sps.t.ppf(0.975, 1)
+    assert agg.loc["m", "value"] == 2.0 and agg.loc["m", "interval"] == "t(n=2)" and agg.loc["m", "n"] == 20
+    assert agg.loc["m", ["ci_low", "ci_high"]].tolist() == pytest.approx([2.0 - half, 2.0 + half])
+    assert agg.loc["m", ["range_low", "range_high"]].tolist() == [1.0, 3.0]
     assert agg.loc["k", ["value", "ci_low", "ci_high"]].tolist() == [7.0, 6.0, 8.0]
     assert agg.loc["k", "interval"] == "run"
+    # six seeds: percentile bootstrap over the seed values, inside their range
+    assert agg.loc["f", "interval"] == "bootstrap(n=6)" and agg.loc["f", "value"] == 2.5
+    assert 0.0 <= agg.loc["f", "ci_low"] < 2.5 < agg.loc["f", "ci_high"] <= 5.0
 
 
 def test_unreadable_run_is_marked_not_fatal(sweep, tmp_path):

@@ -26,8 +26,9 @@ EVALUATOR = "kl_reward"
 REWARD_KEYS = ("proxy_reward", "judge_reward")
 
 
-def best_of_n_kl(n) -> float:
-    """Exact KL of best-of-n from the base policy: log n - (n - 1) / n."""
+def best_of_n_kl_bound(n) -> float:
+    """Upper bound on KL(best-of-n ‖ π0): log n − (n − 1)/n (Beirami et al. 2024, arXiv
+    2401.01879). Equality only for a continuous reward (no ties); repeated responses make it lower."""
     return float(np.log(n) - (n - 1) / n)
 
 
@@ -119,16 +120,20 @@ def fits_for(d, r) -> dict[str, Fit]:
 
 
 def kl_reward_rows(points, kl_key: str = "kl_k3", **ident) -> list[dict]:
-    """Fit rows per method and reward key (metric "<form>.<param>" or "<form>.r2", slice = reward
-    key), plus measured vs exact KL for best-of-n points (label "n=<N>"). Points of all seeds of a
-    method are pooled; ``seed`` is filled only when they share one. ``ident``: e.g. sweep, run."""
+    """Fit rows per configuration (points' ``config``, else their method) and reward key (metric
+    "<form>.<param>" or "<form>.r2", slice = reward key), plus measured KL against its upper bound
+    for best-of-n points (label "n=<N>"). Points of all seeds of a configuration are pooled, never
+    those of different configurations; ``seed`` is filled only when they share one. ``ident``:
+    e.g. sweep, run."""
     df = points_frame(points, kl_key)
     if df.empty or "method" not in df:
         return []
+    df["config"] = df["config"].fillna(df["method"]) if "config" in df else df["method"]
     rows = []
-    for method, g in df.groupby("method", sort=True):
+    for (config, method), g in df.groupby(["config", "method"], sort=True):
         seeds = g["seed"].dropna().unique() if "seed" in g else []
-        common = dict(evaluator=EVALUATOR, method=method, seed=int(seeds[0]) if len(seeds) == 1 else None, **ident)
+        common = dict(evaluator=EVALUATOR, method=method, config=config,
+                      seed=int(seeds[0]) if len(seeds) == 1 else None, **ident)
         for key in REWARD_KEYS:
             d, r = g["d"].to_numpy(), g[key].to_numpy()
             if np.isnan(r).all():
@@ -147,6 +152,6 @@ def kl_reward_rows(points, kl_key: str = "kl_k3", **ident) -> list[dict]:
                 kl = lg["kl"].dropna()
                 rows.append(make_row(metric="kl_best_of_n", slice=label, value=float(kl.mean()) if len(kl) else
                                      float("nan"), n=int(len(kl)), **common))
-                rows.append(make_row(metric="kl_best_of_n_theory", slice=label,
-                                     value=best_of_n_kl(int(match.group(1))), **common))
+                rows.append(make_row(metric="kl_best_of_n_bound", slice=label,
+                                     value=best_of_n_kl_bound(int(match.group(1))), **common))
     return rows

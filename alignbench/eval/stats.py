@@ -2,7 +2,8 @@
 
 Every evaluator returns rows with exactly the columns in ``COLUMNS``; the report concatenates them.
 Intervals: ``bootstrap_ci`` is a seeded percentile bootstrap, ``binomial_ci`` is the exact
-Clopper-Pearson interval.
+Clopper-Pearson interval, ``t_interval`` the Student-t interval (``seed_interval`` picks between
+the bootstrap and t across seeds).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-COLUMNS = ("sweep", "run", "method", "seed", "evaluator", "metric", "slice", "value", "ci_low", "ci_high", "n")
+# config: the configuration (method plus its own overrides, the run id without its seed); the
+# report's unit, so runs of one sweep over a hyperparameter are never averaged as seeds
+COLUMNS = ("sweep", "run", "method", "config", "seed", "evaluator", "metric", "slice", "value", "ci_low", "ci_high", "n")
 FLOAT_COLUMNS = ("value", "ci_low", "ci_high")
 
 _STATS: dict[str, Callable[..., np.ndarray]] = {"mean": np.mean, "median": np.median}
@@ -29,6 +32,7 @@ class Row:
     sweep: str | None = None
     run: str | None = None
     method: str | None = None
+    config: str | None = None
     seed: int | None = None
     evaluator: str | None = None
     metric: str | None = None
@@ -68,6 +72,36 @@ def bootstrap_ci(values, stat: str | Callable = "mean", n_boot: int = 2000, seed
         boots.append(fn(x[idx], axis=1))
     lo, hi = np.quantile(np.concatenate(boots), [alpha / 2, 1 - alpha / 2])
     return point, float(lo), float(hi)
+
+
+def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi): Student-t interval mean ± t_{1−α/2, n−1} · s / √n, s the sample standard
+    deviation (ddof 1). NaNs are dropped; fewer than two values give NaN bounds."""
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (float("nan"),) * 3
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(sps.t.ppf(1 - alpha / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+# Below this many seeds a percentile bootstrap over the seed values is about their min-max range,
+# far too narrow; a t-interval is honest about how little a few seeds say.
+MIN_SEEDS_BOOTSTRAP = 5
+
+
+def seed_interval(values, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float, str]:
+    """(mean, lo, hi, label) across the seeds of one configuration: a percentile bootstrap with at
+    least ``MIN_SEEDS_BOOTSTRAP`` seeds (label "bootstrap(n=N)"), else a Student-t interval
+    (label "t(n=N)")."""
+    x = np.asarray(values, dtype=float).ravel()
+    x = x[~np.isnan(x)]
+    if x.size >= MIN_SEEDS_BOOTSTRAP:
+        return (*bootstrap_ci(x, n_boot=n_boot, seed=seed, alpha=alpha), f"bootstrap(n={x.size})")
+    return (*t_interval(x, alpha), f"t(n={x.size})")
 
 
 def binomial_ci(k: float, n: float, alpha: float = 0.05) -> tuple[float, float]:
@@ -111,8 +145,11 @@ def write_rows(path, rows: Iterable[dict] | pd.DataFrame) -> Path:
 
 def read_rows(path) -> pd.DataFrame:
     """Read a results CSV. Text columns stay strings ("1" stays "1", empty stays ""), numbers
-    become floats, seed a nullable integer."""
+    become floats, seed a nullable integer. A CSV from before the ``config`` column reads as
+    config = method."""
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "config" not in df:
+        df["config"] = df["method"] if "method" in df else ""
     df = df.reindex(columns=list(COLUMNS), fill_value="")
     for col in FLOAT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)

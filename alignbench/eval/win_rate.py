@@ -1,7 +1,9 @@
 """Win rates and Elo from a judge's scores of each method's response to the same prompts.
 
 On a prompt, method A beats B when judge(A) - judge(B) > tie_eps, loses when < -tie_eps, and
-ties otherwise. Rows (evaluator ``"win_rate"``, ``method`` = A, ``slice`` = ``"vs:<B>"``):
+ties otherwise. Given the responses' texts, identical texts tie whatever their scores: a judge's
+score of one text can differ in the last bits with the batch it was padded in, and that noise
+must not decide a comparison. Rows (evaluator ``"win_rate"``, ``method`` = A, ``slice`` = ``"vs:<B>"``):
 
 * ``win_rate`` (PRIMARY): (wins + ties/2) / prompts, a tie counting half a win; interval by a
   seeded percentile bootstrap over prompts (the same resampled prompts for every pair).
@@ -27,10 +29,13 @@ EVALUATOR = "win_rate"
 ELO_SCALE = 400.0 / np.log(10.0)
 
 
-def _outcomes(a: np.ndarray, b: np.ndarray, tie_eps: float) -> np.ndarray:
-    """Per prompt: 1 (a wins), 0.5 (tie), 0 (b wins), NaN (a score is missing)."""
+def _outcomes(a: np.ndarray, b: np.ndarray, tie_eps: float, same_text: np.ndarray | None = None) -> np.ndarray:
+    """Per prompt: 1 (a wins), 0.5 (tie), 0 (b wins), NaN (a score is missing). ``same_text``
+    (bool per prompt): the two responses are the same text, a tie whatever the scores."""
     diff = a - b
     out = np.where(diff > tie_eps, 1.0, np.where(diff < -tie_eps, 0.0, 0.5))
+    if same_text is not None:
+        out = np.where(same_text, 0.5, out)
     return np.where(np.isnan(diff), np.nan, out)
 
 
@@ -42,21 +47,42 @@ def _as_arrays(judge_scores: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _as_texts(texts: dict | None, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Per method, its response text on each prompt (None where unknown), aligned with the scores."""
+    if texts is None:
+        return None
+    out = {}
+    for m, s in scores.items():
+        t = texts.get(m)
+        out[m] = np.full(s.size, None, dtype=object) if t is None else np.asarray(list(t), dtype=object)
+        if out[m].size != s.size:
+            raise ValueError(f"texts of {m!r} cover {out[m].size} prompts, its scores {s.size}")
+    return out
+
+
+def _same_text(texts: dict[str, np.ndarray] | None, a: str, b: str) -> np.ndarray | None:
+    if texts is None:
+        return None
+    return np.array([x is not None and x == y for x, y in zip(texts[a], texts[b])], dtype=bool)
+
+
 def _boot_indices(n_prompts: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_prompts, size=(n_boot, n_prompts))
 
 
 def win_rates(judge_scores: dict, baseline: str, tie_eps: float = 0.0, n_boot: int = 2000, seed: int = 0,
-              alpha: float = 0.05, **ident) -> list[dict]:
-    """Rows for every ordered pair of methods (see the module docstring); ``baseline`` must be a key."""
+              alpha: float = 0.05, texts: dict | None = None, **ident) -> list[dict]:
+    """Rows for every ordered pair of methods (see the module docstring); ``baseline`` must be a key.
+    ``texts``: optional {method: response text per prompt (None: unknown)}; identical texts tie."""
     scores = _as_arrays(judge_scores)
+    texts = _as_texts(texts, scores)
     if baseline not in scores:
         raise KeyError(f"baseline {baseline!r} not among methods {sorted(scores)}")
     n_prompts = next(iter(scores.values())).size
     idx = _boot_indices(n_prompts, n_boot, seed)
     rows = []
     for a, b in itertools.permutations(scores, 2):
-        out = _outcomes(scores[a], scores[b], tie_eps)
+        out = _outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
         valid = ~np.isnan(out)
         n = int(valid.sum())
         wins, ties = int((out == 1).sum()), int((out == 0.5).sum())
@@ -78,12 +104,14 @@ def win_rates(judge_scores: dict, baseline: str, tie_eps: float = 0.0, n_boot: i
     return rows
 
 
-def pairwise_counts(judge_scores: dict, tie_eps: float = 0.0) -> list[tuple[str, str, int, int, int]]:
-    """(a, b, wins_a, wins_b, ties) for every unordered pair of methods."""
+def pairwise_counts(judge_scores: dict, tie_eps: float = 0.0,
+                    texts: dict | None = None) -> list[tuple[str, str, int, int, int]]:
+    """(a, b, wins_a, wins_b, ties) for every unordered pair of methods; ``texts`` as in win_rates."""
     scores = _as_arrays(judge_scores)
+    texts = _as_texts(texts, scores)
     counts = []
     for a, b in itertools.combinations(scores, 2):
-        out = _outcomes(scores[a], scores[b], tie_eps)
+        out = _outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
         counts.append((a, b, int((out == 1).sum()), int((out == 0).sum()), int((out == 0.5).sum())))
     return counts
 
@@ -148,12 +176,15 @@ def fit_elo(results, anchor: str | None = None, reg: float = 1e-4) -> dict[str, 
 
 
 def elo_rows(judge_scores: dict, baseline: str | None = None, tie_eps: float = 0.0, n_boot: int = 200,
-             seed: int = 0, alpha: float = 0.05, **ident) -> list[dict]:
-    """Elo per method (baseline at 0 when given) with a bootstrap-over-prompts interval."""
+             seed: int = 0, alpha: float = 0.05, texts: dict | None = None, **ident) -> list[dict]:
+    """Elo per method (baseline at 0 when given) with a bootstrap-over-prompts interval; ``texts``
+    as in win_rates."""
     scores = _as_arrays(judge_scores)
-    point = fit_elo(pairwise_counts(scores, tie_eps), anchor=baseline)
+    texts = _as_texts(texts, scores)
+    point = fit_elo(pairwise_counts(scores, tie_eps, texts), anchor=baseline)
     n_prompts = next(iter(scores.values())).size
-    boots = [fit_elo(pairwise_counts({m: s[i] for m, s in scores.items()}, tie_eps), anchor=baseline)
+    boots = [fit_elo(pairwise_counts({m: s[i] for m, s in scores.items()}, tie_eps,
+                                     texts and {m: t[i] for m, t in texts.items()}), anchor=baseline)
              for i in _boot_indices(n_prompts, n_boot, seed)]
     rows = []
     for m, value in point.items():

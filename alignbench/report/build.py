@@ -2,7 +2,9 @@
 ``results.csv``, the PNG figures, ``report.md`` and a self-contained ``index.html``.
 
 Runs that are missing, incomplete, failed or unreadable are listed with their mark and left out
-of every number; the report builds as long as ``index.json`` exists.
+of every number; the report builds as long as ``index.json`` exists. The unit of every table,
+figure, win rate and Elo is the configuration (method plus its own overrides): seeds of one
+configuration are aggregated, configurations never are.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import pandas as pd
 
 from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
-from alignbench.eval.stats import COLUMNS, write_rows
+from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
 from alignbench.report import plots, tables
-from alignbench.report.aggregate import (aggregate_seeds, combine_rows, cost_frame, judge_scores, nlp_deltas,
-                                         samples_frame, train_points)
+from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
+                                         nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
+                                         train_points)
 from alignbench.report.load import Sweep, load_sweep
 from alignbench.report.render import Heading, Image, Note, Para, Samples, to_html, to_markdown
 
@@ -28,29 +31,56 @@ INTERVALS = [
     "All intervals are 95%.",
     "PM accuracy, calibration bins and the decisive win rate: exact Clopper-Pearson binomial intervals; "
     "a tie (equal PM scores) counts as half right.",
-    "Win rate (primary): (wins + ties/2) / prompts, with a seeded percentile bootstrap over prompts. "
-    "With several seeds, a method's judge reward on a prompt is the mean over its usable seeds.",
+    "Win rate (primary): (wins + ties/2) / prompts, with a seeded percentile bootstrap over prompts. Two "
+    "identical responses tie whatever their judge scores (a score can differ in the last bits with batch "
+    "padding). With several seeds, a configuration's judge reward on a prompt is the mean over its usable "
+    "seeds, and its response counts as one text only when every seed gave it.",
     "Elo: Bradley-Terry maximum likelihood on the win/tie counts (400/ln 10 per logit, baseline at 0), "
     "with a percentile bootstrap over prompts.",
-    "Across seeds: the mean of the runs' values with a percentile bootstrap over the seed values (with 2-3 "
-    "seeds this is about the min-max range); a metric from one run keeps that run's own interval.",
-    "Mean judge reward of a run: percentile bootstrap over prompts.",
+    "Across seeds (only seeds of one configuration are ever combined): the mean of the runs' values; with "
+    f"{MIN_SEEDS_BOOTSTRAP} or more seeds a percentile bootstrap over the seed values (\"bootstrap(n=N)\"), "
+    f"with 2-{MIN_SEEDS_BOOTSTRAP - 1} seeds a Student-t interval mean ± t(0.975, N−1)·s/√N over the N seeds "
+    "(\"t(n=N)\"; wide on purpose: a few seeds say little), shown with the range (min–max) of the seeds; a "
+    "metric from one run keeps that run's own interval (\"run\").",
+    "Mean judge reward of a run or of a subset of prompts: percentile bootstrap over prompts.",
     "Gain over the baseline (proxy or judge reward): mean per-prompt difference on the same prompts, "
     "paired percentile bootstrap over prompts.",
     "NLP deltas: normal approximation from both sides' intervals, treated as independent (conservative).",
 ]
 
+BON_KL = (
+    "Best-of-n KL: log n − (n−1)/n is an upper bound on KL(best-of-n ‖ π0) (Beirami et al. 2024, "
+    "arXiv 2401.01879), reached only by a continuous reward; repeated responses (ties) lower the true KL. "
+    "The measured KL is the exact best-of-n KL of the empirical reward distribution of a pool of m "
+    "independent π0 samples per prompt (identical responses are one candidate with one score), averaged "
+    "over prompts. It never exceeds the bound and is biased low; bias measured against exact enumeration "
+    "(n = 16): −0.003 (m = 64) and −0.0002 (m = 256) for a continuous reward, −0.035 (m = 64) and −0.009 "
+    "(m = 256) for a 3-level reward with probabilities 0.7/0.2/0.1.")
 
-def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot: int, seed: int) -> pd.DataFrame:
+
+def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot: int, seed: int,
+                  texts: dict, prompt_ids: list[int], meta: pd.DataFrame) -> pd.DataFrame:
+    """Cross-run rows, keyed by configuration (``config``; ``method`` its method): reward-vs-KL fits,
+    win rates, Elo, gains, and judge reward and win rate per subset of the evaluation prompts."""
     ident = dict(sweep=sweep.name, run="")
+    texts = texts or None
     rows = kl_reward_rows(train_points(sweep), **ident)
+    by_config = []  # rows whose ``method`` is a configuration's name (the keys of ``scores``)
     if len(scores) >= 2:
-        rows += win_rates(scores, baseline, n_boot=n_boot, seed=seed, **ident)
-        rows += elo_rows(scores, baseline, seed=seed, **ident)
-        rows += gain_rows(scores, baseline, "judge_gain", n_boot=n_boot, seed=seed, **ident)
+        by_config += win_rates(scores, baseline, n_boot=n_boot, seed=seed, texts=texts, **ident)
+        by_config += elo_rows(scores, baseline, seed=seed, texts=texts, **ident)
+        by_config += gain_rows(scores, baseline, "judge_gain", n_boot=n_boot, seed=seed, **ident)
     if len(proxy) >= 2 and baseline in proxy:
-        rows += gain_rows(proxy, baseline, "proxy_gain", n_boot=n_boot, seed=seed, **ident)
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+        by_config += gain_rows(proxy, baseline, "proxy_gain", n_boot=n_boot, seed=seed, **ident)
+    by_config += subset_rows(scores, texts or {}, prompt_ids, meta, baseline, n_boot=n_boot, seed=seed, **ident)
+    return pd.DataFrame(rows + _as_config_rows(sweep, by_config), columns=list(COLUMNS))
+
+
+def _as_config_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
+    """Rows computed per configuration name (in ``method``): ``config`` gets that name and ``method``
+    the configuration's method."""
+    methods = {r.config: r.method for r in sweep.runs}
+    return [{**r, "config": r["method"], "method": methods.get(r["method"], r["method"])} for r in rows]
 
 
 def _figure(out_dir: Path, name: str, draw, caption: str, missing: str) -> list:
@@ -64,20 +94,26 @@ def _table(table, missing: str) -> list:
     return [table] if table is not None else [Note(f"no table: {missing}.")]
 
 
+def _bon_block(table) -> list:
+    return [table, Para(BON_KL)] if table is not None else [Note("no table: no best-of-n points (label n=<N>).")]
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_SAMPLE_CHARS else text[:MAX_SAMPLE_CHARS] + " […]"
 
 
 def _sample_block(samples: pd.DataFrame, prompt_ids: list[int], methods: list[str]) -> list:
+    """``methods``: the configurations to show, side by side."""
     if not prompt_ids:
-        return [Note("no prompt has a judged sample from every method with usable runs.")]
-    first = samples.sort_values("seed").drop_duplicates(["method", "prompt_id"]).set_index(["method", "prompt_id"])
+        return [Note("no prompt has a judged sample from every configuration with usable runs.")]
+    first = samples.sort_values("seed").drop_duplicates(["config", "prompt_id"]).set_index(["config", "prompt_id"])
     items = [{"prompt_id": pid,
               "prompt": _clip(str(first.loc[(methods[0], pid), "prompt"])),
               "responses": {m: _clip(f"[judge {first.loc[(m, pid), 'judge_reward']:.3f}] "
                                      f"{first.loc[(m, pid), 'response']}") for m in methods}}
              for pid in sorted(prompt_ids)[:N_SAMPLE_PROMPTS]]
-    return [Para("Responses of each method's lowest usable seed to the same prompts (judge reward in brackets)."),
+    return [Para("Responses of each configuration's lowest usable seed to the same prompts (judge reward in "
+                 "brackets)."),
             Samples(methods, items)]
 
 
@@ -91,25 +127,35 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
     agg = aggregate_seeds(rows, n_boot=n_boot, seed=seed)
     samples = samples_frame(sweep)
     scores, prompt_ids = judge_scores(samples)
-    win_base = baseline
-    if scores and baseline not in scores:
+    methods = {r.config: r.method for r in sweep.runs}
+    base = baseline_config({*scores, *agg["config"]}, methods, baseline) or baseline
+    win_base = base
+    if scores and base not in scores:
         win_base = sorted(scores)[0]
         notes.append(f"baseline {baseline!r} has no usable samples; win rates and Elo are against {win_base!r}.")
     proxy, _ = judge_scores(samples, "proxy_reward")
-    derived = _derived_rows(sweep, scores, proxy, win_base, n_boot, seed)
+    meta = prompt_meta(sweep, samples)
+    derived = _derived_rows(sweep, scores, proxy, win_base, n_boot, seed,
+                            response_texts(samples, scores, prompt_ids), prompt_ids, meta)
     points = points_frame(train_points(sweep))
-    deltas = nlp_deltas(agg, baseline)
+    deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
     write_rows(out_dir / "results.csv", pd.concat([rows, derived], ignore_index=True))
 
-    shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc"))
+    shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc")) | \
+        ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate"))
     ok = len(sweep.ok_runs)
     blocks = [Heading(f"alignbench report: {sweep.name}", 1),
               Para(f"{ok} of {len(sweep.runs)} runs usable. Runs marked otherwise are left out of every number. "
-                   "All rows are in results.csv."),
+                   "A configuration is a method with its own overrides; its runs differ only by seed, and only "
+                   "they are combined. All rows are in results.csv."),
               *(Note(n) for n in notes),
               Heading("Runs"), tables.runs_table(sweep, cost),
-              Heading("Methods"), tables.method_table(sweep, cost, derived, win_base),
+              Heading("Configurations"), tables.config_table(sweep, cost, derived, agg, win_base),
+              Heading("Evaluation prompts"),
+              *_table(tables.prompt_mix_table(meta, "subset"), "the samples record no subset (runs from before it)"),
+              *_table(tables.prompt_mix_table(meta, "n_turns"), "the samples record no number of Human turns"),
+              *_table(tables.subset_table(derived, win_base), "no subsets recorded, or no judged samples"),
               Heading("Preference model"),
               *_table(tables.pm_turn_table(agg), "no PM accuracy-by-turn rows"),
               *_figure(out_dir, "pm_accuracy_by_turn.png", lambda p: plots.accuracy_by_turn(agg, p),
@@ -122,22 +168,26 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                        "PM accuracy when both scores exceed a threshold", "no PM threshold rows"),
               *_table(tables.gold_table(agg), "no gold-agreement rows (only on hh_synth)"),
               Heading("Win rates and Elo"),
-              *_table(tables.win_table(derived), "fewer than two methods with usable samples"),
-              *_table(tables.elo_table(derived), "fewer than two methods with usable samples"),
+              *_table(tables.win_table(derived), "fewer than two configurations with usable samples"),
+              *_table(tables.elo_table(derived), "fewer than two configurations with usable samples"),
               *_figure(out_dir, "win_rates.png", lambda p: plots.win_matrix(derived, p),
-                       "Win-rate matrix and Elo", "fewer than two methods with usable samples"),
+                       "Win-rate matrix and Elo", "fewer than two configurations with usable samples"),
               Heading("Reward vs sqrt(KL)"),
               *_table(tables.kl_fit_table(derived), "no train_log points"),
-              *_table(tables.bon_kl_table(derived), "no best-of-n points (label n=<N>)"),
+              *_bon_block(tables.bon_kl_table(derived)),
               *_figure(out_dir, "reward_vs_kl.png", lambda p: plots.reward_vs_kl(points, p),
                        "Proxy and judge reward vs sqrt(KL) with fitted curves", "no train_log points with KL"),
               Heading("NLP task regressions"),
-              *_table(tables.nlp_table(deltas, baseline), f"no nlp_tasks acc rows for {baseline} and another method"),
-              *_figure(out_dir, "nlp_deltas.png", lambda p: plots.nlp_deltas(deltas, baseline, p),
-                       f"NLP task accuracy minus {baseline}'s", "no NLP deltas"),
+              *_table(tables.nlp_table(deltas, base), f"no nlp_tasks acc rows for {base} and another configuration"),
+              *_figure(out_dir, "nlp_deltas.png", lambda p: plots.nlp_deltas(deltas, base, p),
+                       f"NLP task accuracy minus {base}'s", "no NLP deltas"),
               Heading("Cost vs quality"),
+              Para("wall s excludes measurement (KL and reward points along training), shown as measure s; "
+                   "FLOPs count the training, generation and PM compute charged to the run."),
               *_figure(out_dir, "cost_quality.png", lambda p: plots.cost_vs_quality(cost, p),
                        "Mean judge reward against wall time and tokens generated", "no cost or judge reward"),
+              *_figure(out_dir, "quality_flops.png", lambda p: plots.cost_vs_quality(cost, p, keys=("flops",)),
+                       "Mean judge reward against FLOPs", "no run records FLOPs (runs from before the field)"),
               Heading("Sample responses"),
               *_sample_block(samples, prompt_ids, sorted(scores)),
               Heading("Other results"),

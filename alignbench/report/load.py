@@ -20,6 +20,7 @@ class RunRecord:
     method: str
     seed: int | None
     dir: Path
+    config: str = ""  # method plus its own overrides: the report's unit (see config_of)
     state: str = "done"  # done | failed | incomplete | missing | unreadable
     error: str | None = None
     rows: pd.DataFrame | None = None
@@ -75,12 +76,24 @@ def _read(run_dir: Path, name: str):
         raise _Unreadable(f"{name}: {exc}") from exc
 
 
+def config_of(entry: dict, run_id: str, method: str, seed) -> str:
+    """The run's configuration: index.json's ``config``, else its run id without the seed part
+    (run ids are ``<method>_s<seed>[_<own overrides>][_cfg-<hash>]``, also in sweeps written before
+    the field existed), else the method."""
+    if entry.get("config"):
+        return str(entry["config"])
+    prefix = f"{method}_s{seed}"
+    return method + run_id[len(prefix):] if seed is not None and run_id.startswith(prefix) else method
+
+
 def _load_files(run: RunRecord) -> None:
     try:
         run.rows = _read(run.dir, "results.csv")
         run.train_log = _read(run.dir, "train_log.jsonl")
         run.samples = _read(run.dir, "samples.jsonl")
         run.metrics = _read(run.dir, "metrics.json")
+        if isinstance(run.metrics, dict) and run.metrics.get("config"):
+            run.config = str(run.metrics["config"])
     except _Unreadable as exc:
         run.state, run.error = "unreadable", str(exc)
 
@@ -90,7 +103,8 @@ def _load_run(sweep_dir: Path, entry: dict) -> RunRecord:
     run_dir = Path(entry.get("dir") or Path("runs") / run_id)
     run_dir = run_dir if run_dir.is_absolute() else sweep_dir / run_dir
     seed = entry.get("seed")
-    run = RunRecord(run_id, str(entry.get("method", "?")), int(seed) if seed is not None else None, run_dir)
+    method, seed = str(entry.get("method", "?")), int(seed) if seed is not None else None
+    run = RunRecord(run_id, method, seed, run_dir, config_of(entry, run_id, method, seed))
     try:
         status = _read_json(run_dir / "status.json")
     except (OSError, ValueError) as exc:

@@ -97,16 +97,18 @@ def curve_form(g: pd.DataFrame) -> str:
 
 
 def reward_vs_kl(points: pd.DataFrame, path: Path) -> Path | None:
-    """Proxy and judge reward vs sqrt(KL) per method, with fitted curves (R² in the legend)."""
+    """Proxy and judge reward vs sqrt(KL) per configuration (one panel each, its seeds pooled), with
+    fitted curves (R² in the legend)."""
     if points.empty or points["d"].isna().all():
         return None
-    methods = sorted(points["method"].dropna().unique())
+    points = points.assign(config=points["config"].fillna(points["method"]) if "config" in points else points["method"])
+    methods = sorted(points["config"].dropna().unique())
     cols = min(3, len(methods))
     rows = -(-len(methods) // cols)
     fig = Figure(figsize=(5 * cols, 4 * rows), layout="constrained")
     for i, method in enumerate(methods):
         ax = fig.add_subplot(rows, cols, i + 1)
-        g = points[points["method"] == method].dropna(subset=["d"])
+        g = points[points["config"] == method].dropna(subset=["d"])
         form = curve_form(g)
         grid = np.linspace(0, g["d"].max() if len(g) else 1, 100)
         for key, color in zip(REWARD_KEYS, ("tab:blue", "tab:red")):
@@ -129,7 +131,7 @@ def win_matrix(derived: pd.DataFrame, path: Path) -> Path | None:
     if wins.empty:
         return None
     elo = derived[(derived["evaluator"] == "win_rate") & (derived["metric"] == "elo")].sort_values("value")
-    matrix = wins.assign(vs=wins["slice"].str.removeprefix("vs:")).pivot(index="method", columns="vs",
+    matrix = wins.assign(vs=wins["slice"].str.removeprefix("vs:")).pivot(index="config", columns="vs",
                                                                           values="value")
     names = sorted(set(matrix.index) | set(matrix.columns))
     matrix = matrix.reindex(index=names, columns=names)
@@ -141,11 +143,11 @@ def win_matrix(derived: pd.DataFrame, path: Path) -> Path | None:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel="opponent", ylabel="method", title="win rate of row vs column (ties ½)")
+    ax.set(xlabel="opponent", ylabel="configuration", title="win rate of row vs column (ties ½)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     if not elo.empty:
         bx = fig.add_subplot(1, 2, 2)
-        bx.barh(elo["method"], elo["value"], xerr=_yerr(elo), capsize=3, color="tab:gray")
+        bx.barh(elo["config"], elo["value"], xerr=_yerr(elo), capsize=3, color="tab:gray")
         bx.set(xlabel="Elo (Bradley-Terry, 95% bootstrap CI)", title="Elo")
     return _save(fig, path)
 
@@ -153,12 +155,12 @@ def win_matrix(derived: pd.DataFrame, path: Path) -> Path | None:
 def nlp_deltas(deltas: pd.DataFrame, baseline: str, path: Path) -> Path | None:
     if deltas.empty:
         return None
-    tasks, methods = sorted(deltas["task"].unique()), sorted(deltas["method"].unique())
+    tasks, methods = sorted(deltas["task"].unique()), sorted(deltas["config"].unique())
     fig = Figure(figsize=(max(6, 1.2 * len(tasks) * len(methods)), 4), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
-        g = deltas[deltas["method"] == method].set_index("task").reindex(tasks)
+        g = deltas[deltas["config"] == method].set_index("task").reindex(tasks)
         err = np.vstack([(g["delta"] - g["ci_low"]).to_numpy(float), (g["ci_high"] - g["delta"]).to_numpy(float)])
         ax.bar(np.arange(len(tasks)) + i * width, g["delta"], width, yerr=np.nan_to_num(err), capsize=3,
                label=method)
@@ -169,17 +171,21 @@ def nlp_deltas(deltas: pd.DataFrame, baseline: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def cost_vs_quality(cost: pd.DataFrame, path: Path) -> Path | None:
-    axes_keys = [k for k in ("wall_s", "tokens_generated") if cost[k].notna().any()]
+def cost_vs_quality(cost: pd.DataFrame, path: Path, keys=("wall_s", "tokens_generated")) -> Path | None:
+    """Each run's mean judge reward against each cost in ``keys`` present in any run (one colour
+    per configuration); None when no run records any of them."""
+    axes_keys = [k for k in keys if cost[k].notna().any()]
     if not axes_keys or cost["judge_reward"].isna().all():
         return None
     fig = Figure(figsize=(5 * len(axes_keys), 4), layout="constrained")
     for i, key in enumerate(axes_keys):
         ax = fig.add_subplot(1, len(axes_keys), i + 1)
-        for method, g in cost.dropna(subset=[key, "judge_reward"]).groupby("method", sort=True):
+        for method, g in cost.dropna(subset=[key, "judge_reward"]).groupby("config", sort=True):
             ax.errorbar(g[key], g["judge_reward"], yerr=_yerr(g.rename(columns={"judge_reward": "value"})),
                         marker="o", ls="none", capsize=3, label=method)
-        name = key.replace("_", " ")
+        name = "FLOPs" if key == "flops" else key.replace("_", " ")
+        if key == "flops":
+            ax.set_xscale("log")  # FLOPs of inference-time and trained methods differ by orders of magnitude
         ax.set(xlabel=name, ylabel="mean judge reward (95% CI)", title=f"quality vs {name}")
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -1,9 +1,12 @@
-"""A report is a list of blocks; this module writes it as Markdown and as self-contained HTML.
+r"""A report is a list of blocks; this module writes it as Markdown and as self-contained HTML.
 
 Every string in a block may come from data, models or configs, so both renderers escape all of it:
-HTML through ``html.escape``; Markdown table cells and paragraphs through ``html.escape`` plus
-``|`` escaping, free text (prompts, responses) inside code fences longer than any backtick run in
-the text. The HTML has no script and no external resource: images are base64 data URIs.
+HTML through ``html.escape``; Markdown headings, paragraphs, notes and table cells through
+``html.escape`` plus a backslash before the Markdown characters that could open a link, an image,
+code or emphasis or split a table cell (``\ ` * [ ] |``); free text (prompts, responses) as
+``html.escape``d text in a ``<pre>`` block, which Markdown passes through as HTML, so it shows
+verbatim and nothing in it is markup. The HTML has no script and no external resource: images are
+base64 data URIs.
 """
 from __future__ import annotations
 
@@ -60,13 +63,18 @@ th{background:#f3f3f3}.note{background:#fff6dd;border-left:4px solid #e0b000;pad
 img{max-width:100%}pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:90%}"""
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|])")
+
+
 def _md_text(text) -> str:
-    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(" ".join(str(text).split()), quote=False))
 
 
-def _fence(text: str) -> str:
-    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
-    return f"{ticks}text\n{text}\n{ticks}"
+def _pre(text: str) -> str:
+    """Free text as a Markdown HTML block: escaped, so it renders verbatim and inert. Blank lines
+    would end the block in some renderers, so they keep a non-breaking space."""
+    lines = [line if line.strip() else "&#160;" for line in html.escape(text, quote=False).split("\n")]
+    return "<pre>\n" + "\n".join(lines) + "\n</pre>"
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -87,8 +95,8 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append(f"![{_md_text(b.caption)}]({b.path.name})")
         elif isinstance(b, Samples):
             for item in b.items:
-                out.append(f"**Prompt {_md_text(item['prompt_id'])}**\n\n" + _fence(item["prompt"]))
-                out += [f"*{_md_text(m)}*\n\n" + _fence(item["responses"].get(m, "(none)")) for m in b.methods]
+                out.append(f"**Prompt {_md_text(item['prompt_id'])}**\n\n" + _pre(item["prompt"]))
+                out += [f"*{_md_text(m)}*\n\n" + _pre(item["responses"].get(m, "(none)")) for m in b.methods]
     return "\n\n".join(out) + "\n"
 
 

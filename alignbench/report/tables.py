@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL, TURN_BUCKETS
+from alignbench.eval.stats import seed_interval
 from alignbench.report.load import Sweep
 from alignbench.report.render import Table
 
@@ -38,33 +39,87 @@ def runs_table(sweep: Sweep, cost: pd.DataFrame) -> Table:
     rows = []
     for r in sweep.runs:
         c = by_run.loc[r.run_id].to_dict() if r.run_id in by_run.index else {}
-        rows.append([r.run_id, r.method, fmt_n(r.seed), r.mark,
+        rows.append([r.run_id, r.config, r.method, fmt_n(r.seed), r.mark,
                      fmt_ci(c.get("judge_reward"), c.get("ci_low"), c.get("ci_high")),
-                     fmt(c.get("wall_s"), 1), fmt(c.get("tokens_generated"))])
-    return Table(["run", "method", "seed", "status", "judge reward (mean [95% CI])", "wall s", "tokens generated"],
-                 rows)
+                     fmt(c.get("wall_s"), 1), fmt(c.get("measure_s"), 1), fmt_flops(c.get("flops")),
+                     fmt(c.get("tokens_generated"))])
+    return Table(["run", "configuration", "method", "seed", "status", "judge reward (mean [95% CI])", "wall s",
+                  "measure s", "FLOPs", "tokens generated"], rows)
 
 
-def method_table(sweep: Sweep, cost: pd.DataFrame, derived: pd.DataFrame, baseline: str) -> Table:
+def fmt_flops(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{float(value):.3g}"
+
+
+def fmt_seeds(values) -> str:
+    """Mean over a configuration's seeds with its interval (``seed_interval``) and range."""
+    x = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna().to_numpy(float)
+    if x.size == 0:
+        return "–"
+    if x.size == 1:
+        return f"{fmt(x[0])} (1 run)"
+    value, lo, hi, label = seed_interval(x)
+    return f"{fmt_ci(value, lo, hi)} {label}, range {fmt(x.min())}–{fmt(x.max())}"
+
+
+def _truncation(agg: pd.DataFrame, cost: pd.DataFrame, config: str) -> str:
+    """From the policy rows' ``truncation_rate`` (mean over seeds), else the samples' ``finished``."""
+    rows = select(agg, "policy", "truncation_rate")
+    rows = rows[rows["config"] == config]
+    if not rows.empty:
+        return fmt(rows["value"].iloc[0])
+    return fmt(cost.loc[cost["config"] == config, "truncation_rate"].mean())
+
+
+def config_table(sweep: Sweep, cost: pd.DataFrame, derived: pd.DataFrame, agg: pd.DataFrame,
+                 baseline: str) -> Table:
+    """One row per configuration: its seeds combined, never other configurations of its method."""
     wins = select(derived, "win_rate", "win_rate")
-    wins = wins[wins["slice"] == f"vs:{baseline}"].set_index("method")
-    elo = select(derived, "win_rate", "elo").set_index("method")
-    gains = {m: select(derived, "gain", m).set_index("method") for m in ("proxy_gain", "judge_gain")}
+    wins = wins[wins["slice"] == f"vs:{baseline}"].set_index("config")
+    elo = select(derived, "win_rate", "elo").set_index("config")
+    gains = {m: select(derived, "gain", m).set_index("config") for m in ("proxy_gain", "judge_gain")}
     rows = []
-    for method in sorted({r.method for r in sweep.runs}):
-        runs = [r for r in sweep.runs if r.method == method]
-        c = cost[cost["method"] == method]
-        w = wins.loc[method] if method in wins.index else {}
-        e = elo.loc[method] if method in elo.index else {}
-        g = {k: (v.loc[method] if method in v.index else {}) for k, v in gains.items()}
-        rows.append([method, f"{sum(r.ok for r in runs)}/{len(runs)}", fmt(c["judge_reward"].mean()),
+    for config in sorted({r.config for r in sweep.runs}):
+        runs = [r for r in sweep.runs if r.config == config]
+        c = cost[cost["config"] == config]
+        w = wins.loc[config] if config in wins.index else {}
+        e = elo.loc[config] if config in elo.index else {}
+        g = {k: (v.loc[config] if config in v.index else {}) for k, v in gains.items()}
+        rows.append([config, runs[0].method, f"{sum(r.ok for r in runs)}/{len(runs)}", fmt_seeds(c["judge_reward"]),
                      *[fmt_ci(g[k].get("value"), g[k].get("ci_low"), g[k].get("ci_high")) for k in gains],
                      fmt_ci(w.get("value"), w.get("ci_low"), w.get("ci_high")),
-                     fmt_ci(e.get("value"), e.get("ci_low"), e.get("ci_high"), 1),
-                     fmt(c["wall_s"].mean(), 1), fmt(c["tokens_generated"].mean())])
-    return Table(["method", "runs usable", "judge reward (mean over seeds)", f"proxy gain vs {baseline}",
-                  f"judge gain vs {baseline}", f"win rate vs {baseline}",
-                  "Elo (baseline 0)", "wall s (mean)", "tokens generated (mean)"], rows)
+                     fmt_ci(e.get("value"), e.get("ci_low"), e.get("ci_high"), 1), _truncation(agg, cost, config),
+                     fmt(c["wall_s"].mean(), 1), fmt(c["measure_s"].mean(), 1), fmt_flops(c["flops"].mean()),
+                     fmt(c["tokens_generated"].mean())])
+    return Table(["configuration", "method", "runs usable", "judge reward (mean over seeds [95% CI])",
+                  f"proxy gain vs {baseline}", f"judge gain vs {baseline}", f"win rate vs {baseline}",
+                  "Elo (baseline 0)", "truncation rate", "wall s (mean)", "measure s (mean)", "FLOPs (mean)",
+                  "tokens generated (mean)"], rows)
+
+
+def prompt_mix_table(meta: pd.DataFrame, column: str) -> Table | None:
+    """How many evaluation prompts each subset (or number of Human turns) contributes."""
+    if meta.empty or column not in meta or meta[column].isna().all():
+        return None
+    counts = meta[column].dropna().value_counts().sort_index()
+    name = {"subset": "subset", "n_turns": "Human turns"}.get(column, column)
+    return Table([f"evaluation prompts by {name}", "prompts", "share"],
+                 [[str(k), str(int(v)), fmt(v / counts.sum())] for k, v in counts.items()])
+
+
+def subset_table(derived: pd.DataFrame, baseline: str) -> Table | None:
+    """Judge reward and win rate against the baseline per subset group and configuration."""
+    judge = select(derived, "judge_by_subset", "judge_reward")
+    if judge.empty:
+        return None
+    wins = select(derived, "win_rate_by_subset", "win_rate").set_index(["config", "slice"])
+    rows = []
+    for r in judge.sort_values(["slice", "config"]).itertuples():
+        key = (r.config, f"{r.slice}|vs:{baseline}")
+        w = wins.loc[key] if key in wins.index else {}
+        rows.append([r.slice, r.config, fmt_n(r.n), fmt_ci(r.value, r.ci_low, r.ci_high),
+                     fmt_ci(w.get("value"), w.get("ci_low"), w.get("ci_high"))])
+    return Table(["subset", "configuration", "prompts", "judge reward [95% CI]", f"win rate vs {baseline}"], rows)
 
 
 def pm_turn_table(agg: pd.DataFrame) -> Table | None:
@@ -117,7 +172,7 @@ def win_table(derived: pd.DataFrame) -> Table | None:
     part = select(derived, "win_rate")
     if part.empty:
         return None
-    wide = part[part["metric"] != "elo"].set_index(["method", "slice", "metric"])
+    wide = part[part["metric"] != "elo"].set_index(["config", "slice", "metric"])
     rows = []
     for (method, vs), g in wide.groupby(level=[0, 1], sort=True):
         g = g.droplevel([0, 1])
@@ -125,7 +180,7 @@ def win_table(derived: pd.DataFrame) -> Table | None:
         rows.append([method, vs.removeprefix("vs:"), fmt_ci(w["value"], w["ci_low"], w["ci_high"]),
                      fmt_ci(d["value"], d["ci_low"], d["ci_high"]), f"{fmt_n(d['n'])}/{fmt_n(w['n'])}",
                      fmt(t["value"])])
-    return Table(["method", "vs", "win rate, ties ½ [bootstrap 95% CI]", "decisive win rate [exact 95% CI]",
+    return Table(["configuration", "vs", "win rate, ties ½ [bootstrap 95% CI]", "decisive win rate [exact 95% CI]",
                   "decisive/prompts", "tie rate"], rows)
 
 
@@ -133,9 +188,9 @@ def elo_table(derived: pd.DataFrame) -> Table | None:
     part = select(derived, "win_rate", "elo")
     if part.empty:
         return None
-    rows = [[r.method, fmt_ci(r.value, r.ci_low, r.ci_high, 1), fmt_n(r.n)]
+    rows = [[r.config, fmt_ci(r.value, r.ci_low, r.ci_high, 1), fmt_n(r.n)]
             for r in part.sort_values("value", ascending=False).itertuples()]
-    return Table(["method", "Elo [bootstrap 95% CI]", "prompts"], rows)
+    return Table(["configuration", "Elo [bootstrap 95% CI]", "prompts"], rows)
 
 
 def kl_fit_table(derived: pd.DataFrame) -> Table | None:
@@ -145,37 +200,39 @@ def kl_fit_table(derived: pd.DataFrame) -> Table | None:
         return None
     part = part.assign(form=part["metric"].str.split(".").str[0], param=part["metric"].str.split(".").str[1])
     rows = []
-    for (method, reward, form), g in part.groupby(["method", "slice", "form"], sort=True):
+    for (config, reward, form), g in part.groupby(["config", "slice", "form"], sort=True):
         values = dict(zip(g["param"], g["value"]))
         params = ", ".join(f"{k}={fmt(v)}" for k, v in values.items() if k != "r2")
-        rows.append([method, reward, form, params, fmt(values.get("r2")), fmt_n(g["n"].iloc[0])])
-    return Table(["method", "reward", "form", "parameters", "R²", "points"], rows)
+        rows.append([config, reward, form, params, fmt(values.get("r2")), fmt_n(g["n"].iloc[0])])
+    return Table(["configuration", "reward", "form", "parameters", "R²", "points"], rows)
 
 
 def bon_kl_table(derived: pd.DataFrame) -> Table | None:
     part = select(derived, "kl_reward")
     if not (part["metric"] == "kl_best_of_n").any():
         return None
-    theory = part[part["metric"] == "kl_best_of_n_theory"].set_index(["method", "slice"])["value"]
+    bound = part[part["metric"] == "kl_best_of_n_bound"].set_index(["config", "slice"])["value"]
     measured = part[part["metric"] == "kl_best_of_n"]
-    measured = measured.assign(k=measured["slice"].str.removeprefix("n=").astype(int)).sort_values(["method", "k"])
-    rows = [[r.method, r.slice, fmt(r.value, 4), fmt(theory.get((r.method, r.slice)), 4), fmt_n(r.n)]
+    measured = measured.assign(k=measured["slice"].str.removeprefix("n=").astype(int)).sort_values(["config", "k"])
+    rows = [[r.config, r.slice, fmt(r.value, 4), fmt(bound.get((r.config, r.slice)), 4), fmt_n(r.n)]
             for r in measured.itertuples()]
-    return Table(["method", "n", "measured KL", "log n − (n−1)/n", "points"], rows)
+    return Table(["configuration", "n", "measured KL (plug-in, biased low)", "log n − (n−1)/n (upper bound)",
+                  "points"], rows)
 
 
 def nlp_table(deltas: pd.DataFrame, baseline: str) -> Table | None:
     if deltas.empty:
         return None
-    rows = [[r.method, r.task, fmt(r.acc), fmt(r.baseline_acc), fmt_ci(r.delta, r.ci_low, r.ci_high)]
-            for r in deltas.sort_values(["task", "method"]).itertuples()]
-    return Table(["method", "task", "acc", f"acc of {baseline}", "Δ acc [95% CI]"], rows)
+    rows = [[r.config, r.task, fmt(r.acc), fmt(r.baseline_acc), fmt_ci(r.delta, r.ci_low, r.ci_high)]
+            for r in deltas.sort_values(["task", "config"]).itertuples()]
+    return Table(["configuration", "task", "acc", f"acc of {baseline}", "Δ acc [95% CI]"], rows)
 
 
 def other_rows_table(part: pd.DataFrame) -> Table | None:
     """Aggregated rows no other table shows, so no result is hidden."""
     if part.empty:
         return None
-    rows = [[r.method, r.evaluator, r.metric, r.slice, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n),
-             f"{r.n_seeds} ({r.interval})"] for r in part.itertuples()]
-    return Table(["method", "evaluator", "metric", "slice", "value [95% CI]", "n", "runs (interval)"], rows)
+    rows = [[r.config, r.evaluator, r.metric, r.slice, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n),
+             f"{r.n_seeds} ({r.interval})" + (f", range {fmt(r.range_low)}–{fmt(r.range_high)}" if r.n_seeds > 1 else "")]
+            for r in part.itertuples()]
+    return Table(["configuration", "evaluator", "metric", "slice", "value [95% CI]", "n", "runs (interval)"], rows)
