@@ -154,6 +154,24 @@ def test_win_rates_tie_eps_and_nan():
     assert w["n"] == 2 and w["value"] == 0.75  # one tie (within eps), one win; the NaN prompt dropped
 
 
+def test_identical_texts_tie_whatever_their_scores():
+    """Scores 1e-7 apart (batch-padding noise on the same text): with the texts, every prompt ties;
+    a different text still wins on its score; an unknown text (None) falls back to the score."""
+    a, b = [0.5] * 4, [0.5 + 1e-7] * 4
+    texts = {"a": ["x", "y", "z", "w"], "b": ["x", "y", "z", "w"]}
+    rows = win_rate.win_rates({"a": a, "b": b}, "a", texts=texts)
+    assert by(rows, method="b", metric="tie_rate")["value"] == 1.0
+    assert by(rows, method="b", metric="win_rate")["value"] == 0.5
+    assert by(win_rate.win_rates({"a": a, "b": b}, "a"), method="b", metric="tie_rate")["value"] == 0.0
+    mixed = {"a": ["x", "y", None, "w"], "b": ["x", "other", None, "w"]}
+    assert by(win_rate.win_rates({"a": a, "b": b}, "a", texts=mixed), method="b", metric="win_rate")["value"] == 0.75
+    assert win_rate.pairwise_counts({"a": a, "b": b}, texts=texts) == [("a", "b", 0, 0, 4)]
+    elo = {r["method"]: r["value"] for r in win_rate.elo_rows({"a": a, "b": b}, "a", n_boot=20, texts=texts)}
+    assert elo["b"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="texts"):
+        win_rate.win_rates({"a": a, "b": b}, "a", texts={"a": ["x"], "b": ["x"] * 4})
+
+
 def test_win_rates_unequal_lengths_rejected():
     with pytest.raises(ValueError):
         win_rate.win_rates({"a": [1, 2], "b": [1]}, "a")
