@@ -7,6 +7,7 @@ DONE is skipped; one that fails records the error and leaves the rest of the swe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 def _id_parts(cfg: Config, overrides: Optional[list[str]]) -> tuple[list[str], str]:
     """The method's own overrides (sorted) and a hash suffix for any other override (paths and the
     experiment preset, which already name the sweep directory, excepted; the seed is not here)."""
-    import hashlib
     rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|experiment|paths\.[\w.]+)=", o)]
     own = sorted(o for o in rest if o.startswith("method."))
     other = sorted(o for o in rest if not o.startswith("method."))

@@ -31,6 +31,10 @@ def test_baseline_run_writes_a_complete_run_directory(tiny_overrides, tmp_path):
     assert len(with_ci) > 10 and (with_ci.ci_low <= with_ci.value).all() and (with_ci.value <= with_ci.ci_high).all()
     index = json.loads((tmp_path / "sweep" / "index.json").read_text())
     assert index["runs"][0]["status"] == "done" and metrics["cost"]["tokens_trained"] == 0
+    # the configuration (run id without its seed) is in every output the report groups by
+    assert metrics["config"] == index["runs"][0]["config"] == "context_distilled"
+    assert {s["config"] for s in samples} == {"context_distilled"}
+    assert set(rows[rows.run == "context_distilled_s0"].config) == {"context_distilled"}
     # a re-run of a complete job is skipped, results untouched
     before = (run / "results.csv").read_text()
     run_job(compose(tiny_overrides + ["method=context_distilled"]), ["method=context_distilled"])

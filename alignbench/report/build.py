@@ -39,9 +39,9 @@ INTERVALS = [
     "with a percentile bootstrap over prompts.",
     "Across seeds (only seeds of one configuration are ever combined): the mean of the runs' values; with "
     f"{MIN_SEEDS_BOOTSTRAP} or more seeds a percentile bootstrap over the seed values (\"bootstrap(n=N)\"), "
-    f"with 2-{MIN_SEEDS_BOOTSTRAP - 1} seeds a Student-t interval mean ± t(0.975, N−1)·s/√N over the N seeds "
-    "(\"t(n=N)\"; wide on purpose: a few seeds say little), shown with the range (min–max) of the seeds; a "
-    "metric from one run keeps that run's own interval (\"run\").",
+    f"with 2-{MIN_SEEDS_BOOTSTRAP - 1} seeds a Student-t interval mean ± t(0.975, N−1)·s/√N (\"t(n=N)\": "
+    "t-interval over N seeds; wide on purpose, a few seeds say little), shown with the range (min–max) of the "
+    "seeds; a metric from one run keeps that run's own interval (\"run\").",
     "Mean judge reward of a run or of a subset of prompts: percentile bootstrap over prompts.",
     "Gain over the baseline (proxy or judge reward): mean per-prompt difference on the same prompts, "
     "paired percentile bootstrap over prompts.",
@@ -72,7 +72,8 @@ def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot
         by_config += gain_rows(scores, baseline, "judge_gain", n_boot=n_boot, seed=seed, **ident)
     if len(proxy) >= 2 and baseline in proxy:
         by_config += gain_rows(proxy, baseline, "proxy_gain", n_boot=n_boot, seed=seed, **ident)
-    by_config += subset_rows(scores, texts or {}, prompt_ids, meta, baseline, n_boot=n_boot, seed=seed, **ident)
+    by_config += subset_rows(scores, texts or {}, prompt_ids, meta=meta, baseline=baseline, n_boot=n_boot, seed=seed,
+                             **ident)
     return pd.DataFrame(rows + _as_config_rows(sweep, by_config), columns=list(COLUMNS))
 
 
@@ -135,8 +136,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
         notes.append(f"baseline {baseline!r} has no usable samples; win rates and Elo are against {win_base!r}.")
     proxy, _ = judge_scores(samples, "proxy_reward")
     meta = prompt_meta(sweep, samples)
-    derived = _derived_rows(sweep, scores, proxy, win_base, n_boot, seed,
-                            response_texts(samples, scores, prompt_ids), prompt_ids, meta)
+    derived = _derived_rows(sweep, scores, proxy, baseline=win_base, n_boot=n_boot, seed=seed,
+                            texts=response_texts(samples, scores, prompt_ids), prompt_ids=prompt_ids, meta=meta)
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
@@ -151,7 +152,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                    "they are combined. All rows are in results.csv."),
               *(Note(n) for n in notes),
               Heading("Runs"), tables.runs_table(sweep, cost),
-              Heading("Configurations"), tables.config_table(sweep, cost, derived, agg, win_base),
+              Heading("Configurations"), tables.config_table(sweep, cost, derived, agg=agg, baseline=win_base),
               Heading("Evaluation prompts"),
               *_table(tables.prompt_mix_table(meta, "subset"), "the samples record no subset (runs from before it)"),
               *_table(tables.prompt_mix_table(meta, "n_turns"), "the samples record no number of Human turns"),

@@ -104,7 +104,7 @@ def _load_run(sweep_dir: Path, entry: dict) -> RunRecord:
     run_dir = run_dir if run_dir.is_absolute() else sweep_dir / run_dir
     seed = entry.get("seed")
     method, seed = str(entry.get("method", "?")), int(seed) if seed is not None else None
-    run = RunRecord(run_id, method, seed, run_dir, config_of(entry, run_id, method, seed))
+    run = RunRecord(run_id=run_id, method=method, seed=seed, dir=run_dir, config=config_of(entry, run_id, method, seed))
     try:
         status = _read_json(run_dir / "status.json")
     except (OSError, ValueError) as exc:
