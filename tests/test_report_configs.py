@@ -5,6 +5,7 @@ in report.md, and the evaluation-prompt mix, per-subset results, truncation rate
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -193,3 +194,14 @@ def test_views_note_absent_fields(tmp_path):
     assert "no table: the samples record no subset" in md
     assert "Mean judge reward against FLOPs: skipped" in md
     assert not (tmp_path / "out" / "quality_flops.png").exists()
+
+
+def test_best_of_n_kl_is_shown_against_its_upper_bound(tmp_path):
+    sweep = _two_configs(tmp_path)
+    log = [dict(step=k, label=f"n={k}", kl_estimate=est, kl_bound=math.log(k) - (k - 1) / k, proxy_reward=0.1 * k,
+                judge_reward=0.05 * k) for k, est in ((1, 0.0), (2, 0.15), (4, 0.5))]
+    (sweep / "runs" / "ppo_s0" / "train_log.jsonl").write_text("".join(json.dumps(p) + "\n" for p in log))
+    md = build_report(sweep, tmp_path / "out", n_boot=100).read_text()
+    assert "| configuration | n | measured KL (plug-in, biased low) | log n − (n−1)/n (upper bound) | points |" in md
+    assert "| ppo | n=4 | 0.5000 | 0.6363 | 1 |" in md
+    assert "is an upper bound on KL(best-of-n ‖ π0)" in md and "−0.035 (m = 64)" in md
