@@ -1,4 +1,4 @@
-"""Rejection sampling: the selection rule, the best-of-n KL (formula and sample estimator), config
+"""Rejection sampling: the selection rule, the best-of-n KL (upper bound, exact law, plug-in estimator), config
 errors, and smoke runs of both modes through the real pipeline on the tiny fixture."""
 from __future__ import annotations
 
