@@ -1,6 +1,7 @@
 """Every method's policy trains without dropout (in train mode), and π0's teacher sees the HHH
 prompt and the dialogue separated by exactly one blank line."""
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from alignbench.config import Config, ModelConfig, Pi0StageConfig
 from alignbench.context import RunContext
 from alignbench.data import load_data
-from alignbench.models import load_lm, tiny_lm, train_tokenizer
+from alignbench.methods import Budget, method_config
+from alignbench.models import load_lm, load_tokenizer, tiny_lm, train_tokenizer
 from alignbench.stages import distill
 from alignbench.stages.base import dialogue_corpus
 
@@ -51,6 +53,45 @@ def test_the_policy_every_method_gets_trains_without_dropout(tmp_path, build):
     policy.save_pretrained(tmp_path / "saved")  # a saved policy reloads without dropout too
     again = context_with_pi0(tmp_path / "saved", tmp_path).policy()
     assert torch.equal(again(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+class FakePM:
+    """A deterministic stand-in for the proxy PM (the reward's value is not what is tested)."""
+    calls = 0
+
+    def score(self, prompts, responses):
+        return torch.tensor([float(len(r) % 3) for r in responses])
+
+
+def test_ppo_trains_in_train_mode_with_first_ratios_exactly_one(tmp_path, monkeypatch):
+    from alignbench_methods.ppo import PPO, ActorCritic
+    texts = dialogue_corpus(load_data(Config().data).train[:40])
+    tok = train_tokenizer(texts, 300)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5,
+                               embd_pdrop=0.5, attn_pdrop=0.5, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "pi0")
+    tok.save_pretrained(tmp_path / "pi0")
+    modes = []
+    forward = ActorCritic.forward
+
+    def spy(self, input_ids, attention_mask):
+        modes.append(self.policy.training)
+        return forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(ActorCritic, "forward", spy)
+    cfg = Config()
+    cfg.train.max_new_tokens = 8
+    prompts = [t[: t.index("Assistant:") + len("Assistant:")] for t in texts[:8]]
+    ctx = context_with_pi0(tmp_path / "pi0", tmp_path)
+    ctx.cfg, ctx.tokenizer, ctx.stages.pi0.record["max_len"] = cfg, load_tokenizer(tmp_path / "pi0"), 64
+    ctx.train_prompts, ctx.eval_prompts, ctx.pm, ctx.budget = prompts, prompts[:2], FakePM(), Budget()
+    ctx.judge = lambda ps, rs: [0.0] * len(ps)
+    ctx.method_cfg = method_config(PPO, {"name": "ppo", "steps": 1, "rollout_batch_size": 4, "ppo_epochs": 1,
+                                         "batch_size": 4, "eval_every": 1})
+    PPO().train(ctx)
+    assert modes == [True]  # one minibatch, in train mode
+    point = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()][-1]
+    assert point["approx_kl"] == 0.0  # the rollout's own samples: ratio exactly 1, dropout or not
 
 
 class Recorder(torch.nn.Module):
