@@ -27,7 +27,7 @@ ACCESS_RULES = "conversation-halves-v2"
 
 
 def judge_kind(cfg: Config) -> str:
-    """"gold" (hh_synth's reward) or "test_pm" (a PM trained on half "b")."""
+    """The judge: "gold" (hh_synth's reward) or "test_pm" (a PM trained on half "b")."""
     if cfg.eval.judge != "auto":
         if cfg.eval.judge == "gold" and cfg.data.name != "hh_synth":
             raise ConfigError("eval.judge: 'gold' exists only for data=hh_synth; use test_pm or auto")
