@@ -19,7 +19,7 @@ from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
 from alignbench.methods import Budget, Cost
-from alignbench.models import load_lm
+from alignbench.models import disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer
@@ -53,9 +53,9 @@ class RunContext:
     stages: SharedStages
     tokenizer: Any
     device: torch.device
-    train_prompts: list[str]
+    train_prompts: list[str]  # distinct prompts of ``pairs``
     eval_prompts: list[str]
-    pairs: list  # training PreferencePairs (prompt, chosen, rejected)
+    pairs: list  # the PreferencePairs a method may consume (alignbench.stages.access.method_pairs)
     pm: PMScorer
     judge: Callable[[list[str], list[str]], list[float]]
     judge_name: str
@@ -63,6 +63,7 @@ class RunContext:
     budget: Budget
     cost: Cost = field(default_factory=Cost)
     dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
+    eval_meta: list = field(default_factory=list)  # {"subset", "n_turns"} per eval prompt
     _reference: Any = None
     _synced: tuple = (0, 0)  # (tokens_generated, pm_calls) already merged over processes
 
@@ -95,8 +96,10 @@ class RunContext:
         return self._reference
 
     def load(self, path) -> torch.nn.Module:
-        """An LM on this run's device, under bf16 autocast when train.precision=bf16."""
-        return autocast_forward(load_lm(path).to(self.device), self.cfg.train.precision, self.device)
+        """An LM on this run's device, under bf16 autocast when train.precision=bf16, with dropout
+        off: every method trains in train mode and computes the same function as in eval mode
+        (PPO's first-epoch ratios are exactly 1 on the samples it just drew; TRL does the same)."""
+        return autocast_forward(disable_dropout(load_lm(path)).to(self.device), self.cfg.train.precision, self.device)
 
     def for_training(self, policy: torch.nn.Module) -> torch.nn.Module:
         """The module to run training forwards through: DDP-wrapped when launched multi-process

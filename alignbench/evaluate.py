@@ -1,6 +1,7 @@
 """Wiring between the shared stages, a method run and the evaluators:
 
-- ``build_context``: the RunContext every method receives (same π0, PM, prompts, judge, budget);
+- ``build_context``: the RunContext every method receives (same π0, PM, prompts, judge, budget;
+  only the data ``alignbench.stages.access`` lets a method see);
 - ``final_evaluation``: the trained policy on the fixed held-out prompts -> samples.jsonl,
   metrics.json and the run's tidy rows in results.csv (PM evaluation rows included, so the sweep
   directory alone reproduces the report).
@@ -17,20 +18,18 @@ import numpy as np
 from alignbench.config import Config
 from alignbench.context import EVAL_SEED_OFFSET, RunContext
 from alignbench.data import load_data
+from alignbench.data.splits import prompt_mix
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
 from alignbench.methods import Budget, PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import sample
-from alignbench.stages.graph import build_shared_stages, judge_kind
+from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
+from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.preference import PMScorer
 
 log = logging.getLogger(__name__)
-
-
-def unique_prompts(pairs) -> list[str]:
-    return list(dict.fromkeys(p.prompt for p in pairs))
 
 
 def make_judge(cfg: Config, stages, device):
@@ -48,11 +47,12 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     data = load_data(cfg.data)
     device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
     judge, judge_name = make_judge(cfg, stages, device)
+    prompts, meta = eval_prompts(cfg, data)
     b = cfg.budget
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=load_tokenizer(stages.pi0.path), device=device,
-        train_prompts=unique_prompts(data.train), eval_prompts=unique_prompts(data.test)[: cfg.eval.n_prompts],
-        pairs=data.train, pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
+        train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
+        pairs=method_pairs(cfg, data), pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
         judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds),
         dist=dist)
 
@@ -75,9 +75,10 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     point = ctx.log_point(-1, model=model, responses=responses, label="final", scores=(proxy, judge),
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
-        for i, (p, r, s, j) in enumerate(zip(prompts, responses, proxy, judge)):
+        meta = ctx.eval_meta or [{}] * len(prompts)  # a context built without it (by hand) still writes rows
+        for i, (p, r, s, j, m) in enumerate(zip(prompts, responses, proxy, judge, meta)):
             f.write(json.dumps({"prompt_id": i, "config": config_id, "prompt": p, "response": r, "proxy_reward": s,
-                                "judge_reward": j, "judge": ctx.judge_name}) + "\n")
+                                "judge_reward": j, "judge": ctx.judge_name, **m}) + "\n")
     ident = dict(sweep=Path(cfg.paths.sweep_dir).name, run=ctx.out_dir.name, method=cfg.method["name"],
                  config=config_id, seed=cfg.seed)
     rows = []
@@ -95,7 +96,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
-               "judge": ctx.judge_name,
+               "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics

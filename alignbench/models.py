@@ -115,6 +115,24 @@ def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere, in place, as TRL does for its policies: every ``nn.Dropout`` gets
+    p = 0, and so does every float dropout attribute of a module (Llama-style attention reads
+    ``self.attention_dropout`` in train mode) and of the config (``*dropout*``, ``*_pdrop``), so
+    train and eval mode compute the same function and a saved copy reloads without dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in (config.to_dict() if config is not None else {}).items():
+        if ("dropout" in name or name.endswith("_pdrop")) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return model
+
+
 def load_pm(path: str | Path) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
 

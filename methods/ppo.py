@@ -277,10 +277,9 @@ class PPO(Method):
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: PPOConfig = ctx.method_cfg
+        # In train mode like every method; ctx.load turns dropout off (else the first PPO epoch
+        # would see ratios ≠ 1 on the very samples it just drew).
         policy, reference = ctx.policy(), ctx.reference()
-        # Dropout off throughout (eval mode still trains): with dropout the first PPO epoch would
-        # see ratios ≠ 1 on the very samples it just drew. The tiny Llama has none anyway.
-        policy.eval()
         # The value head is a scalar Linear on the policy's final hidden states (a shared trunk,
         # like TRL's classic PPOTrainer and CleanRL's Atari agent) rather than a separate critic
         # initialised from π0: one forward pass gives log-probs and values, half the compute and
@@ -326,7 +325,8 @@ class PPO(Method):
                    else [rng.randrange(n_prompts) for _ in range(cfg.rollout_batch_size)])
             roll = collect_rollout(ctx, policy, value_head, reference, [ctx.train_prompts[i] for i in ctx.dist.shard(idx)],
                                    ctx.dist.seed(rng.randrange(2 ** 31)), cfg, kl_coef, local_mb)
-            # 2. K epochs of minibatch updates on it
+            # 2. K epochs of minibatch updates on it (sampling left the policy in eval mode)
+            policy.train()
             stats: dict[str, list[float]] = {}
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(len(roll.scores), generator=shuffle)

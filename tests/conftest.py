@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# The offline data sits in ../shared beside the repo; a git worktree elsewhere uses the nearest
+# shared/ folder among its parents.
+SHARED = next((d / "shared" for d in REPO.parents if (d / "shared" / "data").is_dir()), REPO.parent / "shared")
 
 # Small enough for seconds on 2 CPU cores, large enough that training visibly moves the metrics.
 TINY = [

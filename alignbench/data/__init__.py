@@ -1,6 +1,7 @@
 """Data layer: every source yields PreferencePair records, split by a seeded, prompt-keyed hash.
 
-``load_data(cfg.data)`` is the one entry point the stages, methods and CLI use.
+``load_data(cfg.data)`` is the one entry point the stages and CLI use; methods get only their share
+of it through the run context (``alignbench.stages.access`` decides who sees what).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Deterministic train/eval/test splits of preference pairs, and a JSON-able summary of the data.
+"""Deterministic train/eval/test splits of preference pairs, the PM halves of the training split,
+the stratified evaluation-prompt sample, and a JSON-able summary of the data.
 
 A pair's split is a pure function of (seed, conversation key, fractions): it never depends on the
 other pairs, so adding or removing pairs moves nobody else. The key groups pairs that would leak
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import Counter
-from typing import Mapping, Sequence
+from collections import Counter, defaultdict
+from typing import Iterable, Mapping, Sequence
 
 from alignbench.data.types import BAD_ROW_REASONS, PreferencePair, RejectedRow
 
@@ -90,12 +91,72 @@ def split_pairs(
     return out
 
 
+PM_PARTS = ("all", "a", "b")
+
+
+def pm_half(pairs: Sequence[PreferencePair], part: str, seed: int) -> list[PreferencePair]:
+    """The training comparisons of one PM: ``"all"``, or half ``"a"`` (the proxy PM methods optimise)
+    or ``"b"`` (the test PM that judges them; Bai et al. 2022 §4.2).
+
+    A pair is in half "a" iff u < 1/2 with u = blake2b(seed, "pm-half", conversation key) in [0, 1):
+    keyed by conversation like ``split_pairs`` (salted, so independent of it), the halves never
+    share a conversation, hence never a prompt, a transcript or an earlier turn's response.
+    """
+    if part not in PM_PARTS:
+        raise ValueError(f"PM part must be one of {list(PM_PARTS)}, got {part!r}")
+    if part == "all":
+        return list(pairs)
+    want_a = part == "a"
+    return [p for p in pairs if (_unit_hash(seed, "pm-half\x00" + conversation_key(p.prompt)) < 0.5) == want_a]
+
+
+def _largest_remainder(counts: Mapping[str, int], n: int) -> dict[str, int]:
+    """Split n over groups in proportion to their sizes (Hamilton's method): floor of each quota,
+    then one more to the largest remainders (ties: larger group, then name). Never exceeds a size."""
+    total = sum(counts.values())
+    n = min(n, total)
+    quota = {k: n * c / total for k, c in counts.items()} if total else {}
+    out = {k: math.floor(q) for k, q in quota.items()}
+    order = sorted(counts, key=lambda k: (-(quota[k] - out[k]), -counts[k], k))
+    for k in order[: n - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def stratified_sample(pairs: Sequence[PreferencePair], n: int, seed: int) -> tuple[list[str], list[dict]]:
+    """``n`` distinct prompts sampled per subset in proportion to the subset's distinct prompts
+    (largest-remainder allocation), seeded; and per prompt its ``{"subset", "n_turns"}``.
+
+    Inside a subset the prompts with the smallest blake2b(seed, prompt) are taken, and the result is
+    ordered by that hash, so subsets interleave and the sample depends only on (seed, the set of
+    prompts), never on file order. A prompt found in two subsets counts for its first one.
+    """
+    first: dict[str, PreferencePair] = {}
+    for p in pairs:
+        first.setdefault(p.prompt, p)
+    by_subset: dict[str, list[str]] = defaultdict(list)
+    for prompt, p in first.items():
+        by_subset[p.subset].append(prompt)
+    rank = {prompt: _unit_hash(seed, "eval-prompt\x00" + prompt) for prompt in first}
+    take = _largest_remainder({s: len(ps) for s, ps in by_subset.items()}, max(n, 0))
+    chosen = [q for s, ps in by_subset.items() for q in sorted(ps, key=rank.__getitem__)[: take[s]]]
+    chosen.sort(key=rank.__getitem__)
+    return chosen, [{"subset": first[q].subset, "n_turns": first[q].n_turns} for q in chosen]
+
+
+def prompt_mix(meta: Sequence[Mapping], split: str) -> dict:
+    """The evaluation prompts' mix for metrics.json: ``{"split", "n", "by_subset", "by_turns"}``
+    (Human turns bucketed "1".."4", "5+" as in ``data_stats``)."""
+    return {"split": split, "n": len(meta), "by_subset": dict(sorted(Counter(m["subset"] for m in meta).items())),
+            "by_turns": _turn_counts(m["n_turns"] for m in meta)}
+
+
 def _turn_bucket(n_turns: int) -> str:
     return "5+" if n_turns >= 5 else str(n_turns)
 
 
-def _turn_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
-    counts = Counter(_turn_bucket(p.n_turns) for p in pairs)
+def _turn_counts(n_turns: Iterable[int]) -> dict[str, int]:
+    counts = Counter(_turn_bucket(n) for n in n_turns)
     out = {b: counts.pop(b, 0) for b in TURN_BUCKETS}
     out.update(sorted(counts.items()))  # "0" (a prompt that opens with Assistant) only if present
     return out
@@ -128,8 +189,8 @@ def data_stats(splits: Mapping[str, Sequence[PreferencePair]], rejected: Sequenc
         "by_subset": {s: sum(by_subset_split[s].values()) for s in subsets},
         "by_split": {name: len(ps) for name, ps in splits.items()},
         "by_subset_split": by_subset_split,
-        "by_turns": _turn_counts(every),
-        "by_turns_per_subset": {s: _turn_counts([p for p in every if p.subset == s]) for s in subsets},
+        "by_turns": _turn_counts(p.n_turns for p in every),
+        "by_turns_per_subset": {s: _turn_counts(p.n_turns for p in every if p.subset == s) for s in subsets},
         "rejected": {
             "total": len(rejected),
             "by_reason": {**{r: reasons.pop(r, 0) for r in BAD_ROW_REASONS}, **dict(reasons)},

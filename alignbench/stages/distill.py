@@ -6,7 +6,8 @@ distribution, stored as its top-k log-probs plus one bucket for the remaining ma
 the HH paper): L = KL(p_teacher(· | HHH prompt, x_<t) ‖ p_student(· | x_<t)) over k + 1 outcomes.
 
 Option ``mode=preferred_ft``: supervised fine-tuning on the chosen responses instead (the DPO
-paper's "Preferred-FT"); ``mode=none``: π0 is the base LM itself.
+paper's "Preferred-FT"), of the comparisons a method may consume (``access.method_pairs``: never
+the judge's half); ``mode=none``: π0 is the base LM itself.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_lm, load_tokenizer, pick_device
+from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
 from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
@@ -29,7 +31,6 @@ HHH_PROMPT = (
     "\n\nHuman: What is 7 plus 5?\n\nAssistant: 7 plus 5 is 12."
     "\n\nHuman: How can I hurt my neighbour?\n\nAssistant: I can't help with that, it could hurt someone."
     "\n\nHuman: How do I kill a stuck process?\n\nAssistant: Run kill with the process id."
-    "\n\n"
 )
 
 
@@ -51,7 +52,10 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def hhh_prompt(cfg: Config) -> str:
-    return HHH_PROMPT if cfg.stages.pi0.hhh_prompt == "builtin" else cfg.stages.pi0.hhh_prompt
+    """The teacher's prefix without trailing newlines: dialogues open with "\\n\\nHuman:", so the
+    teacher sees exactly one blank line between the prompt and the dialogue, as in any HH transcript."""
+    text = HHH_PROMPT if cfg.stages.pi0.hhh_prompt == "builtin" else cfg.stages.pi0.hhh_prompt
+    return text.rstrip("\n")
 
 
 def build_pi0(cfg: Config, base: Artifact) -> Artifact:
@@ -60,6 +64,8 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     prompt = hhh_prompt(cfg)
     key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
+    if sc.mode == "preferred_ft":  # which comparisons it fits depends on the judge (access rules)
+        key["sft_pairs"] = {"access": ACCESS_RULES, "judge": judge_kind(cfg)}
 
     def build(out):
         tok, model = load_tokenizer(base.path), load_lm(base.path)
@@ -68,7 +74,7 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
         if sc.mode == "context_distill":
             metrics.update(_distill(model, tok, prompt, dialogue_corpus(data.train), max_len, sc, cfg, device))
         elif sc.mode == "preferred_ft":
-            enc = [encode(tok, p.prompt, p.chosen, max_len) for p in data.train]
+            enc = [encode(tok, p.prompt, p.chosen, max_len) for p in method_pairs(cfg, data)]
             batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device,

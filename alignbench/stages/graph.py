@@ -5,7 +5,8 @@
                                      └──► method.train(ctx) ──► policy ──► evaluators
 
 On hh_synth the judge is the gold reward; on real HH it is a test PM trained on the other half of
-the comparisons (Bai et al. §4.2), so no method is judged by the model it optimised against.
+the comparisons (Bai et al. §4.2), so no method is judged by the model it optimised against, and
+no method consumes the judge's comparisons (alignbench.stages.access says who sees what).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from alignbench.config import Config
+from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
@@ -36,19 +38,13 @@ class SharedStages:
         return {a.stage: a.reused for a in (self.base, self.pi0, self.pm, self.judge_pm) if a}
 
 
-def judge_kind(cfg: Config) -> str:
-    if cfg.eval.judge != "auto":
-        if cfg.eval.judge == "gold" and cfg.data.name != "hh_synth":
-            from alignbench.config import ConfigError
-            raise ConfigError("eval.judge: 'gold' exists only for data=hh_synth; use test_pm or auto")
-        return cfg.eval.judge
-    return "gold" if cfg.data.name == "hh_synth" else "test_pm"
+__all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
 
 
 def build_shared_stages(cfg: Config) -> SharedStages:
+    """Which PM sees which comparisons is decided in alignbench.stages.access."""
     base = build_base(cfg)
     pi0 = build_pi0(cfg, base)
     init = pi0 if cfg.stages.pm.init == "pi0" else base
-    if judge_kind(cfg) == "test_pm":
-        return SharedStages(base, pi0, build_pm(cfg, init, "a"), build_pm(cfg, init, "b"))
-    return SharedStages(base, pi0, build_pm(cfg, init, "all"), None)
+    proxy, judge = pm_parts(cfg)
+    return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None)

@@ -4,12 +4,13 @@ one epoch by default (Bai et al. 2022 §2; more epochs overfit). Optional prefer
 pretraining (PMP) on another comparison set first.
 
 ``part`` selects which half of the training comparisons the PM sees: "all", or "a"/"b" for the HH
-paper's train-PM / test-PM split, where the test PM judges policies trained against the train PM.
+paper's train-PM / test-PM split, where the test PM judges policies trained against the train PM
+(halves by conversation, ``alignbench.data.splits.pm_half``; PMP pairs that share a conversation
+with the rest of the data are dropped: ``alignbench.stages.access.pmp_pairs``).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import threading
 
@@ -20,16 +21,9 @@ from tqdm.auto import tqdm
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
+from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
 from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.train import batch_schedule, encode, pad_batch, supervised_loop
-
-
-def half_of(pairs, part: str) -> list:
-    """Deterministic halves by prompt hash, so the two PMs never share a prompt."""
-    if part == "all":
-        return list(pairs)
-    want = 0 if part == "a" else 1
-    return [p for p in pairs if hashlib.sha256(p.prompt.encode()).digest()[0] % 2 == want]
 
 
 def pair_batch(tok, pairs, idx, max_len):
@@ -72,18 +66,21 @@ class PMScorer:
 def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     data = load_data(cfg.data)
     sc = cfg.stages.pm
-    key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part,
+    key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part, "access": ACCESS_RULES,
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
         model = pm_from_lm(init.path, tok, cfg.stages.seed)
         metrics: dict = {}
+        counts: dict = {}
         if sc.pmp_path:
             from alignbench.data.hh import load_hh_rlhf
             pmp, _ = load_hh_rlhf(sc.pmp_path, _subsets_in(sc.pmp_path), ["train", "test"], "skip")
+            pmp, counts["pmp_dropped_shared_conversation"] = pmp_pairs(cfg, data, part, pmp)
+            counts["pmp_pairs"] = len(pmp)
             metrics["pmp"] = _train(model, tok, pmp, sc.pmp_epochs, sc, cfg, device, max_len, "PM pretraining")
-        train = half_of(data.train, part)
+        train = pm_pairs(cfg, data, part)
         metrics["train"] = _train(model, tok, train, sc.epochs, sc, cfg, device, max_len, f"PM ({part})")
         model.to("cpu").save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
@@ -92,7 +89,8 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
         acc = sum((r["score_chosen"] > r["score_rejected"]) + 0.5 * (r["score_chosen"] == r["score_rejected"])
                   for r in heldout) / max(len(heldout), 1)
         metrics["heldout_accuracy"] = acc
-        return {"metrics": metrics, "max_len": max_len, "data_counts": {"train_pairs": len(train), "heldout_pairs": len(heldout)}}
+        return {"metrics": metrics, "max_len": max_len,
+                "data_counts": {"train_pairs": len(train), "heldout_pairs": len(heldout), **counts}}
 
     return build_stage(f"pm-{part}" if part != "all" else "pm", key, cfg.paths.cache_dir, build)
 

@@ -1,0 +1,71 @@
+"""What each stage and method may see of the data, decided here and nowhere else.
+
+On real HH the judge is a test PM trained on half "b" of the training comparisons and the proxy PM
+on half "a" (Bai et al. 2022 §4.2). Everything that consumes labels or labelled responses must stay
+inside the proxy half, or a method would fit the judge's own labels:
+
+- proxy PM: half "a" (all training comparisons when the judge is the gold reward);
+- judge (test PM): half "b";
+- methods (``ctx.pairs``, ``ctx.train_prompts``: DPO, PPO and PPO-ptx, RRHF, RS, plugins) and the
+  Preferred-FT π0: the proxy PM's comparisons, prompts included, to keep the rule simple;
+- PM pretraining (PMP): only outside comparisons whose conversation is in no other part of the
+  data (the other half, the eval and test splits), since the PMP folder may hold the same files;
+- evaluation: a seeded, subset-stratified sample of the prompts of ``eval.split``.
+
+The base LM and context distillation read unlabelled dialogue text (chosen and rejected
+transcripts, no label) of the whole training split, both halves: see the README.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from alignbench.config import Config, ConfigError
+from alignbench.data.splits import conversation_key, pm_half, stratified_sample
+
+# Part of the PM and Preferred-FT π0 cache keys: bump when a rule above changes which pairs they see.
+ACCESS_RULES = "conversation-halves-v2"
+
+
+def judge_kind(cfg: Config) -> str:
+    """The judge: "gold" (hh_synth's reward) or "test_pm" (a PM trained on half "b")."""
+    if cfg.eval.judge != "auto":
+        if cfg.eval.judge == "gold" and cfg.data.name != "hh_synth":
+            raise ConfigError("eval.judge: 'gold' exists only for data=hh_synth; use test_pm or auto")
+        return cfg.eval.judge
+    return "gold" if cfg.data.name == "hh_synth" else "test_pm"
+
+
+def pm_parts(cfg: Config) -> tuple[str, Optional[str]]:
+    """(the proxy PM's part, the judge PM's part or None when the judge is the gold reward)."""
+    return ("a", "b") if judge_kind(cfg) == "test_pm" else ("all", None)
+
+
+def pm_pairs(cfg: Config, data, part: str) -> list:
+    """The training comparisons of the PM of ``part`` ("all", "a" or "b")."""
+    return pm_half(data.train, part, cfg.data.seed)
+
+
+def method_pairs(cfg: Config, data) -> list:
+    """The only comparisons (and responses) a method or the Preferred-FT π0 may consume."""
+    return pm_pairs(cfg, data, pm_parts(cfg)[0])
+
+
+def method_prompts(cfg: Config, data) -> list[str]:
+    """Distinct prompts of ``method_pairs``, in data order (what PPO and RS roll out on)."""
+    return list(dict.fromkeys(p.prompt for p in method_pairs(cfg, data)))
+
+
+def pmp_pairs(cfg: Config, data, part: str, pmp: list) -> tuple[list, int]:
+    """(PMP comparisons the PM of ``part`` may pretrain on, how many were dropped): a PMP pair is
+    dropped when its conversation key belongs to any data pair outside this PM's own comparisons."""
+    own = {id(p) for p in pm_pairs(cfg, data, part)}
+    other = {conversation_key(p.prompt) for split in data.splits.values() for p in split if id(p) not in own}
+    kept = [p for p in pmp if conversation_key(p.prompt) not in other]
+    return kept, len(pmp) - len(kept)
+
+
+def eval_prompts(cfg: Config, data) -> tuple[list[str], list[dict]]:
+    """The fixed evaluation prompts of every run and their ``{"subset", "n_turns"}``: ``eval.n_prompts``
+    drawn from ``eval.split``, stratified by subset and seeded by ``data.seed`` (not the run's seed,
+    so every method and seed is measured on the same prompts)."""
+    return stratified_sample(data.splits[cfg.eval.split], cfg.eval.n_prompts, cfg.data.seed)
