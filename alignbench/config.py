@@ -168,6 +168,7 @@ class BudgetConfig:
 @dataclass
 class EvalConfig:
     n_prompts: int = opt(128, gt=0)  # fixed held-out prompts scored in every run
+    temperature: float = opt(1.0, gt=0)  # every method is sampled, and its KL measured, at this temperature
     judge: str = opt("auto", choices=["auto", "gold", "test_pm"])
     pm_eval_pairs: Optional[int] = opt(None, gt=0)
     bootstrap: int = opt(1000, ge=100)
