@@ -1,6 +1,8 @@
 """Score what was sampled (issue 9 §3), one temperature (§4), the PM read point (§9).
 
-Unit tests on a tiny tokenizer and random models, then tests on the session's tiny π0 and PM."""
+Unit tests on a tiny tokenizer and random models, then tests on the session's tiny π0 and PM.
+Module-level imports are those the code before the fix also had (so each test fails on its own
+there); the new interfaces are imported in the tests that use them."""
 from __future__ import annotations
 
 import json
@@ -12,9 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from alignbench.config import ConfigError
 from alignbench.data.types import PreferencePair
 from alignbench.models import train_tokenizer
-from alignbench.sampling import STOP, SampleBatch, cut_ids
+from alignbench.sampling import STOP, SampleBatch
 from alignbench.stages.preference import PMScorer, pair_batch
-from alignbench.train import encode_samples, pad_batch, prompt_window, response_logprobs, token_logprobs
+from alignbench.train import pad_batch, response_logprobs, token_logprobs
 
 CORPUS = ["\n\nHuman: how do I bake bread? \n\nAssistant: Mix flour, water and yeast, then wait.",
           "\n\nHuman: thanks!\n\nAssistant: You are welcome. Anything else?"] * 20
@@ -43,6 +45,7 @@ def test_chosen_and_rejected_share_the_prompt_window(tok):
     chosen, rejected = (batch["input_ids"][i, :starts[i]].tolist() for i in (0, 1))
     assert chosen == rejected  # the old encode gave the short response a longer prompt window
     assert len(chosen) <= 96 and batch["attention_mask"].sum(-1).max() <= 96
+    from alignbench.train import prompt_window
     assert chosen == prompt_window(tok(prompt, add_special_tokens=False)["input_ids"], 96, 96 - len(chosen))
 
 
@@ -55,6 +58,7 @@ def test_dpo_pairs_share_the_prompt_window(tok):
 
 # --------------------------------------------------------------------------- the sampler's ids
 def test_stop_string_is_cut_on_ids(tok):
+    from alignbench.sampling import cut_ids
     said = tok("Mix flour, water", add_special_tokens=False)["input_ids"]
     stop = tok(STOP + " thanks!", add_special_tokens=False)["input_ids"]
     ids, finished = cut_ids(tok, said + stop + [tok.eos_token_id])
@@ -71,6 +75,7 @@ def test_sample_batch_carries_what_was_sampled(tok):
     model = _lm(tok)
     prompts = ["\n\nHuman: " + "how do I bake bread? " * 20 + "\n\nAssistant:", "\n\nHuman: thanks!\n\nAssistant:"]
     from alignbench.sampling import sample
+    from alignbench.train import prompt_window
     out = sample(model, tok, prompts, n=3, max_new_tokens=12, temperature=0.7, seed=3, max_len=64)
     assert out.temperature == 0.7 and len(out) == 6 and out.prompt_index == [0, 0, 0, 1, 1, 1]
     for i, (p, r, done) in enumerate(zip(out.prompt_ids, out.response_ids, out.finished)):
@@ -87,6 +92,7 @@ def test_sample_batch_carries_what_was_sampled(tok):
 
 # --------------------------------------------------------------------------- temperature
 def test_logprobs_are_tempered(tok):
+    from alignbench.train import encode_samples
     model = _lm(tok)
     batch = pad_batch(encode_samples(_fixed_samples(tok, temperature=0.7)), tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
