@@ -73,11 +73,15 @@ def test_stop_string_is_cut_on_ids(tok):
 
 def test_sample_batch_carries_what_was_sampled(tok):
     model = _lm(tok)
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = 2.0  # a model that sometimes ends: both kinds of response appear
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
     prompts = ["\n\nHuman: " + "how do I bake bread? " * 20 + "\n\nAssistant:", "\n\nHuman: thanks!\n\nAssistant:"]
     from alignbench.sampling import sample
     from alignbench.train import prompt_window
     out = sample(model, tok, prompts, n=3, max_new_tokens=12, temperature=0.7, seed=3, max_len=64)
     assert out.temperature == 0.7 and len(out) == 6 and out.prompt_index == [0, 0, 0, 1, 1, 1]
+    assert 0 < sum(out.finished) < 6, out.finished
     for i, (p, r, done) in enumerate(zip(out.prompt_ids, out.response_ids, out.finished)):
         assert p == prompt_window(tok(out.prompts[i], add_special_tokens=False)["input_ids"], 64, 12)
         assert tok.decode(r, skip_special_tokens=True) == out.responses[i]
@@ -86,7 +90,8 @@ def test_sample_batch_carries_what_was_sampled(tok):
             assert done
         if not done:  # cut at max_new_tokens: all 12 tokens kept, no EOS added
             assert len(r) == 12 and tok.eos_token_id not in r
-    assert out.n_tokens >= sum(map(len, out.response_ids))
+    assert out.n_tokens == sum(map(len, out.response_ids))  # no stop string here: all sampled tokens kept
+    assert out.truncation_rate == sum(not f for f in out.finished) / 6
     assert len(prompts[0]) > 64 and len(out.prompt_ids[0]) == 64 - 12  # the long prompt kept its end
 
 
