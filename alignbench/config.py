@@ -169,6 +169,7 @@ class BudgetConfig:
 class EvalConfig:
     n_prompts: int = opt(128, gt=0)  # fixed held-out prompts scored in every run
     split: str = opt("test", choices=["eval", "test"])  # where they come from: eval to tune, test to report
+    temperature: float = opt(1.0, gt=0)  # every method is sampled, and its KL measured, at this temperature
     judge: str = opt("auto", choices=["auto", "gold", "test_pm"])
     pm_eval_pairs: Optional[int] = opt(None, gt=0)
     bootstrap: int = opt(1000, ge=100)

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -22,28 +22,33 @@ from alignbench.methods import Budget, Cost
 from alignbench.models import disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
-from alignbench.stages.preference import PMScorer
-from alignbench.train import encode, pad_batch, response_logprobs
+from alignbench.stages.preference import PMScorer, SampleScorer
+from alignbench.train import encode_samples, pad_batch, response_logprobs
 
 log = logging.getLogger(__name__)
 EVAL_SEED_OFFSET = 10_007  # evaluation samples use their own stream, never the training one
 
 
 @torch.no_grad()
-def kl_estimates(policy, reference, tokenizer, prompts, responses, max_len, device, batch_size=64) -> dict:
-    """Per-sequence KL(π‖π0) from samples y ~ π: k1 = Σ_t log π/π0 (unbiased, noisy) and
-    k3 = Σ_t (ρ − 1 − log ρ) with ρ = π0/π (unbiased per token, always ≥ 0; Schulman 2020)."""
+def kl_estimates(policy, reference, samples: SampleBatch, pad_id: int, device, batch_size: int = 64) -> dict:
+    """Per-sequence KL(π_T‖π0_T) from samples y ~ π_T, both models tempered by the temperature T
+    the samples were drawn at: k1 = Σ_t log π_T/π0_T (unbiased, noisy) and k3 = Σ_t (ρ − 1 − log ρ)
+    with ρ = π0_T/π_T (unbiased per token, always ≥ 0; Schulman 2020). The tokens are the sampled
+    ids in the sampled prompt window (``encode_samples``): nothing re-tokenised, no EOS added."""
     k1, k3 = [], []
-    for i in range(0, len(prompts), batch_size):
-        seqs = [encode(tokenizer, p, r, max_len) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        batch = pad_batch(seqs, tokenizer.pad_token_id, device)
-        _, lp = response_logprobs(policy, batch)
-        _, lq = response_logprobs(reference, batch)
+    seqs, temp = encode_samples(samples), samples.temperature
+    for i in range(0, len(seqs), batch_size):
+        batch = pad_batch(seqs[i:i + batch_size], pad_id, device)
+        _, lp = response_logprobs(policy, batch, temperature=temp)
+        _, lq = response_logprobs(reference, batch, temperature=temp)
         mask = batch["response_mask"][:, 1:].float()
         log_ratio = (lq - lp) * mask  # log ρ per token
         k1 += (-log_ratio).sum(-1).tolist()
         k3 += ((log_ratio.exp() - 1 - log_ratio) * mask).sum(-1).tolist()
     return {"kl_k1": sum(k1) / len(k1), "kl_k3": sum(k3) / len(k3)}
+
+
+Responses = Union[SampleBatch, list[str]]  # samples with their ids, or bare texts (inference-time policies)
 
 
 @dataclass
@@ -57,7 +62,7 @@ class RunContext:
     eval_prompts: list[str]
     pairs: list  # the PreferencePairs a method may consume (alignbench.stages.access.method_pairs)
     pm: PMScorer
-    judge: Callable[[list[str], list[str]], list[float]]
+    judge: Callable[..., list[float]]  # judge(prompts, responses, samples=None): text, or the SampleBatch's ids
     judge_name: str
     out_dir: Path
     budget: Budget
@@ -65,6 +70,7 @@ class RunContext:
     dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
     eval_meta: list = field(default_factory=list)  # {"subset", "n_turns"} per eval prompt
     _reference: Any = None
+    _sample_pm: Any = None  # the PM reading SampleBatches by their ids (built on first use)
     _synced: tuple = (0, 0)  # (tokens_generated, pm_calls) already merged over processes
 
     # ---- models
@@ -131,15 +137,25 @@ class RunContext:
     # ---- charged operations
     def sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
                max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
+        """Training samples (charged), at the method's temperature or train.temperature."""
         out = sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
                      temperature=temperature or self.cfg.train.temperature,
                      max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len)
         self.cost.tokens_generated += out.n_tokens
         return out
 
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: Union[SampleBatch, list[str]], responses: Optional[list[str]] = None) -> torch.Tensor:
+        """PM scores, one PM call charged per response: of a SampleBatch by its sampled ids, or of
+        dataset-style (prompt, response) texts."""
         self.cost.pm_calls += len(prompts)
-        return self.pm.score(prompts, responses)
+        return self._pm_scores(prompts, responses)
+
+    def _pm_scores(self, prompts: Responses, responses: Optional[list[str]]) -> torch.Tensor:
+        if not isinstance(prompts, SampleBatch):
+            return self.pm.score(prompts, responses)
+        if self._sample_pm is None:
+            self._sample_pm = SampleScorer(self.pm, self.tokenizer)
+        return self._sample_pm(prompts)
 
     def budget_hit(self) -> Optional[str]:
         """Why to stop (None: go on); the main process decides for all (they must agree)."""
@@ -185,28 +201,43 @@ class RunContext:
         return state.pop("step") + 1, state
 
     # ---- measurement (not charged)
-    def measure(self, model=None, responses: Optional[list[str]] = None, label: str = "train",
+    def eval_sample(self, model) -> SampleBatch:
+        """The held-out samples every policy is measured on: one per eval prompt, at eval.temperature,
+        from the evaluation stream (never the training one)."""
+        return sample(model, self.tokenizer, self.eval_prompts, seed=self.seed + EVAL_SEED_OFFSET,
+                      temperature=self.cfg.eval.temperature, max_new_tokens=self.cfg.train.max_new_tokens,
+                      max_len=self.max_len)
+
+    def measure(self, model=None, responses: Optional[Responses] = None, label: str = "train",
                 scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
-        """Proxy and judge reward and KL(π‖π0) of ``model`` on the fixed held-out prompts; or of given
-        responses (inference-time policies: KL then comes from the method)."""
-        prompts = self.eval_prompts
+        """Proxy and judge reward, truncation rate and KL(π‖π0) (both at the samples' temperature)
+        of ``model`` on the fixed held-out prompts; or of given responses (inference-time policies:
+        KL then comes from the method)."""
         if responses is None:
-            responses = sample(model, self.tokenizer, prompts, seed=self.seed + EVAL_SEED_OFFSET,
-                               temperature=self.cfg.train.temperature,
-                               max_new_tokens=self.cfg.train.max_new_tokens, max_len=self.max_len).responses
-        proxy, judge = scores or self.score_free(prompts, responses)
+            responses = self.eval_sample(model)
+        proxy, judge = scores or self.score_free(responses)
+        texts = responses.responses if isinstance(responses, SampleBatch) else responses
         point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
-                 "judge": self.judge_name, "mean_response_chars": sum(map(len, responses)) / len(responses)}
+                 "judge": self.judge_name, "mean_response_chars": sum(map(len, texts)) / len(texts)}
+        if isinstance(responses, SampleBatch):
+            point["truncation_rate"] = responses.truncation_rate
         if model is not None:
-            point.update(kl_estimates(model, self.reference(), self.tokenizer, prompts, responses, self.max_len, self.device))
+            if not isinstance(responses, SampleBatch):
+                raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
+            point.update(kl_estimates(model, self.reference(), responses, self.tokenizer.pad_token_id, self.device))
         return point
 
-    def score_free(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
-        """Per-response proxy and judge rewards for measurement: not charged to the method."""
+    def score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> tuple[list[float], list[float]]:
+        """Per-response proxy and judge rewards for measurement (of a SampleBatch by its ids, or of
+        texts): not charged to the method."""
         calls = self.pm.calls
-        proxy = self.pm.score(prompts, responses).tolist()
+        proxy = self._pm_scores(prompts, responses).tolist()
         self.pm.calls = calls
-        return proxy, [float(j) for j in self.judge(prompts, responses)]
+        if isinstance(prompts, SampleBatch):
+            judge = self.judge(prompts.prompts, prompts.responses, samples=prompts)
+        else:
+            judge = self.judge(prompts, responses)
+        return proxy, [float(j) for j in judge]
 
     def log_point(self, step: int, model=None, responses=None, label: str = "train", scores=None, **extra) -> dict:
         """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl (main process only;

@@ -24,21 +24,27 @@ from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
 from alignbench.methods import Budget, PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
-from alignbench.sampling import sample
+from alignbench.sampling import SampleBatch
 from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
 from alignbench.stages.graph import build_shared_stages
-from alignbench.stages.preference import PMScorer
+from alignbench.stages.preference import PMScorer, SampleScorer
 
 log = logging.getLogger(__name__)
 
 
-def make_judge(cfg: Config, stages, device):
+def make_judge(cfg: Config, stages, device, tokenizer):
+    """(judge(prompts, responses, samples=None) -> rewards, name). The gold reward reads text;
+    the test PM reads a SampleBatch by its sampled ids (``SampleScorer``), texts otherwise."""
     if judge_kind(cfg) == "gold":
         from alignbench.data.synth import GoldReward
         gold = GoldReward()
-        return gold.score_batch, "gold"
-    scorer = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"])
-    return (lambda prompts, responses: scorer.score(prompts, responses).tolist()), "test_pm"
+        return (lambda prompts, responses, samples=None: gold.score_batch(prompts, responses)), "gold"
+    pm = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"])
+    by_ids = SampleScorer(pm, tokenizer)
+
+    def judge(prompts, responses, samples=None):
+        return (by_ids(samples) if samples is not None else pm.score(prompts, responses)).tolist()
+    return judge, "test_pm"
 
 
 def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None) -> RunContext:
@@ -46,11 +52,12 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     stages = build_shared_stages(cfg)
     data = load_data(cfg.data)
     device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
-    judge, judge_name = make_judge(cfg, stages, device)
+    tokenizer = load_tokenizer(stages.pi0.path)
+    judge, judge_name = make_judge(cfg, stages, device, tokenizer)
     prompts, meta = eval_prompts(cfg, data)
     b = cfg.budget
     return RunContext(
-        cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=load_tokenizer(stages.pi0.path), device=device,
+        cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=tokenizer, device=device,
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
         pairs=method_pairs(cfg, data), pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
         judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds),
@@ -64,21 +71,24 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     model = None
     if artifact.path is not None:
         model = ctx.load(artifact.path).eval()
-        responses = sample(model, ctx.tokenizer, prompts, seed=ctx.seed + EVAL_SEED_OFFSET,
-                           temperature=cfg.train.temperature, max_new_tokens=cfg.train.max_new_tokens,
-                           max_len=ctx.max_len).responses
+        samples = ctx.eval_sample(model)  # at eval.temperature, like every other method
     elif artifact.sampler is not None:
-        responses = artifact.sampler(prompts, ctx.seed + EVAL_SEED_OFFSET)
+        samples = artifact.sampler(prompts, ctx.seed + EVAL_SEED_OFFSET)  # a SampleBatch, or bare texts
     else:
         raise ValueError(f"method {cfg.method['name']}: train() returned a PolicyArtifact with neither path nor sampler")
-    proxy, judge = ctx.score_free(prompts, responses)  # per prompt, for samples.jsonl and the rows
-    point = ctx.log_point(-1, model=model, responses=responses, label="final", scores=(proxy, judge),
+    known = isinstance(samples, SampleBatch)  # ids and finished flags (a plugin's sampler may give texts)
+    responses = samples.responses if known else samples
+    proxy, judge = ctx.score_free(samples)  # per prompt, for samples.jsonl and the rows
+    point = ctx.log_point(-1, model=model, responses=samples, label="final", scores=(proxy, judge),
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
         meta = ctx.eval_meta or [{}] * len(prompts)  # a context built without it (by hand) still writes rows
         for i, (p, r, s, j, m) in enumerate(zip(prompts, responses, proxy, judge, meta)):
-            f.write(json.dumps({"prompt_id": i, "config": config_id, "prompt": p, "response": r, "proxy_reward": s,
-                                "judge_reward": j, "judge": ctx.judge_name, **m}) + "\n")
+            row = {"prompt_id": i, "config": config_id, "prompt": p, "response": r, "proxy_reward": s,
+                   "judge_reward": j, "judge": ctx.judge_name, **m}
+            if known:
+                row["finished"] = samples.finished[i]
+            f.write(json.dumps(row) + "\n")
     ident = dict(sweep=Path(cfg.paths.sweep_dir).name, run=ctx.out_dir.name, method=cfg.method["name"],
                  config=config_id, seed=cfg.seed)
     rows = []
@@ -86,7 +96,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
         v, lo, hi = bootstrap_ci(values, n_boot=cfg.eval.bootstrap, seed=cfg.seed)
         rows.append(make_row(evaluator="policy", metric=metric, slice="heldout", value=v, ci_low=lo, ci_high=hi,
                              n=len(values), **ident))
-    for k in ("kl_k1", "kl_k3", "kl_bound", "kl_estimate"):
+    for k in ("kl_k1", "kl_k3", "kl_bound", "kl_estimate", "truncation_rate"):
         if point.get(k) is not None:
             rows.append(make_row(evaluator="policy", metric=k, slice="heldout", value=point[k], n=len(prompts), **ident))
     rows += pm_rows(ctx)

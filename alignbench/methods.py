@@ -48,9 +48,10 @@ class MethodConfig:
 @dataclass
 class PolicyArtifact:
     """A trained policy (``path``: a save_pretrained directory) or an inference-time policy
-    (``sampler``: prompts -> responses, e.g. best-of-n over π0)."""
+    (``sampler``: (prompts, seed) -> responses, e.g. best-of-n over π0; a SampleBatch, so that they
+    are scored by their sampled ids and their truncation rate is known, or bare texts)."""
     path: Optional[Path] = None
-    sampler: Optional[Callable[[list[str], int], list[str]]] = None
+    sampler: Optional[Callable[[list[str], int], Any]] = None
     info: dict = field(default_factory=dict)  # method-specific facts for metrics.json (e.g. analytic KL)
 
 

@@ -106,8 +106,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
-    """A preference model: the LM's trunk with a scalar head read at the last non-pad token
-    (we append EOS, so that is the end-of-context token)."""
+    """A preference model: the LM's trunk with a scalar head. It is read by
+    ``alignbench.stages.preference.pm_scores`` at the last attended token (the end-of-context
+    token), not by the class's own pooling, which skips an EOS that doubles as the pad token."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         lm_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True)

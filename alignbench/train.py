@@ -20,20 +20,59 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- tokenisation
+MIN_PROMPT_TOKENS = 8  # a prompt window never shrinks below this, even when the response room is huge
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     response_start: int  # index of the first response token; labels before it are masked
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True) -> Encoded:
-    """Prompt and response tokenised separately (so the boundary is exact), then joined. Too long:
-    keep the end of the prompt (the last turns matter most) and the start of the response."""
+def prompt_window(prompt_ids: Sequence[int], max_len: int, response_room: int) -> list[int]:
+    """The one prompt-truncation rule, used by the sampler and by every encoder: keep the last
+    max(MIN_PROMPT_TOKENS, max_len − response_room) prompt tokens (the last turns matter most)."""
+    keep = max(MIN_PROMPT_TOKENS, max_len - response_room)
+    return list(prompt_ids[-keep:])
+
+
+def encode_responses(tokenizer, prompt: str, responses: Sequence[str], max_len: int,
+                     eos: bool = True) -> list[Encoded]:
+    """Dataset responses to one prompt, all conditioned on the same prompt window.
+
+    Each response is tokenised apart from the prompt (so the boundary is exact) and gets EOS (the
+    dataset says it ended). The response room is room = min(longest response,
+    max(max_len // 2, max_len − len(prompt))); every response keeps its first ``room`` tokens and
+    the prompt keeps ``prompt_window(prompt, max_len, room)``, so chosen and rejected of a pair
+    see the same context. For one response this is the old single-sequence rule."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
-    r = r[: max(max_len // 2, max_len - len(p))]
-    p = p[-(max_len - len(r)):] if len(p) + len(r) > max_len else p
-    return Encoded(p + r, len(p))
+    tail = [tokenizer.eos_token_id] if eos else []
+    rs = [tokenizer(r, add_special_tokens=False)["input_ids"] + tail for r in responses]
+    room = min(max(map(len, rs)), max(max_len // 2, max_len - len(p)))
+    window = prompt_window(p, max_len, room)
+    return [Encoded(window + r[:room], len(window)) for r in rs]
+
+
+def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True) -> Encoded:
+    """One dataset (prompt, response), by the rule of ``encode_responses``."""
+    return encode_responses(tokenizer, prompt, [response], max_len, eos)[0]
+
+
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_len: int) -> tuple[Encoded, Encoded]:
+    """Chosen and rejected of one comparison, on one shared prompt window."""
+    c, r = encode_responses(tokenizer, prompt, [chosen, rejected], max_len)
+    return c, r
+
+
+def encode_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Encoded:
+    """Already-tokenised sequences, as they were sampled: nothing re-tokenised, nothing appended."""
+    return Encoded(list(prompt_ids) + list(response_ids), len(prompt_ids))
+
+
+def encode_samples(samples) -> list[Encoded]:
+    """A SampleBatch exactly as drawn: the sampler's prompt window plus the generated ids (EOS
+    only where it was sampled)."""
+    return [encode_ids(p, r) for p, r in zip(samples.prompt_ids, samples.response_ids)]
 
 
 def pad_batch(seqs: Sequence[Encoded], pad_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -50,21 +89,29 @@ def pad_batch(seqs: Sequence[Encoded], pad_id: int, device=None) -> dict[str, to
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t >= 1, shape [B, T-1] (position t-1 predicts token t)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p_T(x_t | x_<t) = log softmax(logits / T) for t >= 1, shape [B, T-1] (position t-1
+    predicts token t). T is the temperature the tokens were sampled at (1: the model itself)."""
+    logits = logits[:, :-1].float()
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-def response_logprobs(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum (or mean) of log-probs over response tokens, and the per-token values [B, T-1]."""
+def response_logprobs(model, batch: dict, average: bool = False,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum (or mean) of log-probs (at temperature T) over response tokens, and the per-token values [B, T-1]."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_tok = token_logprobs(logits, batch["input_ids"])
+    per_tok = token_logprobs(logits, batch["input_ids"], temperature)
     mask = batch["response_mask"][:, 1:].float()
     total = (per_tok * mask).sum(-1)
     if average:
         total = total / mask.sum(-1).clamp(min=1)
     return total, per_tok * mask
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a 0/1 mask whose ones are contiguous (right padding)."""
+    return mask.long().cumsum(-1).argmax(-1)  # argmax returns the first maximum: the last 1
 
 
 def lm_loss(model, batch: dict) -> torch.Tensor:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import (Encoded, batch_schedule, encode, make_optimizer, optimizer_step, pad_batch,
+from alignbench.train import (Encoded, batch_schedule, encode_pair, make_optimizer, optimizer_step, pad_batch,
                               response_logprobs)
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ class EncodedPair:
 
 
 def encode_pairs(tokenizer, pairs, max_len: int) -> list[EncodedPair]:
-    return [EncodedPair(encode(tokenizer, p.prompt, p.chosen, max_len), encode(tokenizer, p.prompt, p.rejected, max_len))
-            for p in pairs]
+    """Both sides of each pair on one prompt window (``encode_pair``)."""
+    return [EncodedPair(*encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_len)) for p in pairs]
 
 
 def pair_batch(encoded: list[EncodedPair], idx: list[int], pad_id: int, device=None) -> dict:

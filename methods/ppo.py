@@ -5,12 +5,14 @@ The policy π starts at π0 and maximises, per sampled response y to a prompt x,
     R(x, y) = r_PM(x, y) − λ_KL · KL(π ‖ π0)
 
 with the KL paid token by token: every response token t earns −λ_KL · (log π(y_t) − log π0(y_t))
-(the k1 estimator on the sampled token), and the last response token also earns the PM score.
-One PPO step:
+(the k1 estimator on the sampled token), and the last response token also earns the PM score
+(minus ``truncation_penalty`` when the response was cut at max_new_tokens). All log-probs are
+those of the tempered policies π_T, π0_T at the temperature T the rollout was sampled at, so the
+ratios refer to the behaviour policy that drew the tokens. One PPO step:
 
 1. rollout: draw ``rollout_batch_size`` training prompts (seeded), sample one response each from
    the current policy, score them with the PM (charged), record the log-probs of π and π0 and the
-   value estimates on the sampled tokens;
+   value estimates on the sampled ids (no re-tokenisation, EOS only where it was sampled);
 2. rewards: per-token KL penalty + PM score at the end (``kl_penalized_rewards``), optionally
    whitened; advantages by GAE (``gae``), whitened;
 3. optimisation: ``ppo_epochs`` passes over the rollout in minibatches of ``batch_size``,
@@ -34,7 +36,8 @@ from tqdm.auto import tqdm
 from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import encode, lm_loss, make_optimizer, optimizer_step, pad_batch, token_logprobs
+from alignbench.train import (encode, encode_samples, last_token_index, lm_loss, make_optimizer, optimizer_step,
+                              pad_batch, token_logprobs)
 
 
 # --------------------------------------------------------------------------- config
@@ -63,6 +66,7 @@ class PPOConfig(MethodConfig):
     whiten_rewards: bool = False  # rescale per-token rewards of each rollout to unit variance
     whiten_advantages: bool = True  # advantages to mean 0, variance 1 per rollout
     ptx_coef: float = opt(0.0, ge=0)  # PPO-ptx: weight of the LM loss on chosen training transcripts
+    truncation_penalty: float = opt(0.0, ge=0)  # subtracted from the PM score of responses cut at max_new_tokens
 
     def global_batches(self, train) -> dict[str, int]:
         if self.ptx_coef > 0:  # asked only under a multi-process launch
@@ -100,11 +104,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         var = dist.all_sum(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row (response tokens are contiguous)."""
-    return mask.long().cumsum(-1).argmax(-1)  # argmax returns the first maximum: the last 1
 
 
 def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
@@ -172,12 +171,13 @@ class AdaptiveKLController:
 
 
 # --------------------------------------------------------------------------- model pieces
-def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probs of the tokens [B, T-1], the value of the state before each of them [B, T-1], and
-    the logits (for the optional entropy). Position t-1 predicts token t, so both are read there."""
+def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs of the tokens under π_T [B, T-1], the value of the state before each of them
+    [B, T-1], and the logits (for the optional entropy). Position t-1 predicts token t, so both are
+    read there."""
     out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    logprobs = token_logprobs(out.logits, input_ids)
+    logprobs = token_logprobs(out.logits, input_ids, temperature)
     values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
     return logprobs, values, out.logits[:, :-1]
 
@@ -190,8 +190,8 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return policy_forward(self.policy, self.value_head, input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
+        return policy_forward(self.policy, self.value_head, input_ids, attention_mask, temperature)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -210,45 +210,62 @@ class Rollout:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    scores: torch.Tensor
-    kl: torch.Tensor  # per-sequence k1 KL(π‖π0) on the sampled tokens [N]
+    scores: torch.Tensor  # PM scores (before any truncation penalty)
+    kl: torch.Tensor  # per-sequence k1 KL(π_T‖π0_T) on the sampled tokens [N]
+    unfinished: torch.Tensor  # 1 where the response was cut at max_new_tokens [N]
+    temperature: float = 1.0  # the rollout's sampling temperature: every log-prob is taken at it
 
     def minibatch(self, idx: torch.Tensor) -> dict:
-        width = int(self.attention_mask[idx].sum(-1).max())  # right padding: trim the common tail
-        tokens = {k: getattr(self, k)[idx, :width] for k in ("input_ids", "attention_mask")}
-        per_token = {k: getattr(self, k)[idx, :width - 1]
-                     for k in ("mask", "logprobs", "values", "advantages", "returns")}
-        return tokens | per_token
+        return trimmed({k: getattr(self, k) for k in ("input_ids", "attention_mask", "mask", "logprobs", "values",
+                                                      "advantages", "returns")}, idx)
+
+
+def trimmed(tensors: dict[str, torch.Tensor], idx: torch.Tensor) -> dict:
+    """Rows ``idx`` of a rollout's tensors (``input_ids``/``attention_mask`` [N, T], the rest
+    per-token [N, T-1]), trimmed to their own longest sequence (right padding): the one layout a
+    minibatch runs in, for the rollout's log-probs and for the update alike."""
+    width = int(tensors["attention_mask"][idx].sum(-1).max())
+    return {k: v[idx, :width] if k in ("input_ids", "attention_mask") else v[idx, :width - 1]
+            for k, v in tensors.items()}
 
 
 @torch.no_grad()
 def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed: int, cfg: PPOConfig,
-                    kl_coef: float, chunk: int) -> Rollout:
+                    kl_coef: float, layout: list[torch.Tensor]) -> Rollout:
     """Sample, score, and turn the samples into per-token rewards, advantages and returns.
 
-    The responses are re-encoded from text with EOS appended, exactly as the PM and the KL
-    measurement (ctx.log_point) read them, so the KL penalised here is the KL reported there."""
+    The sequences are the sampled ids in the sampled prompt window (EOS only where it was sampled),
+    the ids the PM and the KL measurement (ctx.log_point) read too, so the KL penalised here is
+    the KL reported there. Log-probs and values are computed minibatch by minibatch in ``layout``
+    (the first epoch's minibatches, trimmed as ``Rollout.minibatch`` trims them): the first update
+    then sees the very numbers it is compared with, a ratio of exactly 1."""
     sampled = ctx.sample(policy, prompts, seed=seed, max_new_tokens=cfg.max_new_tokens)
-    scores = ctx.score(sampled.prompts, sampled.responses).float()
-    seqs = [encode(ctx.tokenizer, p, r, ctx.max_len) for p, r in zip(sampled.prompts, sampled.responses)]
-    batch = pad_batch(seqs, ctx.tokenizer.pad_token_id, ctx.device)
+    temp = sampled.temperature
+    scores = ctx.score(sampled).float()
+    unfinished = torch.tensor([not f for f in sampled.finished], dtype=torch.float)
+    batch = pad_batch(encode_samples(sampled), ctx.tokenizer.pad_token_id, ctx.device)
     mask = batch["response_mask"][:, 1:].float()
-    logprobs, values, ref_logprobs = [], [], []
-    for i in range(0, len(seqs), chunk):
-        ids, attn = batch["input_ids"][i:i + chunk], batch["attention_mask"][i:i + chunk]
-        lp, v, _ = policy_forward(policy, value_head, ids, attn)
-        logprobs.append(lp)
-        values.append(v)
-        ref_logprobs.append(token_logprobs(reference(input_ids=ids, attention_mask=attn).logits, ids))
-    logprobs, values, ref_logprobs = (torch.cat(x) * mask for x in (logprobs, values, ref_logprobs))
-    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores.to(mask.device), mask, kl_coef)
+    tokens = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    logprobs, values, ref_logprobs = (torch.zeros_like(mask) for _ in range(3))
+    for idx in layout:
+        idx = idx.to(mask.device)
+        mb = trimmed(tokens, idx)
+        lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temp)
+        ref = token_logprobs(reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits,
+                             mb["input_ids"], temp)
+        width = lp.shape[1]
+        for full, part in ((logprobs, lp), (values, v), (ref_logprobs, ref)):
+            full[idx, :width] = part.float()
+    logprobs, values, ref_logprobs = (x * mask for x in (logprobs, values, ref_logprobs))
+    reward_scores = scores - cfg.truncation_penalty * unfinished
+    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, reward_scores.to(mask.device), mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False, dist=ctx.dist)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, dist=ctx.dist)
     return Rollout(batch["input_ids"], batch["attention_mask"], mask, logprobs, values, advantages, returns,
-                   scores, kl.sum(-1).cpu())
+                   scores, kl.sum(-1).cpu(), unfinished, temp)
 
 
 class PTXBatches:
@@ -323,20 +340,22 @@ class PPO(Method):
             # 1. rollout
             idx = (rng.sample(range(n_prompts), cfg.rollout_batch_size) if cfg.rollout_batch_size <= n_prompts
                    else [rng.randrange(n_prompts) for _ in range(cfg.rollout_batch_size)])
-            roll = collect_rollout(ctx, policy, value_head, reference, [ctx.train_prompts[i] for i in ctx.dist.shard(idx)],
-                                   ctx.dist.seed(rng.randrange(2 ** 31)), cfg, kl_coef, local_mb)
+            mine = [ctx.train_prompts[i] for i in ctx.dist.shard(idx)]
+            # every epoch's minibatch order first: the rollout computes its log-probs in the first one's layout
+            orders = [torch.randperm(len(mine), generator=shuffle) for _ in range(cfg.ppo_epochs)]
+            roll = collect_rollout(ctx, policy, value_head, reference, mine, ctx.dist.seed(rng.randrange(2 ** 31)),
+                                   cfg, kl_coef, layout=list(orders[0].split(local_mb)))
             # 2. K epochs of minibatch updates on it (sampling left the policy in eval mode)
             policy.train()
             stats: dict[str, list[float]] = {}
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(len(roll.scores), generator=shuffle)
+            for order in orders:
                 for first in range(0, len(order), local_mb):
                     mb = roll.minibatch(order[first:first + local_mb].to(roll.mask.device))
-                    logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"])
+                    logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"], roll.temperature)
                     loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
                                        mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
                     if cfg.ent_coef > 0:
-                        loss = loss - cfg.ent_coef * masked_mean(entropy(logits), mb["mask"])
+                        loss = loss - cfg.ent_coef * masked_mean(entropy(logits / roll.temperature), mb["mask"])
                     tokens = int(mb["attention_mask"].sum())
                     if ptx is not None:
                         pt = ptx.next()
@@ -347,13 +366,14 @@ class PPO(Method):
                     for k, v in s.items():
                         stats.setdefault(k, []).append(v)
             # 3. the KL coefficient for the next rollout
-            kl_sum, score_sum, n_tokens, n = ctx.dist.all_sum(torch.stack(
-                [roll.kl.sum(), roll.scores.sum().cpu(), roll.mask.sum().cpu(), torch.tensor(float(len(roll.scores)))])).tolist()
+            kl_sum, score_sum, n_tokens, n_cut, n = ctx.dist.all_sum(torch.stack(
+                [roll.kl.sum(), roll.scores.sum().cpu(), roll.mask.sum().cpu(), roll.unfinished.sum(),
+                 torch.tensor(float(len(roll.scores)))])).tolist()
             rollout_kl = kl_sum / n  # of the whole rollout, over all processes
             if kl_ctl is not None:
                 kl_coef = kl_ctl.update(rollout_kl, int(n))
             extra = {"rollout_score": score_sum / n, "rollout_kl": rollout_kl, "kl_coef": kl_coef,
-                     "rollout_tokens": n_tokens / n,
+                     "rollout_tokens": n_tokens / n, "rollout_truncation_rate": n_cut / n,
                      **{k: sum(v) / len(v) for k, v in stats.items()}}
             bar.set_postfix(score=f"{extra['rollout_score']:.2f}", kl=f"{rollout_kl:.2f}")
             done = step

@@ -13,7 +13,11 @@ of the batch it was scored in, and that noise must not split a tie. Ties go to t
   (the first n of the pool for each n).
 - ``finetune`` is rejection-sampling fine-tuning: each round draws K samples per prompt from the
   *current* policy at temperature T, keeps the PM's best and fine-tunes on them (cross-entropy on
-  response tokens only), for R rounds.
+  the sampled response ids, EOS only where it was sampled), for R rounds. T is a training choice:
+  the fine-tuned policy is evaluated at eval.temperature like every other.
+
+Best-of-n is an inference-time policy, so its sampling temperature *is* its evaluation: it
+samples π0 at eval.temperature (curve included), and ``method.temperature`` is refused for it.
 
 Why an estimator as well as the bound: the bound is reached only by continuous rewards; a tiny
 policy often repeats itself (the empty or the same short response), so the PM's scores tie and the
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, optimizer_step, pad_batch
+from alignbench.train import batch_schedule, encode_ids, lm_loss, make_optimizer, optimizer_step, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ class RejectionSamplingConfig(MethodConfig):
     name: str = "rejection_sampling"
     mode: str = opt("best_of_n", choices=MODES)  # best_of_n: inference-time; finetune: Llama 2 RS fine-tuning
     n: Optional[int] = opt(None, ge=1)  # K: samples per prompt, the PM keeps the best; None: DEFAULT_N[mode]
-    temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
+    temperature: Optional[float] = opt(None, gt=0)  # finetune: sampling temperature; None: train.temperature
     kl_pool: int = opt(64, ge=1)  # best_of_n: independent π0 samples per eval prompt for the plug-in KL estimate
     rounds: int = opt(2, ge=1)  # finetune: sample -> select -> fine-tune rounds
     prompts_per_round: int = opt(512, gt=0)  # finetune: training prompts sampled each round
@@ -140,6 +144,12 @@ class RejectionSamplingConfig(MethodConfig):
             raise ConfigError("method.mode: best_of_n trains nothing, so it has no multi-process form; "
                               "run it as one process")
         return {"method.prompts_per_round": self.prompts_per_round, **super().global_batches(train)}
+
+    def validate(self, prefix: str) -> None:
+        if self.mode == "best_of_n" and self.temperature is not None:
+            raise ConfigError(f"{prefix}.temperature: best_of_n is an inference-time policy, sampled at "
+                              f"eval.temperature like every method's evaluation; set eval.temperature "
+                              f"(for all methods) instead, or use mode=finetune")
 
     @property
     def k(self) -> int:
@@ -167,18 +177,20 @@ class RejectionSampling(Method):
         return rs_finetune(ctx, cfg)
 
 
-def _temperature(ctx, cfg) -> float:
-    return cfg.temperature or ctx.cfg.train.temperature
+def best_rows(scores: torch.Tensor, texts: Optional[list[str]] = None) -> list[int]:
+    """Row numbers, in a flat [prompts × K] SampleBatch, of the PM's best sample per prompt
+    (identical ``texts`` are one candidate, see ``select_best``)."""
+    k = scores.shape[1]
+    return [i * k + j for i, j in enumerate(select_best(scores, texts).tolist())]
 
 
 def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement)."""
-    pi0, n, temp = ctx.reference(), cfg.k, _temperature(ctx, cfg)
+    pi0, n, temp = ctx.reference(), cfg.k, ctx.cfg.eval.temperature
 
-    def sampler(prompts: list[str], seed: int) -> list[str]:
+    def sampler(prompts: list[str], seed: int):
         out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed)
-        scores = ctx.score(out.prompts, out.responses).view(len(prompts), n)
-        return [out.responses[i * n + j] for i, j in enumerate(select_best(scores, out.responses).tolist())]
+        return out.select(best_rows(ctx.score(out).view(len(prompts), n), out.responses))
 
     curve = _bon_curve(ctx, pi0, cfg, temp)
     info = {"mode": "best_of_n", "n": n, "temperature": temp, "kl_bound": bon_kl_bound(n),
@@ -196,15 +208,14 @@ def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict
     prompts, n = ctx.eval_prompts, cfg.k
     spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls)
     pool = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
-    scores = canonical_scores(ctx.score(pool.prompts, pool.responses).view(len(prompts), n), pool.responses)
+    scores = canonical_scores(ctx.score(pool).view(len(prompts), n), pool.responses)
     ref = ctx.sample(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
-    ref_scores = canonical_scores(ctx.score(ref.prompts, ref.responses).view(len(prompts), cfg.kl_pool),
-                                  ref.responses)
+    ref_scores = canonical_scores(ctx.score(ref).view(len(prompts), cfg.kl_pool), ref.responses)
     ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls = spent  # measurement is free
     points = []
     for k in tqdm(curve_ns(n), desc="best-of-n curve", leave=False):
         idx = select_best(scores[:, :k])  # already canonical: identical texts share a score
-        responses = [pool.responses[i * n + j] for i, j in enumerate(idx.tolist())]
+        responses = pool.select([i * n + j for i, j in enumerate(idx.tolist())])
         point = ctx.log_point(step=k, responses=responses, label=f"n={k}", kl_bound=bon_kl_bound(k),
                               kl_estimate=bon_kl_plugin(ref_scores, k))
         points.append({**point, "n": k})
@@ -213,7 +224,7 @@ def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict
 
 def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     """R rounds of: K samples per prompt from the current policy -> PM's best -> SFT on them."""
-    policy, temp, tok, k = ctx.policy(), _temperature(ctx, cfg), ctx.tokenizer, cfg.k
+    policy, temp, tok, k = ctx.policy(), cfg.temperature or ctx.cfg.train.temperature, ctx.tokenizer, cfg.k
     order = list(range(len(ctx.train_prompts)))
     random.Random(ctx.seed).shuffle(order)  # each round takes the next slice: fresh prompts
     # Resume after a kill: the checkpoint holds the round, its selected responses and how many of
@@ -230,7 +241,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
         selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
             _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
-        data = [encode(tok, p, r, ctx.max_len) for p, r in zip(prompts, selected)]
+        data = [encode_ids(p, r) for p, r in selected]  # the selected samples' ids, as sampled
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(batches))
         done, losses = 0, []
@@ -267,15 +278,16 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
                                                               "steps": step, "rounds": rounds, "stopped": stopped})
 
 
-def _select_round(ctx, policy, prompts: list[str], k: int, temp: float, seed: int) -> tuple[list[str], dict]:
-    """K samples per prompt from the current policy, the PM's best of each, and their statistics.
-    Under a multi-process launch each process takes its share of the prompts, and the selections
-    are gathered back in prompt order."""
+def _select_round(ctx, policy, prompts: list[str], k: int, temp: float, seed: int) -> tuple[list, dict]:
+    """K samples per prompt from the current policy, the PM's best of each as [prompt ids,
+    response ids] (what the policy was conditioned on and sampled), and their statistics. Under a
+    multi-process launch each process takes its share of the prompts, and the selections are
+    gathered back in prompt order."""
     mine = ctx.dist.shard(prompts)
     out = ctx.sample(policy, mine, n=k, temperature=temp, seed=ctx.dist.seed(seed))
-    scores = ctx.score(out.prompts, out.responses).view(len(mine), k)
-    selected = ctx.dist.gather([out.responses[i * k + j]
-                                for i, j in enumerate(select_best(scores, out.responses).tolist())])
+    scores = ctx.score(out).view(len(mine), k)
+    best = out.select(best_rows(scores, out.responses))
+    selected = ctx.dist.gather([[p, r] for p, r in zip(best.prompt_ids, best.response_ids)])
     scores = torch.tensor(ctx.dist.gather(scores.tolist()))
     return selected, {"sample_reward_mean": scores.mean().item(), "sample_reward_median": scores.median().item(),
                       "best_reward_mean": scores.max(1).values.mean().item()}

@@ -11,6 +11,11 @@ that a response the PM ranks lower never gets a higher p:
 Why it is cheap: one policy and the PM (no value model, no reference model in the loss). Why the
 CE term: without it the ranking can be satisfied by pushing every p down; it keeps the policy
 imitating its best response, so RRHF behaves like a best-of-n learner.
+
+What is scored is what was sampled: the policy's samples enter the PM and the loss as their sampled
+ids (EOS only where sampled), the dataset responses as an ``encode_pair`` (one prompt window for
+both, EOS appended: they are complete). p_i is the policy's own log-prob (T = 1): the sampling
+temperature is a choice of how to explore, not part of the policy being trained.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode, make_optimizer, optimizer_step, pad_batch, response_logprobs
+from alignbench.train import (batch_schedule, encode_pair, encode_samples, make_optimizer, optimizer_step, pad_batch,
+                              response_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +109,8 @@ class RRHF(Method):
             if (stopped := ctx.budget_hit()):
                 break
             seed = ctx.dist.seed(ctx.seed * 100_003 + step_idx)
-            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp, seed)
-            flat_prompts = [p for p in prompts for _ in range(cfg.k)]
-            flat = [r for rs in responses for r in rs]
-            rewards = ctx.score(flat_prompts, flat).view(len(prompts), cfg.k)
+            prompts, seqs, rewards = self._ranked(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp, seed)
             policy.train()
-            seqs = [encode(tok, p, r, ctx.max_len) for p, r in zip(flat_prompts, flat)]
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
             logp, _ = response_logprobs(train_model, batch, average=True)
             loss, parts = rrhf_loss(logp.view(len(prompts), cfg.k), rewards, cfg.ce_weight)
@@ -133,15 +135,21 @@ class RRHF(Method):
             "loss_last": history[-1]["loss"] if history else None})
 
     @staticmethod
-    def _responses(ctx, policy, pairs, cfg: RRHFConfig, temp: float, seed: int) -> tuple[list[str], list[list[str]]]:
-        """k responses per pair: the policy's samples, then (optionally) chosen and rejected."""
+    def _ranked(ctx, policy, pairs, cfg: RRHFConfig, temp: float, seed: int) -> tuple[list[str], list, torch.Tensor]:
+        """k responses per pair (the policy's samples, then optionally chosen and rejected) as
+        encoded sequences, prompt-major [P·k], and their PM rewards [P, k] (k PM calls per prompt)."""
         prompts = [p.prompt for p in pairs]
-        out: list[list[str]] = [[] for _ in prompts]
+        seqs: list[list] = [[] for _ in prompts]
+        scores: list[list[float]] = [[] for _ in prompts]
         if cfg.k_samples:
             samples = ctx.sample(policy, prompts, n=cfg.k_samples, temperature=temp, seed=seed)
-            for i, r in zip(samples.prompt_index, samples.responses):
-                out[i].append(r)
+            for i, e, r in zip(samples.prompt_index, encode_samples(samples), ctx.score(samples).tolist()):
+                seqs[i].append(e)
+                scores[i].append(r)
         if cfg.include_dataset:
+            chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+            both = ctx.score(prompts + prompts, chosen + rejected).tolist()
             for i, p in enumerate(pairs):
-                out[i] += [p.chosen, p.rejected]
-        return prompts, out
+                seqs[i] += encode_pair(ctx.tokenizer, p.prompt, p.chosen, p.rejected, ctx.max_len)
+                scores[i] += [both[i], both[len(pairs) + i]]
+        return prompts, [e for row in seqs for e in row], torch.tensor(scores)

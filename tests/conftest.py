@@ -2,6 +2,8 @@
 once per test session (so every method test starts from the same π0 and PM)."""
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,28 @@ TINY = [
     "stages.pi0.epochs=0.25", "stages.pm.epochs=1", "stages.pm.lr=2e-3",
     "eval.n_prompts=24", "eval.bootstrap=200", "train.max_new_tokens=16", "train.batch_size=16",
 ]
+
+
+class FailOnDeprecatedUse(logging.Handler):
+    """transformers reports some deprecations (reading ``output.past_key_values``, ...) through its
+    logger rather than the warnings module, where pytest's filterwarnings cannot see them. Raise
+    when such a record comes from a call in alignbench's own code: the first frame outside
+    logging, transformers, torch and functools belongs to alignbench or alignbench_methods."""
+
+    LIBRARIES = ("logging", "transformers", "torch", "functools")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecated" not in record.getMessage().lower():
+            return
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in self.LIBRARIES:
+            frame = frame.f_back
+        caller = frame.f_globals.get("__name__", "") if frame is not None else ""
+        if caller.split(".")[0] in ("alignbench", "alignbench_methods"):
+            raise DeprecationWarning(f"{caller}: {record.getMessage()}")
+
+
+logging.getLogger("transformers").addHandler(FailOnDeprecatedUse())
 
 
 def shared_data(*parts: str) -> Path:

@@ -105,16 +105,18 @@ def test_defaults_follow_the_hh_paper():
 
 
 # --------------------------------------------------------------------------- a real run
-STEPS, ROLLOUT = 4, 32
+STEPS, ROLLOUT, NEW_TOKENS = 4, 32, 48
 
 
 def test_ppo_tiny_run_raises_proxy_reward(tiny_overrides):
     from alignbench.cli import compose
     from alignbench.runner import run_job
     # The fixture's π0 is far weaker than the demo's, and the run is short: a larger step than the
-    # demo default (lr = train.lr = 1e-4) makes the gain clear within seconds.
+    # demo default (lr = train.lr = 1e-4) makes the gain clear within seconds. Room for 48 tokens:
+    # at the fixture's 16 most responses are cut unfinished, and the PM (trained on ended responses)
+    # gives little signal on those now that they are no longer scored with a phantom EOS.
     over = ["method=ppo", f"method.steps={STEPS}", f"method.rollout_batch_size={ROLLOUT}", "method.eval_every=2",
-            "method.lr=1e-3"]
+            "method.lr=1e-3", f"train.max_new_tokens={NEW_TOKENS}"]
     metrics = run_job(compose(tiny_overrides + over), over)
     run = next((tiny_overrides_sweep(tiny_overrides) / "runs").glob("ppo_s0*"))
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -122,10 +124,11 @@ def test_ppo_tiny_run_raises_proxy_reward(tiny_overrides):
     pi0, end = log[0], log[-2]
     assert end["proxy_reward"] > pi0["proxy_reward"] + 0.1, (pi0["proxy_reward"], end["proxy_reward"])
     assert end["kl_k3"] > 0 and end["kl_coef"] == pytest.approx(0.001)
-    # costs: one PM call per rollout sample, at most max_new_tokens (16 in the tiny setup) generated each
+    assert end["truncation_rate"] < pi0["truncation_rate"] and 0 <= end["rollout_truncation_rate"] <= 1
+    # costs: one PM call per rollout sample, at most max_new_tokens generated each
     cost = metrics["cost"]
     assert cost["pm_calls"] == STEPS * ROLLOUT
-    assert 0 < cost["tokens_generated"] <= STEPS * ROLLOUT * 16
+    assert 0 < cost["tokens_generated"] <= STEPS * ROLLOUT * NEW_TOKENS
     assert cost["tokens_trained"] > 4 * cost["tokens_generated"]  # 4 PPO epochs over prompt + response
     assert metrics["info"]["steps_done"] == STEPS and metrics["info"]["stopped"] == "steps done"
     assert (run / "policy" / "model.safetensors").is_file() and (run / "policy" / "tokenizer.json").is_file()

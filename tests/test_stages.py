@@ -94,9 +94,14 @@ def test_topk_distill_loss_matches_full_kl_and_vanishes_at_the_teacher():
 
 
 def test_pm_loss_is_bradley_terry_negative_log_likelihood():
-    class Fixed(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            return type("Out", (), {"logits": torch.tensor([[2.0], [0.5], [1.0], [1.5]])})()
-    loss = pm_loss(Fixed(), {"input_ids": None, "attention_mask": None})
+    class Fixed(torch.nn.Module):  # a trunk whose last hidden state is the score, and an identity head
+        score = torch.nn.Identity()
+
+        def base_model(self, input_ids, attention_mask):
+            hidden = torch.tensor([[9.0, 2.0], [0.5, 9.0], [1.0, 9.0], [9.0, 1.5]])[:, :, None]
+            return type("Out", (), {"last_hidden_state": hidden})()
+    # right padding: rows 2 and 3 end at position 0, rows 1 and 4 at position 1 (read at the last 1)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 1]])
+    loss = pm_loss(Fixed(), {"input_ids": None, "attention_mask": mask})
     expected = -(torch.nn.functional.logsigmoid(torch.tensor(1.0)) + torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)

@@ -1,5 +1,5 @@
 """Stage 3, the preference model (PM): the LM with a scalar head read at the end-of-context token
-(EOS appended to every response), trained on comparisons with L = −log σ(r_chosen − r_rejected),
+(the last attended position; EOS is appended to every dataset response), trained on comparisons with L = −log σ(r_chosen − r_rejected),
 one epoch by default (Bai et al. 2022 §2; more epochs overfit). Optional preference-model
 pretraining (PMP) on another comparison set first.
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +25,40 @@ from alignbench.data import load_data
 from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
 from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
 from alignbench.stages.cache import Artifact, build_stage, precision_key
-from alignbench.train import batch_schedule, encode, pad_batch, supervised_loop
+from alignbench.train import (Encoded, batch_schedule, encode, encode_ids, encode_pair, last_token_index, pad_batch,
+                              prompt_window, supervised_loop)
+
+log = logging.getLogger(__name__)
 
 
 def pair_batch(tok, pairs, idx, max_len):
-    """Chosen responses in the first half of the batch, rejected in the second."""
-    seqs = [encode(tok, pairs[i].prompt, pairs[i].chosen, max_len) for i in idx]
-    seqs += [encode(tok, pairs[i].prompt, pairs[i].rejected, max_len) for i in idx]
-    return pad_batch(seqs, tok.pad_token_id)
+    """Chosen responses in the first half of the batch, rejected in the second; both sides of a
+    pair on the same prompt window (``encode_pair``)."""
+    encoded = [encode_pair(tok, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, max_len) for i in idx]
+    return pad_batch([c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
+
+
+def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) [B]: the scalar head applied to the trunk's hidden state at the last attended
+    position of each right-padded row, the end-of-context token.
+
+    Read here rather than through AutoModelForSequenceClassification, which pools at the last
+    token that is not the pad token: where pad == EOS (GPT-2, Pythia, SmolLM2) it skips the
+    appended EOS itself."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
 
 
 def pm_loss(model, batch) -> torch.Tensor:
-    r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
-    chosen, rejected = r.chunk(2)
+    """L = −log σ(r_chosen − r_rejected), averaged over the pairs of the batch."""
+    chosen, rejected = pm_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+def same_tokenizer(a, b) -> bool:
+    """Cheap check that token ids transfer between two tokenizers (same class, same vocabulary)."""
+    return type(a) is type(b) and len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
 class PMScorer:
@@ -50,23 +72,68 @@ class PMScorer:
         self.calls = 0
         self._lock = threading.Lock()
 
-    @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Dataset-style text: each response gets EOS (it is complete), ``encode``'s window rule."""
+        return self._score([encode(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses)])
+
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Already-tokenised sequences (e.g. samples, see ``scored_ids``), read at their last token;
+        prompts too long for this PM keep their end (``prompt_window``)."""
+        return self._score([encode_ids(prompt_window(p, self.max_len, len(r)), r)
+                            for p, r in zip(prompt_ids, response_ids)])
+
+    def score_pairs(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) scores of comparisons, both sides on one prompt window (``encode_pair``)."""
+        encoded = [encode_pair(self.tokenizer, p.prompt, p.chosen, p.rejected, self.max_len) for p in pairs]
+        scores = self._score([c for c, _ in encoded] + [r for _, r in encoded])
+        return scores[:len(pairs)], scores[len(pairs):]
+
+    @torch.no_grad()
+    def _score(self, seqs: list[Encoded]) -> torch.Tensor:
         with self._lock:
-            self.calls += len(prompts)
+            self.calls += len(seqs)
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            seqs = [encode(self.tokenizer, p, r, self.max_len)
-                    for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
-            b = pad_batch(seqs, self.tokenizer.pad_token_id, self.device)
-            out.append(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0].float().cpu())
+        for i in range(0, len(seqs), self.batch_size):
+            b = pad_batch(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id, self.device)
+            out.append(pm_scores(self.model, b["input_ids"], b["attention_mask"]).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+
+def scored_ids(samples, eos_id: int) -> list[list[int]]:
+    """The response ids a PM reads for sampled responses: as sampled, plus EOS after a response
+    that ended at the stop string (it did end; EOS is the PM's end-of-context token, as in its
+    training data). A response cut at max_new_tokens gets none: it did not end."""
+    return [list(r) + [eos_id] if done and (not r or r[-1] != eos_id) else list(r)
+            for r, done in zip(samples.response_ids, samples.finished)]
+
+
+class SampleScorer:
+    """A PM that scores SampleBatches by their ids when it shares the policy's tokenizer, and falls
+    back to the decoded text (with a logged warning) when it does not."""
+
+    def __init__(self, pm: PMScorer, tokenizer):
+        self.pm, self.eos_id = pm, tokenizer.eos_token_id
+        self.by_ids = same_tokenizer(pm.tokenizer, tokenizer)
+        if not self.by_ids:
+            log.warning("the PM's tokenizer differs from the policy's: samples are re-tokenised from text")
+
+    def __call__(self, samples) -> torch.Tensor:
+        if self.by_ids:
+            return self.pm.score_ids(samples.prompt_ids, scored_ids(samples, self.eos_id))
+        return self.pm.score(samples.prompts, samples.responses)
+
+
+# Bump when the PM's encoding or read point changes what it learns (cache.STAGE_CODE_VERSION would
+# also rebuild the base LM and π0, whose code did not change). 2: score read at the last attended
+# token (pm_scores), chosen and rejected on one prompt window (encode_pair).
+PM_CODE_VERSION = "2"
 
 
 def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     data = load_data(cfg.data)
     sc = cfg.stages.pm
     key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part, "access": ACCESS_RULES,
+           "pm_code": PM_CODE_VERSION,
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
@@ -107,9 +174,9 @@ def _score_heldout(path, pairs, device, max_len) -> list[dict]:
     scorer = PMScorer(path, device, max_len)
     rc, rr = [], []
     for i in tqdm(range(0, len(pairs), 256), desc="PM held-out scores", leave=False):
-        chunk = pairs[i:i + 256]
-        rc += scorer.score([p.prompt for p in chunk], [p.chosen for p in chunk]).tolist()
-        rr += scorer.score([p.prompt for p in chunk], [p.rejected for p in chunk]).tolist()
+        chosen, rejected = scorer.score_pairs(pairs[i:i + 256])
+        rc += chosen.tolist()
+        rr += rejected.tolist()
     return [{"score_chosen": c, "score_rejected": r, "n_turns": p.n_turns, "subset": p.subset,
              "gold_chosen": p.meta.get("gold_chosen"), "gold_rejected": p.meta.get("gold_rejected")}
             for p, c, r in zip(pairs, rc, rr)]
