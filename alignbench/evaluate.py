@@ -78,7 +78,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
         raise ValueError(f"method {cfg.method['name']}: train() returned a PolicyArtifact with neither path nor sampler")
     known = isinstance(samples, SampleBatch)  # ids and finished flags (a plugin's sampler may give texts)
     responses = samples.responses if known else samples
-    proxy, judge = ctx.score_free(samples)  # per prompt, for samples.jsonl and the rows
+    # per prompt, for samples.jsonl and the rows: a SampleBatch by its ids, a plugin's texts as text
+    proxy, judge = ctx.score_free(samples) if known else ctx.score_free(prompts, responses)
     point = ctx.log_point(-1, model=model, responses=samples, label="final", scores=(proxy, judge),
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
     with open(ctx.out_dir / "samples.jsonl", "w") as f:

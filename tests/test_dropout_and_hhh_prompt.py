@@ -56,11 +56,18 @@ def test_the_policy_every_method_gets_trains_without_dropout(tmp_path, build):
 
 
 class FakePM:
-    """A deterministic stand-in for the proxy PM (the reward's value is not what is tested)."""
+    """A deterministic stand-in for the proxy PM (the reward's value is not what is tested); it
+    scores samples by their ids, like the real one."""
     calls = 0
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
 
     def score(self, prompts, responses):
         return torch.tensor([float(len(r) % 3) for r in responses])
+
+    def score_ids(self, prompt_ids, response_ids):
+        return torch.tensor([float(len(r) % 3) for r in response_ids])
 
 
 def test_ppo_trains_in_train_mode_with_first_ratios_exactly_one(tmp_path, monkeypatch):
@@ -74,9 +81,9 @@ def test_ppo_trains_in_train_mode_with_first_ratios_exactly_one(tmp_path, monkey
     modes = []
     forward = ActorCritic.forward
 
-    def spy(self, input_ids, attention_mask):
+    def spy(self, *args, **kwargs):
         modes.append(self.policy.training)
-        return forward(self, input_ids, attention_mask)
+        return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(ActorCritic, "forward", spy)
     cfg = Config()
@@ -84,8 +91,8 @@ def test_ppo_trains_in_train_mode_with_first_ratios_exactly_one(tmp_path, monkey
     prompts = [t[: t.index("Assistant:") + len("Assistant:")] for t in texts[:8]]
     ctx = context_with_pi0(tmp_path / "pi0", tmp_path)
     ctx.cfg, ctx.tokenizer, ctx.stages.pi0.record["max_len"] = cfg, load_tokenizer(tmp_path / "pi0"), 64
-    ctx.train_prompts, ctx.eval_prompts, ctx.pm, ctx.budget = prompts, prompts[:2], FakePM(), Budget()
-    ctx.judge = lambda ps, rs: [0.0] * len(ps)
+    ctx.train_prompts, ctx.eval_prompts, ctx.pm, ctx.budget = prompts, prompts[:2], FakePM(tok), Budget()
+    ctx.judge = lambda ps, rs, samples=None: [0.0] * len(ps)
     ctx.method_cfg = method_config(PPO, {"name": "ppo", "steps": 1, "rollout_batch_size": 4, "ppo_epochs": 1,
                                          "batch_size": 4, "eval_every": 1})
     PPO().train(ctx)
