@@ -20,7 +20,8 @@ from alignbench.data import load_data
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
-from alignbench.methods import Budget, PolicyArtifact
+from alignbench.cost import Budget
+from alignbench.methods import PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import sample
 from alignbench.stages.graph import build_shared_stages, judge_kind
@@ -49,11 +50,13 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
     judge, judge_name = make_judge(cfg, stages, device)
     b = cfg.budget
+    budget = Budget(pm_calls=b.pm_calls, generated_tokens=b.generated_tokens, wall_seconds=b.wall_seconds,
+                    flops=b.flops)
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=load_tokenizer(stages.pi0.path), device=device,
         train_prompts=unique_prompts(data.train), eval_prompts=unique_prompts(data.test)[: cfg.eval.n_prompts],
         pairs=data.train, pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
-        judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds),
+        judge_name=judge_name, out_dir=run_dir, budget=budget,
         dist=dist)
 
 
@@ -90,7 +93,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact) -> dict:
     write_rows(ctx.out_dir / "results.csv", rows)
     metrics = {"method": cfg.method["name"], "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
-               "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
+               "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
+                                              "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "judge": ctx.judge_name,
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}

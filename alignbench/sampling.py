@@ -7,6 +7,7 @@ Seeding is per call: the same (seed, prompts) give the same samples on CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -19,6 +20,7 @@ class SampleBatch:
     responses: list[str]
     prompt_index: list[int]  # index into the caller's prompt list
     n_tokens: int  # generated tokens, before cutting at the stop string
+    n_prompt_tokens: int = 0  # prompt tokens fed to the model (after truncation), summed over samples
 
 
 def cut_response(text: str) -> str:
@@ -29,18 +31,26 @@ def cut_response(text: str) -> str:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, seed: int = 0, batch_size: int = 64, max_len: int = 256,
-           greedy: bool = False) -> SampleBatch:
-    """n samples per prompt. Prompts longer than max_len - max_new_tokens keep their end."""
+           greedy: bool = False, before_batch: Optional[Callable[[], None]] = None,
+           after_batch: Optional[Callable[[int, int], None]] = None) -> SampleBatch:
+    """n samples per prompt. Prompts longer than max_len - max_new_tokens keep their end.
+
+    ``before_batch()`` runs before each batch of ``batch_size`` samples (a budget check may raise
+    there) and ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged
+    caller's costs then grow batch by batch, with the same random stream as one uncharged call."""
     model.eval()
     device = next(model.parameters()).device
     expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    out_prompts, out_resp, out_idx, n_tok = [], [], [], 0
+    out_prompts, out_resp, out_idx, n_tok, n_prompt = [], [], [], 0, 0
     room = max(8, max_len - max_new_tokens)
     stop_ids = tokenizer(STOP, add_special_tokens=False)["input_ids"]
     for start in range(0, len(expanded), batch_size):
+        if before_batch is not None:
+            before_batch()
         chunk = expanded[start:start + batch_size]
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for _, p in chunk]
+        batch_prompt, batch_gen = sum(map(len, ids)), n_tok
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(input_ids)
@@ -55,7 +65,10 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
             out_prompts.append(p)
             out_resp.append(cut_response(tokenizer.decode(row, skip_special_tokens=True)))
             out_idx.append(i)
-    return SampleBatch(out_prompts, out_resp, out_idx, n_tok)
+        n_prompt += batch_prompt
+        if after_batch is not None:
+            after_batch(batch_prompt, n_tok - batch_gen)
+    return SampleBatch(out_prompts, out_resp, out_idx, n_tok, n_prompt)
 
 
 def _decode_loop(model, input_ids, attn, max_new, temperature, eos_id, gen, greedy, stop_ids) -> list[list[int]]:

@@ -26,14 +26,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (Encoded, batch_schedule, encode, make_optimizer, optimizer_step, pad_batch,
                               response_logprobs)
 
@@ -129,12 +129,15 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def reference_logps(reference, encoded: list[EncodedPair], pad_id: int, device, batch_size: int = 64,
-                    desc: str = "dpo reference") -> torch.Tensor:
-    """log πref of every pair, shape [N, 2] (chosen, rejected); computed once, kept on the CPU."""
+                    desc: str = "dpo reference", charge: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """log πref of every pair, shape [N, 2] (chosen, rejected); computed once, kept on the CPU.
+    ``charge(tokens)`` is called before each batch's forward (a budget check may raise there)."""
     reference.eval()
     out = []
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, mininterval=2):
         idx = list(range(i, min(i + batch_size, len(encoded))))
+        if charge is not None:
+            charge(sum(len(encoded[j].chosen.input_ids) + len(encoded[j].rejected.input_ids) for j in idx))
         logps, _ = sequence_logps(reference, pair_batch(encoded, idx, pad_id, device))
         out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
     return torch.cat(out)
@@ -193,25 +196,34 @@ class DPO(Method):
         for i, e in zip(used, encode_pairs(tok, [ctx.pairs[i] for i in used], ctx.max_len)):
             encoded[i] = e
 
-        t0 = time.time()
+        # The reference pass is training compute (2·N FLOPs per token), charged batch by batch; a
+        # budget it exhausts leaves the policy at π0 (no probes: their reference values are missing).
+        t0, stopped, reference = time.time(), None, ctx.reference()
         ref = torch.full((len(ctx.pairs), 2), float("nan"))
-        ref[used] = reference_logps(ctx.reference(), [encoded[i] for i in used], pad_id, device, cfg.ref_batch_size)
+        try:
+            ref[used] = reference_logps(reference, [encoded[i] for i in used], pad_id, device, cfg.ref_batch_size,
+                                        charge=lambda tokens: ctx.charge_forward(tokens, reference))
+        except BudgetExceeded as e:
+            stopped = str(e)
         ref_seconds = time.time() - t0
 
         policy = ctx.policy()
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(schedule))
-        initial = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
+        initial = {} if stopped else self._probe(ctx, policy, encoded, ref, probe_idx, cfg)
         # Resume after a kill: the schedule is a pure function of the seed, so skipping the
         # finished steps and restoring weights, optimizer, RNG and costs continues the same run.
         start, saved = ctx.resume({"policy": policy}, opt, sched)
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         window: list[dict] = saved.get("window", [])  # training-batch stats since the last logged point
         initial = saved.get("initial", initial)
-        stopped, step = None, start
-        bar = tqdm(schedule[start:], desc="dpo", leave=False, mininterval=2, initial=start, total=len(schedule))
+        step = start
+        bar = tqdm([] if stopped else schedule[start:], desc="dpo", leave=False, mininterval=2, initial=start,
+                   total=len(schedule))
         for step, idx in enumerate(bar, start=start + 1):
-            stopped = ctx.budget_hit()
-            if stopped:
+            try:  # before the step's forward: a stop leaves at most the previous step's cost over the cap
+                ctx.check_budget()
+            except BudgetExceeded as e:
+                stopped = str(e)
                 step -= 1
                 break
             # each process takes its share of the global batch; DDP averages the gradients
@@ -227,7 +239,7 @@ class DPO(Method):
             ctx.save_checkpoint(step - 1, {"policy": policy}, opt, sched, window=window, initial=initial)
         if window or step == 0:
             self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
-        final = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
+        final = self._probe(ctx, policy, encoded, ref, probe_idx, cfg) if step else initial
 
         info = {"steps": step, "planned_steps": len(schedule), "stopped": stopped or "schedule complete",
                 "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing,
@@ -237,10 +249,16 @@ class DPO(Method):
         return PolicyArtifact(path=ctx.save_policy(policy), info=info)
 
     @staticmethod
-    def _log(ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:
+    def _probe(ctx, policy, encoded, ref, probe_idx, cfg) -> dict:
+        """``probe`` as measurement: free, its seconds in measure_s."""
+        with ctx.cost.measuring():
+            return probe(policy, encoded, ref, probe_idx, ctx.tokenizer.pad_token_id, ctx.device, cfg, ctx.batch_size)
+
+    @classmethod
+    def _log(cls, ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:
         if not ctx.dist.is_main:  # measurement is the main process's (its batches' stats in window)
             return
-        extra = probe(policy, encoded, ref, probe_idx, ctx.tokenizer.pad_token_id, ctx.device, cfg, ctx.batch_size)
+        extra = {} if torch.isnan(ref[probe_idx]).any() else cls._probe(ctx, policy, encoded, ref, probe_idx, cfg)
         if window:  # TRL-style running means over the training batches since the last point
             extra.update({f"train_{k}": sum(w[k] for w in window) / len(window) for k in window[0]})
         ctx.log_point(step, model=policy, **extra)

@@ -4,7 +4,8 @@ Both modes rest on one selection rule, ``select_best``: sample K responses per p
 with the PM, keep the highest-scored one (ties go to the first sample).
 
 - ``best_of_n`` trains nothing. The policy is a sampler over π0 that draws n responses and returns
-  the PM's best; it is charged for its n samples and n PM calls per prompt served. Its KL from π0
+  the PM's best; it is charged for its n samples and n PM calls per prompt served (n = 1 needs no
+  PM). Under a budget it is planned to fit (``plan_n``). Its KL from π0
   is known exactly, log n − (n − 1)/n (Gao et al. 2022, arXiv 2210.10760), and is also estimated
   from samples by ``bon_kl_estimate`` so the formula is checked on every run. A reward-vs-KL curve
   over n = 1, 2, 4, ... feeds the sqrt(KL) analysis; it reuses one pool of π0 samples per prompt
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.cost import forward_flops
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import batch_schedule, encode, lm_loss, make_optimizer, optimizer_step, pad_batch
 
 log = logging.getLogger(__name__)
@@ -139,38 +142,104 @@ def _temperature(ctx, cfg) -> float:
     return cfg.temperature or ctx.cfg.train.temperature
 
 
+def serving_cost(k: int, n: int, pool: dict) -> dict:
+    """The cost of serving best-of-k, estimated from a pool of n samples per prompt over the same
+    prompts (``pool``: its measured totals, sampling and PM scoring apart, see ``_bon_pool``):
+    samples scale by k/n, and best-of-1 is a π0 sample with no PM call.
+
+        tokens_generated = G·k/n,   pm_calls = P·k (0 at k = 1),
+        flops  = (F_sample + F_pm·[k > 1])·k/n,   wall_s = (S_sample + S_pm·[k > 1])·k/n"""
+    pm = k > 1
+    return {"tokens_generated": pool["tokens_generated"] * k / n, "pm_calls": pool["prompts"] * k if pm else 0,
+            "flops": (pool["sample_flops"] + (pool["pm_flops"] if pm else 0.0)) * k / n,
+            "wall_s": (pool["sample_s"] + (pool["pm_s"] if pm else 0.0)) * k / n}
+
+
+def plan_n(n: int, pool: dict, caps: dict, spent: dict) -> tuple[int, str]:
+    """The largest k ≤ n whose serving cost fits what the budget has left, for every set cap
+    (``caps`` and ``spent`` keyed like ``serving_cost``), and why. At least 1: with no room even for
+    best-of-1, the evaluation prompts are still answered (one π0 sample each) and the reason says so."""
+    def fits(k: int) -> bool:
+        cost = serving_cost(k, n, pool)
+        return all(spent.get(key, 0) + cost[key] <= cap for key, cap in caps.items())
+
+    if not caps:
+        return n, "no budget"
+    k = next((k for k in range(n, 0, -1) if fits(k)), 0)
+    if k == n:
+        return n, "the configured n fits the budget"
+    if k == 0:
+        return 1, "the budget is below the cost of best-of-1 (one π0 sample per prompt); served n=1 anyway"
+    over = [key for key, cap in caps.items() if spent.get(key, 0) + serving_cost(k + 1, n, pool)[key] > cap]
+    return k, f"best-of-{k + 1} would exceed budget {', '.join(over)}"
+
+
 def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
-    """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement)."""
-    pi0, n, temp = ctx.reference(), cfg.k, _temperature(ctx, cfg)
+    """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement).
+
+    Under a budget, best-of-n is planned before it serves, so that it never stops half-way through
+    the evaluation prompts (which would leave some unanswered) and never spends past the cap: from the
+    curve's pool (n samples per held-out prompt, measured for free) ``plan_n`` takes the largest
+    n_effective ≤ n whose estimated serving cost fits every set cap, and the sampler serves
+    best-of-n_effective. Comparisons stay honest: the policy evaluated is the one the budget pays for,
+    its KL is that of n_effective, and ``n_effective`` and the reason are in the info. PM calls are
+    planned exactly; tokens, FLOPs and seconds are estimates, so they can miss by the sampling noise
+    of the serving draw (far less than one sampler batch at the sizes here)."""
+    pi0, temp = ctx.reference(), _temperature(ctx, cfg)
+    pool = _bon_pool(ctx, pi0, cfg, temp)
+    n, why = plan_n(cfg.k, pool["cost"], ctx.budget.caps, ctx.cost.as_dict())
+    if n != cfg.k:
+        log.info("best-of-n: serving n=%d instead of %d (%s)", n, cfg.k, why)
 
     def sampler(prompts: list[str], seed: int) -> list[str]:
-        out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed)
-        scores = ctx.score(out.prompts, out.responses).view(len(prompts), n)
+        # the planned spend is charged in full without mid-way checks, even inside the final
+        # evaluation's measurement: serving is this policy's cost
+        with ctx.cost.charging():
+            out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed, check=False)
+            if n == 1:  # best-of-1 is the sample itself: no PM call
+                return out.responses
+            scores = ctx.score(out.prompts, out.responses, check=False).view(len(prompts), n)
         return [out.responses[i * n + j] for i, j in enumerate(select_best(scores).tolist())]
 
-    curve = _bon_curve(ctx, pi0, cfg, temp)
-    info = {"mode": "best_of_n", "n": n, "temperature": temp, "kl_analytic": bon_kl_analytic(n),
-            "kl_estimate": curve[-1]["kl_estimate"], "cdf_pool_size": cfg.kl_pool,
+    curve = _bon_curve(ctx, pool, sorted(set(curve_ns(cfg.k)) | {n}))
+    served = next(p for p in curve if p["n"] == n)
+    info = {"mode": "best_of_n", "n": cfg.k, "n_effective": n, "n_effective_reason": why, "temperature": temp,
+            "kl_analytic": bon_kl_analytic(n), "kl_estimate": served["kl_estimate"], "cdf_pool_size": cfg.kl_pool,
             "curve": [{k: p[k] for k in ("n", "proxy_reward", "judge_reward", "kl_analytic", "kl_estimate")}
                       for p in curve],
-            "cost_per_prompt": {"samples": n, "pm_calls": n}}
+            "cost_per_prompt": {"samples": n, "pm_calls": n if n > 1 else 0},
+            "planned_cost": serving_cost(n, cfg.k, pool["cost"])}
     return PolicyArtifact(sampler=sampler, info=info)
 
 
-def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict]:
-    """One pool of n π0 samples per held-out prompt, best of its first k for each k in curve_ns;
-    plus an independent pool for the reward CDF. Measurement, like ctx.measure: not charged."""
+def _bon_pool(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> dict:
+    """Measurement, not charged: one pool of n π0 samples per held-out prompt with their PM scores
+    (the curve draws best-of-k from its first k), an independent pool for the reward CDF, and the
+    pool's measured cost (what serving best-of-n over these prompts costs; see ``serving_cost``)."""
     prompts, n = ctx.eval_prompts, cfg.k
-    spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls)
-    pool = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
-    scores = ctx.score(pool.prompts, pool.responses).view(len(prompts), n)
-    ref = ctx.sample(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
-    ref_scores = ctx.score(ref.prompts, ref.responses).view(len(prompts), cfg.kl_pool)
-    ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls = spent  # measurement is free
+    with ctx.cost.measuring():
+        t0 = time.time()
+        pool = ctx.sample_free(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
+        t1, pm_tokens = time.time(), ctx.pm.tokens
+        scores = ctx.pm_score_free(pool.prompts, pool.responses).view(len(prompts), n)
+        t2, pm_tokens = time.time(), ctx.pm.tokens - pm_tokens
+        ref = ctx.sample_free(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
+        ref_scores = ctx.pm_score_free(ref.prompts, ref.responses).view(len(prompts), cfg.kl_pool)
+    cost = {"prompts": len(prompts), "tokens_generated": pool.n_tokens,
+            "sample_flops": forward_flops(ctx.n_params(pi0), pool.n_prompt_tokens + pool.n_tokens),
+            "pm_flops": forward_flops(ctx.n_params(ctx.pm.model), pm_tokens), "sample_s": t1 - t0, "pm_s": t2 - t1}
+    return {"pool": pool, "scores": scores, "ref_scores": ref_scores, "cost": cost}
+
+
+def _bon_curve(ctx, pool: dict, ns: list[int]) -> list[dict]:
+    """Best of the pool's first k samples per prompt, for each k in ``ns``, with both KLs: one
+    (measurement) log point each."""
+    samples, scores, ref_scores = pool["pool"], pool["scores"], pool["ref_scores"]
+    n = scores.shape[1]
     points = []
-    for k in tqdm(curve_ns(n), desc="best-of-n curve", leave=False):
+    for k in tqdm(ns, desc="best-of-n curve", leave=False):
         idx = select_best(scores[:, :k])
-        responses = [pool.responses[i * n + j] for i, j in enumerate(idx.tolist())]
+        responses = [samples.responses[i * n + j] for i, j in enumerate(idx.tolist())]
         chosen = scores[:, :k].gather(1, idx[:, None]).squeeze(1)
         kl_a, kl_e = bon_kl_analytic(k), bon_kl_estimate(chosen, ref_scores, k)
         point = ctx.log_point(step=k, responses=responses, label=f"n={k}", kl_analytic=kl_a, kl_estimate=kl_e)
@@ -189,13 +258,15 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     step = saved["step"] + 1 if saved else 0
     last_logged, rounds, stopped = saved.get("last_logged", -1), saved.get("rounds", []), None
     for rnd in range(saved.get("round", 0), cfg.rounds):
-        if (stopped := ctx.budget_hit()):
-            break
         start = rnd * cfg.prompts_per_round
         prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
         resuming = saved.get("round") == rnd
-        selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
-            _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        try:  # each sampling and PM batch checks the budget first: a stop here leaves the round untrained
+            selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
+                _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        except BudgetExceeded as e:
+            stopped = str(e)
+            break
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         data = [encode(tok, p, r, ctx.max_len) for p, r in zip(prompts, selected)]
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
@@ -207,7 +278,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
         policy.train()
         bar = tqdm(total=len(batches), initial=done, desc=f"RS round {rnd + 1}/{cfg.rounds}", leave=False, mininterval=2)
         for b, idx in enumerate(batches[done:], start=done):
-            if (stopped := ctx.budget_hit()):
+            if (stopped := ctx.budget_hit()):  # before each optimiser step
                 break
             batch = pad_batch([data[i] for i in ctx.dist.shard(idx)], tok.pad_token_id, ctx.device)
             loss = lm_loss(train_model, batch)

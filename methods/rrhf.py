@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import batch_schedule, encode, make_optimizer, optimizer_step, pad_batch, response_logprobs
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,17 @@ class RRHF(Method):
         stopped, step = None, start
         bar = tqdm(total=len(schedule), initial=start, desc="RRHF", leave=False, mininterval=2)
         for step_idx, idx in enumerate(schedule[start:], start=start):
-            if (stopped := ctx.budget_hit()):
-                break
             seed = ctx.dist.seed(ctx.seed * 100_003 + step_idx)
-            prompts, responses = self._responses(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp, seed)
-            flat_prompts = [p for p in prompts for _ in range(cfg.k)]
-            flat = [r for rs in responses for r in rs]
-            rewards = ctx.score(flat_prompts, flat).view(len(prompts), cfg.k)
+            try:  # sampling and PM batches check the budget first, and so does the optimiser step
+                prompts, responses = self._responses(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp,
+                                                     seed)
+                flat_prompts = [p for p in prompts for _ in range(cfg.k)]
+                flat = [r for rs in responses for r in rs]
+                rewards = ctx.score(flat_prompts, flat).view(len(prompts), cfg.k)
+                ctx.check_budget()
+            except BudgetExceeded as e:
+                stopped = str(e)
+                break
             policy.train()
             seqs = [encode(tok, p, r, ctx.max_len) for p, r in zip(flat_prompts, flat)]
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)

@@ -47,13 +47,14 @@ def pm_loss(model, batch) -> torch.Tensor:
 
 class PMScorer:
     """Scores (prompt, response) pairs with a trained PM and counts the calls (a cost every method
-    is charged for). Thread-safe counter; batched; no gradients."""
+    is charged for) and the tokens it reads (its FLOPs). Thread-safe counters; batched; no gradients."""
 
     def __init__(self, path, device="cpu", max_len: int = 256, batch_size: int = 64):
         self.tokenizer = load_tokenizer(path)
         self.model = load_pm(path).to(device).eval().requires_grad_(False)
         self.device, self.max_len, self.batch_size = device, max_len, batch_size
         self.calls = 0
+        self.tokens = 0  # prompt + response (+ EOS) tokens read, after truncation to max_len
         self._lock = threading.Lock()
 
     @torch.no_grad()
@@ -65,6 +66,8 @@ class PMScorer:
             seqs = [encode(self.tokenizer, p, r, self.max_len)
                     for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
             b = pad_batch(seqs, self.tokenizer.pad_token_id, self.device)
+            with self._lock:
+                self.tokens += sum(len(s.input_ids) for s in seqs)
             out.append(self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
