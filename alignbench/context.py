@@ -180,11 +180,13 @@ class RunContext:
             self.cost.flops += forward_flops(n_pm, self.pm.tokens - tokens)
         return torch.cat(out) if out else torch.empty(0)
 
-    def charge_forward(self, tokens: int, model) -> None:
+    def charge_forward(self, tokens: int, model, check: bool = True) -> None:
         """Charge a no-grad forward a method runs for training (DPO's reference pass, PPO's rollout
         forwards of policy, value and reference): 2·N FLOPs per token of ``model``. Checks the
-        budget first, so call it just before the forward it pays for."""
-        self.check_budget()
+        budget first, so call it just before the forward it pays for (``check=False``: a forward
+        covered by the step's own check, made a different number of times on different processes)."""
+        if check:
+            self.check_budget()
         self.cost.flops += forward_flops(self.n_params(model), tokens)
 
     def check_budget(self, uses: tuple = STEP_USES) -> None:

@@ -173,9 +173,9 @@ def test_ppo_does_not_train_on_a_rollout_bought_past_the_cap(tiny_overrides):
 
 
 def test_dpo_stops_at_a_flops_budget_within_one_step(tiny_overrides):
-    """FLOPs count the one-off reference pass (2·N per token) and every step (6·N per token); the
-    step after the one that reached the cap never runs."""
-    cap = 6.5e9  # the reference pass plus ~3.5 steps on the tiny fixture
+    """FLOPs count the reference pass (2·N per token) and every step (6·N per token); the step after
+    the one that reached the cap never runs."""
+    cap = 6.5e9  # the probe pairs' reference pass and ~4.5 steps on the tiny fixture
     metrics, log = _run(tiny_overrides, ["method=dpo", "method.max_steps=8", "method.eval_every=1",
                                          f"budget.flops={cap}"])
     info, flops = metrics["info"], [p["flops"] for p in log[1:-1]]  # after each step
