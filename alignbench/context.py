@@ -18,9 +18,8 @@ import torch
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
-from alignbench.cost import (SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, count_params,
-                             forward_flops, train_flops)
-from alignbench.models import load_lm
+from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
+from alignbench.models import count_params, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer
@@ -164,7 +163,8 @@ class RunContext:
             self.cost.flops += forward_flops(n_model, prompt_tokens + generated)
 
         before = (lambda: self.check_budget(SAMPLE_USES)) if check else None
-        return self._sample(model, prompts, n, temperature, max_new_tokens, seed, before_batch=before, after_batch=charge)
+        return self._sample(model, prompts, n, temperature, max_new_tokens, seed, before_batch=before,
+                            after_batch=charge)
 
     def score(self, prompts: list[str], responses: list[str], check: bool = True) -> torch.Tensor:
         """PM scores, charged: one PM call per response and 2·N_pm FLOPs per token the PM reads.

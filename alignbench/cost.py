@@ -35,11 +35,6 @@ def train_flops(n_params: int, tokens: int) -> float:
     return 6.0 * n_params * tokens
 
 
-def count_params(model) -> int:
-    """N: every parameter of ``model``, shared (tied) tensors counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 @dataclass
 class Cost:
     """A run's spending. ``wall_s`` is elapsed time minus measurement (``measure_s``), including a

@@ -10,21 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignbench.cost import (SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, count_params,
-                             forward_flops, train_flops)
+from alignbench.cli import compose
+from alignbench.context import RunContext
+from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
+from alignbench.evaluate import build_context
+from alignbench.models import count_params
+from alignbench.runner import run_job, validate
+from alignbench.train import encode
 from alignbench_methods.rejection_sampling import plan_n, serving_cost
 
 FAST = ["train.num_threads=1"]  # one torch thread: more oversubscribe the shared 2-core machine
 
 
 def _run(tiny_overrides, extra: list[str]) -> tuple[dict, list[dict]]:
-    from alignbench.cli import compose
-    from alignbench.runner import run_job
     extra = FAST + extra
     metrics = run_job(compose(tiny_overrides + extra), extra)
     sweep = Path(next(o for o in tiny_overrides if o.startswith("paths.sweep_dir=")).split("=", 1)[1])
-    log = [json.loads(line) for line in (sweep / "runs" / metrics["run_id"] / "train_log.jsonl").read_text().splitlines()]
-    return metrics, log
+    log_file = sweep / "runs" / metrics["run_id"] / "train_log.jsonl"
+    return metrics, [json.loads(line) for line in log_file.read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -100,10 +103,6 @@ def test_context_charges_exact_flops_and_stops_within_one_batch(tiny_overrides, 
     """On the tiny stages: sampling costs 2·N per prompt and generated token, scoring 2·N_pm per token
     the PM reads, a step 6·N per trained token; a spent budget stops sampling and scoring within one
     batch, and measurement neither charges nor checks."""
-    from alignbench.cli import compose
-    from alignbench.evaluate import build_context
-    from alignbench.runner import validate
-    from alignbench.train import encode
     cfg, mcfg, _ = validate(compose(tiny_overrides + FAST + ["method=dpo"]))
     ctx = build_context(cfg, mcfg, tmp_path)
     pi0, tok, cost = ctx.reference(), ctx.tokenizer, ctx.cost
@@ -143,7 +142,6 @@ def test_context_charges_exact_flops_and_stops_within_one_batch(tiny_overrides, 
 
 def test_wall_seconds_leave_out_measurement(tiny_overrides, monkeypatch):
     """Slow measurement (1 s per measure) goes to measure_s; the run's wall_s stays small."""
-    from alignbench.context import RunContext
     measure = RunContext.measure
 
     def slow_measure(self, *args, **kwargs):
