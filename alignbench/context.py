@@ -243,7 +243,8 @@ class RunContext:
             (self.out_dir / "train_log.jsonl").write_text(log_text)
         return state.pop("step") + 1, state
 
-    # ---- measurement (never charged, never checks the budget; its seconds go to cost.measure_s)
+    # ---- measurement (never charged, never checks the budget; its seconds go to cost.measure_s:
+    # log_point, sample_free and score_free time themselves, measure runs inside log_point)
     def _sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
                 max_new_tokens: Optional[int] = None, seed: Optional[int] = None, **hooks) -> SampleBatch:
         return sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
@@ -260,17 +261,17 @@ class RunContext:
                 scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
         """Proxy and judge reward and KL(π‖π0) of ``model`` on the fixed held-out prompts; or of given
         responses (inference-time policies: KL then comes from the method)."""
-        with self.cost.measuring():
-            prompts = self.eval_prompts
-            if responses is None:
-                responses = self.sample_free(model, prompts, seed=self.seed + EVAL_SEED_OFFSET).responses
-            proxy, judge = scores or self.score_free(prompts, responses)
-            point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
-                     "judge": self.judge_name, "mean_response_chars": sum(map(len, responses)) / len(responses)}
-            if model is not None:
-                point.update(kl_estimates(model, self.reference(), self.tokenizer, prompts, responses, self.max_len,
-                                          self.device))
-            return point
+        prompts = self.eval_prompts
+        if responses is None:
+            responses = sample(model, self.tokenizer, prompts, seed=self.seed + EVAL_SEED_OFFSET,
+                               temperature=self.cfg.train.temperature,
+                               max_new_tokens=self.cfg.train.max_new_tokens, max_len=self.max_len).responses
+        proxy, judge = scores or self.score_free(prompts, responses)
+        point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
+                 "judge": self.judge_name, "mean_response_chars": sum(map(len, responses)) / len(responses)}
+        if model is not None:
+            point.update(kl_estimates(model, self.reference(), self.tokenizer, prompts, responses, self.max_len, self.device))
+        return point
 
     def pm_score_free(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Proxy PM scores for measurement: not charged to the method (``score`` charges by the

@@ -134,7 +134,7 @@ def test_context_charges_exact_flops_and_stops_within_one_batch(tiny_overrides, 
         ctx.sample(pi0, many)
     assert 0 < cost.tokens_generated - generated <= 64 * cfg.train.max_new_tokens
     spent = cost.as_dict()
-    ctx.measure(pi0)  # measurement after a stop: free, and it does not raise
+    ctx.log_point(1, model=pi0)  # measurement after a stop: free, and it does not raise
     assert {k: cost.as_dict()[k] for k in ("tokens_generated", "pm_calls", "flops")} == \
         {k: spent[k] for k in ("tokens_generated", "pm_calls", "flops")}
     assert cost.measure_s > 0
