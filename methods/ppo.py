@@ -377,7 +377,8 @@ class PPO(Method):
                                 rng=py_state_to_list(rng.getstate()), kl_coef=kl_coef, last_logged=last_logged,
                                 extra=extra, ptx_rng=py_state_to_list(ptx.rng.getstate()) if ptx else None)
         if done > last_logged or partial:  # the end point (also after a budget stop)
-            ctx.log_point(done, model=policy, **extra, **({"partial_step_updates": partial} if partial else {}))
+            ctx.log_point(done, model=policy, label="end" if partial else "train", **extra,
+                          **({"partial_step_updates": partial} if partial else {}))
 
         # the LM only: the value head is a training device
         return PolicyArtifact(path=ctx.save_policy(policy), info={
