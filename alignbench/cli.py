@@ -11,9 +11,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 USAGE = __doc__
+
+
+class _BadInput(BaseException):
+    """Carries a config or data error out of a Hydra task. A BaseException, so Hydra's own handler
+    (which prints a traceback for any Exception a task raises) lets it through to ``main``, which
+    prints the one-line message."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _bad_input_types() -> tuple:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from alignbench.config import ConfigError
+    from alignbench.data.types import DataError
+    return ConfigError, DataError, HydraException, OmegaConfBaseException
 
 
 def compose(overrides: list[str]):
@@ -34,28 +58,44 @@ def _register() -> None:
 
 
 def cmd_run(argv: list[str]) -> int:
+    """One job, or a multirun sweep. A bad config value is one line on stderr and exit status 2
+    (with HYDRA_FULL_ERROR=1, Hydra's full traceback instead). In a sweep, a job with a bad value
+    prints its line and the other jobs go on; the sweep then exits 2."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from alignbench.runner import run_job
 
     _register()
+    bad_jobs: list[Exception] = []
 
     @hydra.main(config_path="pkg://alignbench_conf", config_name="config", version_base="1.3")
     def task(cfg):
         from hydra.types import RunMode
         hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
         try:
             return run_job(cfg, list(hc.overrides.task))
+        except _bad_input_types() as e:
+            if _full_error():
+                raise
+            if not multirun:
+                raise _BadInput(e) from e
+            print(f"alignbench: error: {e}", file=sys.stderr)
+            bad_jobs.append(e)
+            return None
         except Exception:
-            if hc.mode == RunMode.MULTIRUN:  # recorded as failed in the sweep index; others go on
+            if multirun:  # recorded as failed in the sweep index; others go on
                 logging.getLogger("alignbench").exception("job %s failed", hc.job.num)
                 return None
             raise
 
     sys.argv = [sys.argv[0]] + argv
-    task()
-    return 0
+    try:
+        task()
+    except _BadInput as e:
+        raise e.error from None
+    return 2 if bad_jobs else 0
 
 
 def cmd_stages(argv: list[str]) -> int:
@@ -117,14 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from alignbench.config import ConfigError
-    from alignbench.data.types import DataError
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
-    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as e:
+    except _bad_input_types() as e:
+        if _full_error():  # the traceback, as Hydra's own switch promises
+            raise
         print(f"alignbench: error: {e}", file=sys.stderr)
         return 2
 

@@ -162,7 +162,8 @@ class BudgetConfig:
     """Optional cost cap applied to every method alike, for comparisons at matched cost."""
     pm_calls: Optional[int] = opt(None, gt=0)
     generated_tokens: Optional[int] = opt(None, gt=0)
-    wall_seconds: Optional[float] = opt(None, gt=0)
+    wall_seconds: Optional[float] = opt(None, gt=0)  # the method's own seconds, measurement excluded
+    flops: Optional[float] = opt(None, gt=0)  # estimated training compute (alignbench.cost)
 
 
 @dataclass

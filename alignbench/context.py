@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -18,8 +18,8 @@ import torch
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
-from alignbench.methods import Budget, Cost
-from alignbench.models import disable_dropout, load_lm
+from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
+from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer, SampleScorer
@@ -51,6 +51,13 @@ def kl_estimates(policy, reference, samples: SampleBatch, pad_id: int, device, b
 Responses = Union[SampleBatch, list[str]]  # samples with their ids, or bare texts (inference-time policies)
 
 
+def _rows(prompts: Responses, responses: Optional[list[str]], start: int, stop: int) -> tuple:
+    """Rows [start, stop) of a SampleBatch, or of parallel prompt and response text lists."""
+    if isinstance(prompts, SampleBatch):
+        return prompts.select(range(start, min(stop, len(prompts)))), None
+    return prompts[start:stop], responses[start:stop]
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -71,7 +78,9 @@ class RunContext:
     eval_meta: list = field(default_factory=list)  # {"subset", "n_turns"} per eval prompt
     _reference: Any = None
     _sample_pm: Any = None  # the PM reading SampleBatches by their ids (built on first use)
-    _synced: tuple = (0, 0)  # (tokens_generated, pm_calls) already merged over processes
+    _synced: tuple = (0, 0, 0.0)  # (tokens_generated, pm_calls, flops) already merged over processes
+    _n_params: Any = field(default_factory=weakref.WeakKeyDictionary)  # model -> N, counted once
+    _policy_params: Optional[int] = None  # N of the policy copies ctx.policy() hands out
 
     # ---- models
     @property
@@ -93,7 +102,9 @@ class RunContext:
     def policy(self) -> torch.nn.Module:
         """A fresh trainable copy of π0 (every method starts here)."""
         torch.manual_seed(self.seed)
-        return self.load(self.stages.pi0.path).train()
+        policy = self.load(self.stages.pi0.path).train()
+        self._policy_params = self.n_params(policy)
+        return policy
 
     def reference(self) -> torch.nn.Module:
         """π0, frozen (the KL anchor and DPO's reference); loaded once."""
@@ -112,18 +123,37 @@ class RunContext:
         (see alignbench.distributed), else ``policy`` itself. Parameters are shared."""
         return self.dist.prepare(policy)
 
-    def charge_step(self, trained_tokens: int) -> None:
-        """Charge one optimiser step's training tokens. Under a multi-process launch this also merges
-        every process's sampling and PM costs since the previous step into the run's totals, so
-        every process calls it once per step (it is a collective there)."""
+    def n_params(self, model) -> int:
+        """N of ``model`` (all its parameters), counted once per model object."""
+        if model not in self._n_params:
+            self._n_params[model] = count_params(model)
+        return self._n_params[model]
+
+    def charge_step(self, trained_tokens: int, model=None) -> None:
+        """Charge one optimiser step: its training tokens and 6·N FLOPs per token (N: ``model``'s
+        parameters, by default the policy's, i.e. π0's architecture). Under a multi-process launch
+        this also merges every process's costs since the last merge into the run's totals, so every
+        process calls it once per step (it is a collective there). Call ``check_budget()`` before
+        the step's forward: this charges what was already spent."""
+        n = self.n_params(model) if model is not None else self._policy_params or self.n_params(self.reference())
+        self._merge_costs(trained_tokens, train_flops(n, trained_tokens))
+
+    def _merge_costs(self, trained_tokens: int = 0, trained_flops: float = 0.0) -> None:
+        """Add a step's training cost; under a multi-process launch, sum every process's costs
+        since the previous merge (a collective: every process calls it at the same points)."""
+        c = self.cost
         if not self.dist.enabled:
-            self.cost.tokens_trained += trained_tokens
+            c.tokens_trained += trained_tokens
+            c.flops += trained_flops
             return
-        gen0, pm0 = self._synced
-        trained, gen, pm = self.dist.sum([trained_tokens, self.cost.tokens_generated - gen0, self.cost.pm_calls - pm0])
-        self.cost.tokens_trained += trained
-        self.cost.tokens_generated, self.cost.pm_calls = gen0 + gen, pm0 + pm
-        self._synced = (self.cost.tokens_generated, self.cost.pm_calls)
+        gen0, pm0, flops0 = self._synced
+        # float64 holds the integer counts exactly (below 2**53) and the FLOPs in one collective
+        trained, gen, pm, flops = self.dist.all_sum(torch.tensor(
+            [trained_tokens, c.tokens_generated - gen0, c.pm_calls - pm0, c.flops - flops0 + trained_flops],
+            dtype=torch.float64)).tolist()
+        c.tokens_trained += int(trained)
+        c.tokens_generated, c.pm_calls, c.flops = gen0 + int(gen), pm0 + int(pm), flops0 + flops
+        self._synced = (c.tokens_generated, c.pm_calls, c.flops)
 
     def save_policy(self, policy) -> Path:
         """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation loads."""
@@ -134,21 +164,38 @@ class RunContext:
             self.tokenizer.save_pretrained(path)
         return path
 
-    # ---- charged operations
+    # ---- charged operations (each checks the budget first; see check_budget)
     def sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
-               max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
-        """Training samples (charged), at the method's temperature or train.temperature."""
-        out = sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
-                     temperature=temperature or self.cfg.train.temperature,
-                     max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len)
-        self.cost.tokens_generated += out.n_tokens
-        return out
+               max_new_tokens: Optional[int] = None, seed: Optional[int] = None, check: bool = True) -> SampleBatch:
+        """Training samples at the method's temperature or train.temperature, charged batch by batch
+        (the sampler's batches of 64): the generated tokens, and 2·N FLOPs per prompt token (the
+        prefill is compute too) and per generated token. The budget is checked before each batch, so
+        a call stops within one batch of the cap. ``check=False``: charge without checking (a planned
+        spend that must not stop half-way, such as best-of-n serving the evaluation prompts)."""
+        n_model = self.n_params(model)
 
-    def score(self, prompts: Union[SampleBatch, list[str]], responses: Optional[list[str]] = None) -> torch.Tensor:
-        """PM scores, one PM call charged per response: of a SampleBatch by its sampled ids, or of
-        dataset-style (prompt, response) texts."""
-        self.cost.pm_calls += len(prompts)
-        return self._pm_scores(prompts, responses)
+        def charge(prompt_tokens: int, generated: int) -> None:
+            self.cost.tokens_generated += generated
+            self.cost.flops += forward_flops(n_model, prompt_tokens + generated)
+
+        before = (lambda: self.check_budget(SAMPLE_USES)) if check else None
+        return self._sample(model, prompts, n, temperature, max_new_tokens, seed, before_batch=before,
+                            after_batch=charge)
+
+    def score(self, prompts: Responses, responses: Optional[list[str]] = None, check: bool = True) -> torch.Tensor:
+        """PM scores, charged: one PM call per response and 2·N_pm FLOPs per token the PM reads; of a
+        SampleBatch by its sampled ids, or of dataset-style (prompt, response) texts. Scored in
+        batches of the PM's batch size with the budget checked before each (``check=False``: see
+        ``sample``)."""
+        n_pm, size, out = self.n_params(self.pm.model), self.pm.batch_size, []
+        for i in range(0, len(prompts), size):
+            if check:
+                self.check_budget(SCORE_USES)
+            tokens = self.pm.tokens
+            out.append(self._pm_scores(*_rows(prompts, responses, i, i + size)))
+            self.cost.pm_calls += len(out[-1])
+            self.cost.flops += forward_flops(n_pm, self.pm.tokens - tokens)
+        return torch.cat(out) if out else torch.empty(0)
 
     def _pm_scores(self, prompts: Responses, responses: Optional[list[str]]) -> torch.Tensor:
         if not isinstance(prompts, SampleBatch):
@@ -157,9 +204,32 @@ class RunContext:
             self._sample_pm = SampleScorer(self.pm, self.tokenizer)
         return self._sample_pm(prompts)
 
-    def budget_hit(self) -> Optional[str]:
-        """Why to stop (None: go on); the main process decides for all (they must agree)."""
-        return self.dist.from_main(self.budget.exhausted(self.cost))
+    def charge_forward(self, tokens: int, model, check: bool = True) -> None:
+        """Charge a no-grad forward a method runs for training (DPO's reference pass, PPO's rollout
+        forwards of policy, value and reference): 2·N FLOPs per token of ``model``. Checks the
+        budget first, so call it just before the forward it pays for (``check=False``: a forward
+        covered by the step's own check, made a different number of times on different processes)."""
+        if check:
+            self.check_budget()
+        self.cost.flops += forward_flops(self.n_params(model), tokens)
+
+    def check_budget(self, uses: tuple = STEP_USES) -> None:
+        """Raise BudgetExceeded (the reason as its message) when an operation spending ``uses`` may
+        not run (see Budget.exhausted). Every charged operation calls it before it runs; a method
+        calls it (as is: an optimiser step) before each optimiser step's forward. Under a
+        multi-process launch (with a budget set) it merges every process's costs and the main
+        process decides for all: a collective, which every process reaches at the same points."""
+        reason = self.budget_hit(uses)
+        if reason:
+            raise BudgetExceeded(reason)
+
+    def budget_hit(self, uses: tuple = STEP_USES) -> Optional[str]:
+        """Why to stop before an operation spending ``uses`` (None: go on); ``check_budget`` without
+        raising. The main process decides for all (they must agree)."""
+        if not self.budget.caps:  # the same config on every process: all skip the collectives alike
+            return None
+        self._merge_costs()
+        return self.dist.from_main(self.budget.exhausted(self.cost, uses))
 
     # ---- checkpoints (resume after a kill or pre-emption; train.checkpoint_every steps)
     @property
@@ -190,23 +260,34 @@ class RunContext:
         state = self._checkpointer.restore(modules, optimizer, scheduler)
         if state is None:
             return 0, {}
-        cost = state.pop("cost")
-        self.cost.tokens_trained, self.cost.tokens_generated = cost["tokens_trained"], cost["tokens_generated"]
-        self.cost.pm_calls = cost["pm_calls"]
-        self.cost.started = time.time() - cost["wall_s"]
-        self._synced = (self.cost.tokens_generated, self.cost.pm_calls)  # the saved costs are run totals
+        self.cost.restore(state.pop("cost"))
+        self._synced = (self.cost.tokens_generated, self.cost.pm_calls, self.cost.flops)  # saved: run totals
         log_text = state.pop("train_log")
         if self.dist.is_main:
             (self.out_dir / "train_log.jsonl").write_text(log_text)
         return state.pop("step") + 1, state
 
-    # ---- measurement (not charged)
+    # ---- measurement (never charged, never checks the budget; its seconds go to cost.measure_s:
+    # log_point, sample_free and score_free time themselves, measure runs inside log_point)
+    def _sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
+                max_new_tokens: Optional[int] = None, seed: Optional[int] = None, **hooks) -> SampleBatch:
+        return sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
+                      temperature=temperature or self.cfg.train.temperature,
+                      max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len, **hooks)
+
+    def sample_free(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
+                    max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
+        """``sample`` for measurement: the same sampler and defaults, not charged."""
+        with self.cost.measuring():
+            return self._sample(model, prompts, n, temperature, max_new_tokens, seed)
+
     def eval_sample(self, model) -> SampleBatch:
         """The held-out samples every policy is measured on: one per eval prompt, at eval.temperature,
-        from the evaluation stream (never the training one)."""
-        return sample(model, self.tokenizer, self.eval_prompts, seed=self.seed + EVAL_SEED_OFFSET,
-                      temperature=self.cfg.eval.temperature, max_new_tokens=self.cfg.train.max_new_tokens,
-                      max_len=self.max_len)
+        from the evaluation stream (never the training one). Not charged."""
+        with self.cost.measuring():
+            return sample(model, self.tokenizer, self.eval_prompts, seed=self.seed + EVAL_SEED_OFFSET,
+                          temperature=self.cfg.eval.temperature, max_new_tokens=self.cfg.train.max_new_tokens,
+                          max_len=self.max_len)
 
     def measure(self, model=None, responses: Optional[Responses] = None, label: str = "train",
                 scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
@@ -227,16 +308,22 @@ class RunContext:
             point.update(kl_estimates(model, self.reference(), responses, self.tokenizer.pad_token_id, self.device))
         return point
 
+    def pm_score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> torch.Tensor:
+        """Proxy PM scores for measurement (of a SampleBatch by its ids, or of texts): not charged
+        (``score`` charges by the difference in the PM's counters around its own call, so they need no
+        restoring here)."""
+        with self.cost.measuring():
+            return self._pm_scores(prompts, responses)
+
     def score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> tuple[list[float], list[float]]:
         """Per-response proxy and judge rewards for measurement (of a SampleBatch by its ids, or of
         texts): not charged to the method."""
-        calls = self.pm.calls
-        proxy = self._pm_scores(prompts, responses).tolist()
-        self.pm.calls = calls
-        if isinstance(prompts, SampleBatch):
-            judge = self.judge(prompts.prompts, prompts.responses, samples=prompts)
-        else:
-            judge = self.judge(prompts, responses)
+        with self.cost.measuring():
+            proxy = self.pm_score_free(prompts, responses).tolist()
+            if isinstance(prompts, SampleBatch):
+                judge = self.judge(prompts.prompts, prompts.responses, samples=prompts)
+            else:
+                judge = self.judge(prompts, responses)
         return proxy, [float(j) for j in judge]
 
     def log_point(self, step: int, model=None, responses=None, label: str = "train", scores=None, **extra) -> dict:
@@ -245,8 +332,9 @@ class RunContext:
         if not self.dist.is_main:
             return {}
         was_training = model.training if model is not None else False
-        point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
-                 **self.measure(model, responses, label, scores), **self.cost.as_dict(), **extra}
+        with self.cost.measuring():
+            point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
+                     **self.measure(model, responses, label, scores), **self.cost.as_dict(), **extra}
         if model is not None and was_training:
             model.train()
         with open(self.out_dir / "train_log.jsonl", "a") as f:

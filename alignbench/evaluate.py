@@ -22,7 +22,8 @@ from alignbench.data.splits import prompt_mix
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
-from alignbench.methods import Budget, PolicyArtifact
+from alignbench.cost import Budget
+from alignbench.methods import PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import SampleBatch
 from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
@@ -56,11 +57,13 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     judge, judge_name = make_judge(cfg, stages, device, tokenizer)
     prompts, meta = eval_prompts(cfg, data)
     b = cfg.budget
+    budget = Budget(pm_calls=b.pm_calls, generated_tokens=b.generated_tokens, wall_seconds=b.wall_seconds,
+                    flops=b.flops)
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=tokenizer, device=device,
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
         pairs=method_pairs(cfg, data), pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
-        judge_name=judge_name, out_dir=run_dir, budget=Budget(b.pm_calls, b.generated_tokens, b.wall_seconds),
+        judge_name=judge_name, out_dir=run_dir, budget=budget,
         dist=dist)
 
 
@@ -105,7 +108,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     write_rows(ctx.out_dir / "results.csv", rows)
     metrics = {"method": cfg.method["name"], "config": config_id, "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
-               "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls")},
+               "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
+                                              "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}

@@ -6,15 +6,18 @@ Methods are discovered through the entry-point group ``alignbench.methods``; the
 ``methods/`` (package ``alignbench_methods``) register exactly the way a third-party package does.
 
 Everything a method may use arrives in the RunContext, and everything it spends goes through it:
-``ctx.sample`` counts generated tokens, ``ctx.pm`` counts PM calls, ``ctx.budget`` stops a method at
-matched cost, ``ctx.log_point`` measures (proxy reward, KL(π‖π0) k1/k3, judge reward) on the fixed
-held-out prompts without charging the method for the measurement.
+``ctx.sample`` counts generated tokens, ``ctx.score`` PM calls, ``ctx.charge_step`` and
+``ctx.charge_forward`` training and extra forwards, all of them FLOPs (alignbench.cost). Each charged
+operation checks ``ctx.budget`` first and raises ``BudgetExceeded`` once it is spent: a method's loop
+catches it, stops, and still logs its end point and saves its policy. ``ctx.check_budget()`` is the
+same check, for a method to call before each optimiser step. ``ctx.log_point`` measures (proxy
+reward, KL(π‖π0) k1/k3, judge reward) on the fixed held-out prompts without charging the method for
+the measurement (its seconds go to ``measure_s``, not ``wall_s``).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 from omegaconf import OmegaConf
 
 from alignbench.config import ConfigError, check, opt
+from alignbench.cost import Budget, BudgetExceeded, Cost  # noqa: F401 - re-exported for methods and plugins
 
-if TYPE_CHECKING:  # the context imports this module; annotations only
+if TYPE_CHECKING:  # annotations only
     from alignbench.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -64,40 +68,6 @@ class Method:
 
     def train(self, ctx: "RunContext") -> PolicyArtifact:  # pragma: no cover - interface
         raise NotImplementedError
-
-
-class BudgetExceeded(RuntimeError):
-    pass
-
-
-@dataclass
-class Budget:
-    """Matched-cost cap shared by every method in a sweep; ``exhausted()`` is checked by loops."""
-    pm_calls: Optional[int] = None
-    generated_tokens: Optional[int] = None
-    wall_seconds: Optional[float] = None
-    started: float = field(default_factory=time.time)
-
-    def exhausted(self, cost: "Cost") -> Optional[str]:
-        if self.pm_calls and cost.pm_calls >= self.pm_calls:
-            return f"budget.pm_calls={self.pm_calls} reached"
-        if self.generated_tokens and cost.tokens_generated >= self.generated_tokens:
-            return f"budget.generated_tokens={self.generated_tokens} reached"
-        if self.wall_seconds and time.time() - self.started >= self.wall_seconds:
-            return f"budget.wall_seconds={self.wall_seconds} reached"
-        return None
-
-
-@dataclass
-class Cost:
-    tokens_trained: int = 0
-    tokens_generated: int = 0
-    pm_calls: int = 0
-    started: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict:
-        return {"wall_s": round(time.time() - self.started, 3), "tokens_trained": self.tokens_trained,
-                "tokens_generated": self.tokens_generated, "pm_calls": self.pm_calls}
 
 
 # --------------------------------------------------------------------------- registry

@@ -145,6 +145,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def count_params(model: torch.nn.Module) -> int:
+    """N: every parameter of ``model``, a shared (tied) tensor counted once (the FLOPs rule's N)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignbench.config import Config, to_config
 from alignbench.distributed import Dist, launched_world_size, main_only_logging
-from alignbench.methods import Budget, PolicyArtifact, get_method, method_config
+from alignbench.methods import PolicyArtifact, get_method, method_config
 from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
 
@@ -160,7 +160,8 @@ def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist
     artifact: PolicyArtifact = method_cls().train(ctx)
     if not dist.is_main:  # the main process evaluates; the others' part ends with training
         return {}
-    return final_evaluation(ctx, artifact, config_id)
+    with ctx.cost.measuring():  # free, except what an inference-time policy spends serving (Cost.charging)
+        return final_evaluation(ctx, artifact, config_id)
 
 
 def _update_index(cfg: Config) -> None:
@@ -189,11 +190,6 @@ def _run_meta(d: Path) -> dict:
         return {"method": c.method.name, "seed": int(c.seed)}
     except Exception:  # noqa: BLE001 - an unreadable config is reported as unknown, not fatal
         return {"method": None, "seed": None}
-
-
-def make_budget(cfg: Config) -> Budget:
-    b = cfg.budget
-    return Budget(b.pm_calls, b.generated_tokens, b.wall_seconds)
 
 
 class SweepSummary(Callback):

@@ -11,7 +11,7 @@ re-tokenised and no EOS is added that the model did not sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -52,6 +52,11 @@ class SampleBatch:
                            pick(self.prompt_ids), pick(self.response_ids), pick(self.finished), self.temperature)
 
     @property
+    def n_prompt_tokens(self) -> int:
+        """Prompt tokens fed to the model (after truncation), summed over samples."""
+        return sum(map(len, self.prompt_ids))
+
+    @property
     def truncation_rate(self) -> float:
         """Share of responses cut at max_new_tokens (not ended by EOS or the stop string)."""
         return sum(not f for f in self.finished) / max(len(self.finished), 1)
@@ -79,8 +84,13 @@ def cut_ids(tokenizer, row: list[int]) -> tuple[list[int], bool]:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, seed: int = 0, batch_size: int = 64, max_len: int = 256,
-           greedy: bool = False) -> SampleBatch:
-    """n samples per prompt. Prompts keep ``prompt_window(ids, max_len, max_new_tokens)``."""
+           greedy: bool = False, before_batch: Optional[Callable[[], None]] = None,
+           after_batch: Optional[Callable[[int, int], None]] = None) -> SampleBatch:
+    """n samples per prompt. Prompts keep ``prompt_window(ids, max_len, max_new_tokens)``.
+
+    ``before_batch()`` runs before each batch of ``batch_size`` samples (a budget check may raise
+    there) and ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged
+    caller's costs then grow batch by batch, with the same random stream as one uncharged call."""
     model.eval()
     device = next(model.parameters()).device
     expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
@@ -90,8 +100,11 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     windows = [prompt_window(tokenizer(p, add_special_tokens=False)["input_ids"], max_len, max_new_tokens)
                for p in prompts]
     for start in range(0, len(expanded), batch_size):
+        if before_batch is not None:
+            before_batch()
         chunk = expanded[start:start + batch_size]
         ids = [windows[i] for i, _ in chunk]
+        batch_prompt, batch_gen = sum(map(len, ids)), out.n_tokens
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
         attn = torch.zeros_like(input_ids)
@@ -109,6 +122,8 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
             out.prompt_ids.append(windows[i])
             out.response_ids.append(resp)
             out.finished.append(finished)
+        if after_batch is not None:
+            after_batch(batch_prompt, out.n_tokens - batch_gen)
     return out
 
 

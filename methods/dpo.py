@@ -15,25 +15,29 @@ log-ratio is divided by its response length first, as TRL 1.x does ("confirmed w
 authors"): a summed h grows with length, and the squared loss would then pull every pair to a
 fixed margin regardless of length.
 
-The reference log-probs are computed once, before training: πref is frozen and the pairs are
-fixed, so log πref(y|x) of every pair is a constant. One no-grad pass over the pairs replaces a
-reference forward in every step of every epoch (a third of a step's compute), and makes a step
-exactly one policy forward + backward on a batch of 2B sequences [chosen..., rejected...]. TRL does
-the same with ``precompute_ref_log_probs=True``.
+The reference log-probs are computed once per pair: πref is frozen and the pairs are fixed, so
+log πref(y|x) of every pair is a constant. One no-grad pass per pair replaces a reference forward
+in every step of every epoch (a third of a step's compute), and makes a step exactly one policy
+forward + backward on a batch of 2B sequences [chosen..., rejected...]. TRL does the same with
+``precompute_ref_log_probs=True``, in one pass before training. Here the pass is lazy: the probe
+pairs before training, every other pair just before the step that first uses it (``ReferenceCache``),
+so a run stopped by its budget has paid only for the pairs it trained on. A pair's value always
+comes from the same batch (its first step's new pairs), so a resumed run computes bitwise the
+values of an uninterrupted one.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (Encoded, batch_schedule, encode_pair, make_optimizer, optimizer_step, pad_batch,
                               response_logprobs)
 
@@ -127,14 +131,55 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps, batch["response_mask"][:, 1:].sum(-1).float()
 
 
+class ReferenceCache:
+    """log πref of the pairs, [N, 2] (chosen, rejected), each computed once when first needed and
+    charged as a no-grad forward (2·N FLOPs per token; the step's budget check comes first). The
+    pairs a step uses for the first time form one batch, whenever they are computed."""
+
+    def __init__(self, ctx, encoded: list, schedule: list[list[int]], probe_idx: list[int], batch_size: int):
+        self.ctx, self.encoded, self.batch_size = ctx, encoded, batch_size
+        self.values = torch.full((len(encoded), 2), float("nan"))
+        self.seconds, self.first = 0.0, {}  # pair -> the step that first uses it (this process's share)
+        for step, idx in enumerate(schedule):
+            for i in ctx.dist.shard(idx):
+                self.first.setdefault(i, step)
+        self.groups: dict = {}
+        probes = set(probe_idx)
+        for i, step in self.first.items():
+            if i not in probes:
+                self.groups.setdefault(step, []).append(i)
+        self._compute(probe_idx)
+
+    def need(self, idx: list[int]) -> torch.Tensor:
+        """The cache, with the pairs ``idx`` filled in (each missing pair's whole first-step group)."""
+        for step in sorted({self.first[i] for i in idx if torch.isnan(self.values[i, 0])}):
+            self._compute(self.groups.pop(step))
+        return self.values
+
+    @property
+    def computed(self) -> int:
+        return int((~torch.isnan(self.values[:, 0])).sum())
+
+    def _compute(self, idx: list[int]) -> None:
+        ctx, t0 = self.ctx, time.time()
+        reference = ctx.reference()
+        self.values[idx] = reference_logps(
+            reference, [self.encoded[i] for i in idx], ctx.tokenizer.pad_token_id, ctx.device, self.batch_size,
+            charge=lambda tokens: ctx.charge_forward(tokens, reference, check=False))
+        self.seconds += time.time() - t0
+
+
 @torch.no_grad()
 def reference_logps(reference, encoded: list[EncodedPair], pad_id: int, device, batch_size: int = 64,
-                    desc: str = "dpo reference") -> torch.Tensor:
-    """log πref of every pair, shape [N, 2] (chosen, rejected); computed once, kept on the CPU."""
+                    desc: str = "dpo reference", charge: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """log πref of every pair, shape [N, 2] (chosen, rejected); computed once, kept on the CPU.
+    ``charge(tokens)`` is called before each batch's forward."""
     reference.eval()
     out = []
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False, mininterval=2):
         idx = list(range(i, min(i + batch_size, len(encoded))))
+        if charge is not None:
+            charge(sum(len(encoded[j].chosen.input_ids) + len(encoded[j].rejected.input_ids) for j in idx))
         logps, _ = sequence_logps(reference, pair_batch(encoded, idx, pad_id, device))
         out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
     return torch.cat(out)
@@ -193,14 +238,12 @@ class DPO(Method):
         for i, e in zip(used, encode_pairs(tok, [ctx.pairs[i] for i in used], ctx.max_len)):
             encoded[i] = e
 
-        t0 = time.time()
-        ref = torch.full((len(ctx.pairs), 2), float("nan"))
-        ref[used] = reference_logps(ctx.reference(), [encoded[i] for i in used], pad_id, device, cfg.ref_batch_size)
-        ref_seconds = time.time() - t0
+        cache = ReferenceCache(ctx, encoded, schedule, probe_idx, cfg.ref_batch_size)
+        ref = cache.values
 
         policy = ctx.policy()
         opt, sched = make_optimizer(policy, ctx.lr, ctx.cfg.train.weight_decay, ctx.cfg.train.warmup_steps, len(schedule))
-        initial = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
+        initial = self._probe(ctx, policy, encoded, ref, probe_idx, cfg)
         # Resume after a kill: the schedule is a pure function of the seed, so skipping the
         # finished steps and restoring weights, optimizer, RNG and costs continues the same run.
         start, saved = ctx.resume({"policy": policy}, opt, sched)
@@ -210,12 +253,15 @@ class DPO(Method):
         stopped, step = None, start
         bar = tqdm(schedule[start:], desc="dpo", leave=False, mininterval=2, initial=start, total=len(schedule))
         for step, idx in enumerate(bar, start=start + 1):
-            stopped = ctx.budget_hit()
-            if stopped:
+            try:  # before the step's forwards: a stop leaves at most the previous step's cost over the cap
+                ctx.check_budget()
+            except BudgetExceeded as e:
+                stopped = str(e)
                 step -= 1
                 break
             # each process takes its share of the global batch; DDP averages the gradients
-            out, n_tok = dpo_step(train_model, opt, sched, encoded, ref, ctx.dist.shard(idx), pad_id, device, cfg.beta,
+            mine = ctx.dist.shard(idx)
+            out, n_tok = dpo_step(train_model, opt, sched, encoded, cache.need(mine), mine, pad_id, device, cfg.beta,
                                   cfg.loss, cfg.label_smoothing, ctx.cfg.train.grad_clip)
             ctx.charge_step(n_tok)
             window.append({"loss": out.loss.item(), **reward_stats(out)})
@@ -227,20 +273,26 @@ class DPO(Method):
             ctx.save_checkpoint(step - 1, {"policy": policy}, opt, sched, window=window, initial=initial)
         if window or step == 0:
             self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
-        final = probe(policy, encoded, ref, probe_idx, pad_id, device, cfg, ctx.batch_size)
+        final = self._probe(ctx, policy, encoded, ref, probe_idx, cfg)
 
         info = {"steps": step, "planned_steps": len(schedule), "stopped": stopped or "schedule complete",
                 "beta": cfg.beta, "loss": cfg.loss, "label_smoothing": cfg.label_smoothing,
-                "ref_logps_seconds": round(ref_seconds, 3), "ref_logps_pairs": len(used),
+                "ref_logps_seconds": round(cache.seconds, 3), "ref_logps_pairs": cache.computed,
                 "probe_pairs": len(probe_idx),
                 **{f"initial_{k}": v for k, v in initial.items()}, **{f"final_{k}": v for k, v in final.items()}}
         return PolicyArtifact(path=ctx.save_policy(policy), info=info)
 
     @staticmethod
-    def _log(ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:
+    def _probe(ctx, policy, encoded, ref, probe_idx, cfg) -> dict:
+        """``probe`` as measurement: free, its seconds in measure_s."""
+        with ctx.cost.measuring():
+            return probe(policy, encoded, ref, probe_idx, ctx.tokenizer.pad_token_id, ctx.device, cfg, ctx.batch_size)
+
+    @classmethod
+    def _log(cls, ctx, step, policy, encoded, ref, probe_idx, cfg, window) -> None:
         if not ctx.dist.is_main:  # measurement is the main process's (its batches' stats in window)
             return
-        extra = probe(policy, encoded, ref, probe_idx, ctx.tokenizer.pad_token_id, ctx.device, cfg, ctx.batch_size)
+        extra = cls._probe(ctx, policy, encoded, ref, probe_idx, cfg)
         if window:  # TRL-style running means over the training batches since the last point
             extra.update({f"train_{k}": sum(w[k] for w in window) / len(window) for k in window[0]})
         ctx.log_point(step, model=policy, **extra)

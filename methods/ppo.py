@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (encode, encode_samples, last_token_index, lm_loss, make_optimizer, optimizer_step,
                               pad_batch, token_logprobs)
 
@@ -238,7 +238,9 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     the ids the PM and the KL measurement (ctx.log_point) read too, so the KL penalised here is
     the KL reported there. Log-probs and values are computed minibatch by minibatch in ``layout``
     (the first epoch's minibatches, trimmed as ``Rollout.minibatch`` trims them): the first update
-    then sees the very numbers it is compared with, a ratio of exactly 1."""
+    then sees the very numbers it is compared with, a ratio of exactly 1. Sampling, scoring and the
+    no-grad forwards of the policy (with its value head) and π0 are charged chunk by chunk, each
+    checked against the budget first (BudgetExceeded stops the step)."""
     sampled = ctx.sample(policy, prompts, seed=seed, max_new_tokens=cfg.max_new_tokens)
     temp = sampled.temperature
     scores = ctx.score(sampled).float()
@@ -250,6 +252,9 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     for idx in layout:
         idx = idx.to(mask.device)
         mb = trimmed(tokens, idx)
+        n_tokens = int(mb["attention_mask"].sum())
+        ctx.charge_forward(n_tokens, policy)
+        ctx.charge_forward(n_tokens, reference)
         lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temp)
         ref = token_logprobs(reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits,
                              mb["input_ids"], temp)
@@ -333,38 +338,45 @@ class PPO(Method):
             if kl_ctl is not None:
                 kl_ctl.value = kl_coef
         stopped, done, last_logged, extra = None, start, saved.get("last_logged", 0), saved.get("extra", {})
+        partial = 0  # optimiser steps taken on the rollout that a budget stop interrupted
         bar = tqdm(range(start + 1, cfg.steps + 1), desc="ppo", leave=False, mininterval=2, initial=start, total=cfg.steps)
         for step in bar:
-            if (stopped := ctx.budget_hit()) is not None:
-                break
             # 1. rollout
             idx = (rng.sample(range(n_prompts), cfg.rollout_batch_size) if cfg.rollout_batch_size <= n_prompts
                    else [rng.randrange(n_prompts) for _ in range(cfg.rollout_batch_size)])
             mine = [ctx.train_prompts[i] for i in ctx.dist.shard(idx)]
             # every epoch's minibatch order first: the rollout computes its log-probs in the first one's layout
             orders = [torch.randperm(len(mine), generator=shuffle) for _ in range(cfg.ppo_epochs)]
-            roll = collect_rollout(ctx, policy, value_head, reference, mine, ctx.dist.seed(rng.randrange(2 ** 31)),
-                                   cfg, kl_coef, layout=list(orders[0].split(local_mb)))
-            # 2. K epochs of minibatch updates on it (sampling left the policy in eval mode)
-            policy.train()
             stats: dict[str, list[float]] = {}
-            for order in orders:
-                for first in range(0, len(order), local_mb):
-                    mb = roll.minibatch(order[first:first + local_mb].to(roll.mask.device))
-                    logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"], roll.temperature)
-                    loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
-                                       mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
-                    if cfg.ent_coef > 0:
-                        loss = loss - cfg.ent_coef * masked_mean(entropy(logits / roll.temperature), mb["mask"])
-                    tokens = int(mb["attention_mask"].sum())
-                    if ptx is not None:
-                        pt = ptx.next()
-                        loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
-                        tokens += int(pt["attention_mask"].sum())
-                    optimizer_step(loss, params.parameters(), optimizer, scheduler, ctx.cfg.train.grad_clip)
-                    ctx.charge_step(tokens)
-                    for k, v in s.items():
-                        stats.setdefault(k, []).append(v)
+            # Every charged operation (sampling batch, PM batch, forward, optimiser step) checks the
+            # budget first: a rollout that spends the budget gets no updates, and a stop between
+            # minibatches leaves the step unfinished (its updates are kept and counted in `partial`).
+            try:
+                roll = collect_rollout(ctx, policy, value_head, reference, mine, ctx.dist.seed(rng.randrange(2 ** 31)),
+                                       cfg, kl_coef, layout=list(orders[0].split(local_mb)))
+                # 2. K epochs of minibatch updates on it (sampling left the policy in eval mode)
+                policy.train()
+                for order in orders:
+                    for first in range(0, len(order), local_mb):
+                        mb = roll.minibatch(order[first:first + local_mb].to(roll.mask.device))
+                        ctx.check_budget()
+                        logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"], roll.temperature)
+                        loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
+                                           mb["returns"], mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
+                        if cfg.ent_coef > 0:
+                            loss = loss - cfg.ent_coef * masked_mean(entropy(logits / roll.temperature), mb["mask"])
+                        tokens = int(mb["attention_mask"].sum())
+                        if ptx is not None:
+                            pt = ptx.next()
+                            loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
+                            tokens += int(pt["attention_mask"].sum())
+                        optimizer_step(loss, params.parameters(), optimizer, scheduler, ctx.cfg.train.grad_clip)
+                        ctx.charge_step(tokens)
+                        for k, v in s.items():
+                            stats.setdefault(k, []).append(v)
+            except BudgetExceeded as e:
+                stopped, partial = str(e), len(stats.get("policy_loss", []))
+                break
             # 3. the KL coefficient for the next rollout
             kl_sum, score_sum, n_tokens, n_cut, n = ctx.dist.all_sum(torch.stack(
                 [roll.kl.sum(), roll.scores.sum().cpu(), roll.mask.sum().cpu(), roll.unfinished.sum(),
@@ -383,9 +395,11 @@ class PPO(Method):
             ctx.save_checkpoint(step - 1, modules, optimizer, scheduler, tensors={"shuffle": shuffle.get_state()},
                                 rng=py_state_to_list(rng.getstate()), kl_coef=kl_coef, last_logged=last_logged,
                                 extra=extra, ptx_rng=py_state_to_list(ptx.rng.getstate()) if ptx else None)
-        if done > last_logged:  # the end point (also after a budget stop)
-            ctx.log_point(done, model=policy, **extra)
+        if done > last_logged or partial:  # the end point (also after a budget stop)
+            ctx.log_point(done, model=policy, label="end" if partial else "train", **extra,
+                          **({"partial_step_updates": partial} if partial else {}))
 
         # the LM only: the value head is a training device
-        return PolicyArtifact(path=ctx.save_policy(policy), info={"steps_done": done, "stopped": stopped or "steps done",
-                                              "final_kl_coef": kl_coef, "minibatch": minibatch})
+        return PolicyArtifact(path=ctx.save_policy(policy), info={
+            "steps_done": done, "stopped": stopped or "steps done", "final_kl_coef": kl_coef, "minibatch": minibatch,
+            "partial_step_updates": partial})

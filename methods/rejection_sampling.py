@@ -6,9 +6,10 @@ with the PM, keep the highest-scored one. Identical response texts are one candi
 of the batch it was scored in, and that noise must not split a tie. Ties go to the first sample.
 
 - ``best_of_n`` trains nothing. The policy is a sampler over π0 that draws n responses and returns
-  the PM's best; it is charged for its n samples and n PM calls per prompt served. Its KL from π0
-  is at most log n − (n − 1)/n (an upper bound, Beirami et al. 2024, arXiv 2401.01879; equal only
-  for a continuous reward), and is estimated from samples by ``bon_kl_plugin``. A reward-vs-KL curve
+  the PM's best; it is charged for its n samples and n PM calls per prompt served (n = 1 needs no
+  PM). Under a budget it is planned to fit (``plan_n``). Its KL from π0 is at most
+  log n − (n − 1)/n (an upper bound, Beirami et al. 2024, arXiv 2401.01879; equal only for a
+  continuous reward), and is estimated from samples by ``bon_kl_plugin``. A reward-vs-KL curve
   over n = 1, 2, 4, ... feeds the sqrt(KL) analysis; it reuses one pool of π0 samples per prompt
   (the first n of the pool for each n).
 - ``finetune`` is rejection-sampling fine-tuning: each round draws K samples per prompt from the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.cost import forward_flops
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import batch_schedule, encode_ids, lm_loss, make_optimizer, optimizer_step, pad_batch
 
 log = logging.getLogger(__name__)
@@ -184,38 +187,105 @@ def best_rows(scores: torch.Tensor, texts: Optional[list[str]] = None) -> list[i
     return [i * k + j for i, j in enumerate(select_best(scores, texts).tolist())]
 
 
+def serving_cost(k: int, n: int, pool: dict) -> dict:
+    """The cost of serving best-of-k, estimated from a pool of n samples per prompt over the same
+    prompts (``pool``: its measured totals, sampling and PM scoring apart, see ``_bon_pool``):
+    samples scale by k/n, and best-of-1 is a π0 sample with no PM call.
+
+        tokens_generated = G·k/n,   pm_calls = P·k (0 at k = 1),
+        flops  = (F_sample + F_pm·[k > 1])·k/n,   wall_s = (S_sample + S_pm·[k > 1])·k/n"""
+    pm = k > 1
+    return {"tokens_generated": pool["tokens_generated"] * k / n, "pm_calls": pool["prompts"] * k if pm else 0,
+            "flops": (pool["sample_flops"] + (pool["pm_flops"] if pm else 0.0)) * k / n,
+            "wall_s": (pool["sample_s"] + (pool["pm_s"] if pm else 0.0)) * k / n}
+
+
+def plan_n(n: int, pool: dict, caps: dict, spent: dict) -> tuple[int, str]:
+    """The largest k ≤ n whose serving cost fits what the budget has left, for every set cap
+    (``caps`` and ``spent`` keyed like ``serving_cost``), and why. At least 1: with no room even for
+    best-of-1, the evaluation prompts are still answered (one π0 sample each) and the reason says so."""
+    def fits(k: int) -> bool:
+        cost = serving_cost(k, n, pool)
+        return all(spent.get(key, 0) + cost[key] <= cap for key, cap in caps.items())
+
+    if not caps:
+        return n, "no budget"
+    k = next((k for k in range(n, 0, -1) if fits(k)), 0)
+    if k == n:
+        return n, "the configured n fits the budget"
+    if k == 0:
+        return 1, "the budget is below the cost of best-of-1 (one π0 sample per prompt); served n=1 anyway"
+    over = [key for key, cap in caps.items() if spent.get(key, 0) + serving_cost(k + 1, n, pool)[key] > cap]
+    return k, f"best-of-{k + 1} would exceed budget {', '.join(over)}"
+
+
 def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
-    """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement)."""
-    pi0, n, temp = ctx.reference(), cfg.k, ctx.cfg.eval.temperature
+    """The sampler, plus its reward-vs-KL curve over n on the held-out prompts (measurement).
+
+    Under a budget, best-of-n is planned before it serves, so that it never stops half-way through
+    the evaluation prompts (which would leave some unanswered) and never spends past the cap: from the
+    curve's pool (n samples per held-out prompt, measured for free) ``plan_n`` takes the largest
+    n_effective ≤ n whose estimated serving cost fits every set cap, and the sampler serves
+    best-of-n_effective. Comparisons stay honest: the policy evaluated is the one the budget pays for,
+    its KL is that of n_effective, and ``n_effective`` and the reason are in the info. PM calls are
+    planned exactly; tokens, FLOPs and seconds are estimates, so they can miss by the sampling noise
+    of the serving draw (far less than one sampler batch at the sizes here)."""
+    pi0, temp = ctx.reference(), ctx.cfg.eval.temperature
+    pool = _bon_pool(ctx, pi0, cfg, temp)
+    n, why = plan_n(cfg.k, pool["cost"], ctx.budget.caps, ctx.cost.as_dict())
+    if n != cfg.k:
+        log.info("best-of-n: serving n=%d instead of %d (%s)", n, cfg.k, why)
 
     def sampler(prompts: list[str], seed: int):
-        out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed)
-        return out.select(best_rows(ctx.score(out).view(len(prompts), n), out.responses))
+        # the planned spend is charged in full without mid-way checks, even inside the final
+        # evaluation's measurement: serving is this policy's cost
+        with ctx.cost.charging():
+            out = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=seed, check=False)
+            if n == 1:  # best-of-1 is the sample itself: no PM call
+                return out
+            scores = ctx.score(out, check=False).view(len(prompts), n)
+        return out.select(best_rows(scores, out.responses))
 
-    curve = _bon_curve(ctx, pi0, cfg, temp)
-    info = {"mode": "best_of_n", "n": n, "temperature": temp, "kl_bound": bon_kl_bound(n),
-            "kl_estimate": curve[-1]["kl_estimate"], "kl_pool_size": cfg.kl_pool,
+    curve = _bon_curve(ctx, pool, sorted(set(curve_ns(cfg.k)) | {n}))
+    served = next(p for p in curve if p["n"] == n)
+    info = {"mode": "best_of_n", "n": cfg.k, "n_effective": n, "n_effective_reason": why, "temperature": temp,
+            "kl_bound": bon_kl_bound(n), "kl_estimate": served["kl_estimate"], "kl_pool_size": cfg.kl_pool,
             "curve": [{k: p[k] for k in ("n", "proxy_reward", "judge_reward", "kl_bound", "kl_estimate")}
                       for p in curve],
-            "cost_per_prompt": {"samples": n, "pm_calls": n}}
+            "cost_per_prompt": {"samples": n, "pm_calls": n if n > 1 else 0},
+            "planned_cost": serving_cost(n, cfg.k, pool["cost"])}
     return PolicyArtifact(sampler=sampler, info=info)
 
 
-def _bon_curve(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> list[dict]:
-    """One pool of n π0 samples per held-out prompt, best of its first k for each k in curve_ns;
-    plus an independent pool whose empirical reward law gives the plug-in KL. Measurement, like
-    ctx.measure: not charged."""
+def _bon_pool(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> dict:
+    """Measurement, not charged: one pool of n π0 samples per held-out prompt with their PM scores
+    (the curve draws best-of-k from its first k), an independent pool whose empirical reward law
+    gives the plug-in KL, and the pool's measured cost (what serving best-of-n over these prompts
+    costs; see ``serving_cost``). Identical texts share one score (``canonical_scores``)."""
     prompts, n = ctx.eval_prompts, cfg.k
-    spent = (ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls)
-    pool = ctx.sample(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
-    scores = canonical_scores(ctx.score(pool).view(len(prompts), n), pool.responses)
-    ref = ctx.sample(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
-    ref_scores = canonical_scores(ctx.score(ref).view(len(prompts), cfg.kl_pool), ref.responses)
-    ctx.cost.tokens_generated, ctx.cost.pm_calls, ctx.pm.calls = spent  # measurement is free
+    with ctx.cost.measuring():
+        t0 = time.time()
+        pool = ctx.sample_free(pi0, prompts, n=n, temperature=temp, seed=ctx.seed + CURVE_SEED_OFFSET)
+        t1, pm_tokens = time.time(), ctx.pm.tokens
+        scores = canonical_scores(ctx.pm_score_free(pool).view(len(prompts), n), pool.responses)
+        t2, pm_tokens = time.time(), ctx.pm.tokens - pm_tokens
+        ref = ctx.sample_free(pi0, prompts, n=cfg.kl_pool, temperature=temp, seed=ctx.seed + POOL_SEED_OFFSET)
+        ref_scores = canonical_scores(ctx.pm_score_free(ref).view(len(prompts), cfg.kl_pool), ref.responses)
+    cost = {"prompts": len(prompts), "tokens_generated": pool.n_tokens,
+            "sample_flops": forward_flops(ctx.n_params(pi0), pool.n_prompt_tokens + pool.n_tokens),
+            "pm_flops": forward_flops(ctx.n_params(ctx.pm.model), pm_tokens), "sample_s": t1 - t0, "pm_s": t2 - t1}
+    return {"pool": pool, "scores": scores, "ref_scores": ref_scores, "cost": cost}
+
+
+def _bon_curve(ctx, pool: dict, ns: list[int]) -> list[dict]:
+    """Best of the pool's first k samples per prompt, for each k in ``ns``, with the KL bound and
+    the plug-in estimate: one (measurement) log point each."""
+    samples, scores, ref_scores = pool["pool"], pool["scores"], pool["ref_scores"]
+    n = scores.shape[1]
     points = []
-    for k in tqdm(curve_ns(n), desc="best-of-n curve", leave=False):
+    for k in tqdm(ns, desc="best-of-n curve", leave=False):
         idx = select_best(scores[:, :k])  # already canonical: identical texts share a score
-        responses = pool.select([i * n + j for i, j in enumerate(idx.tolist())])
+        responses = samples.select([i * n + j for i, j in enumerate(idx.tolist())])
         point = ctx.log_point(step=k, responses=responses, label=f"n={k}", kl_bound=bon_kl_bound(k),
                               kl_estimate=bon_kl_plugin(ref_scores, k))
         points.append({**point, "n": k})
@@ -233,13 +303,15 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     step = saved["step"] + 1 if saved else 0
     last_logged, rounds, stopped = saved.get("last_logged", -1), saved.get("rounds", []), None
     for rnd in range(saved.get("round", 0), cfg.rounds):
-        if (stopped := ctx.budget_hit()):
-            break
         start = rnd * cfg.prompts_per_round
         prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
         resuming = saved.get("round") == rnd
-        selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
-            _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        try:  # each sampling and PM batch checks the budget first: a stop here leaves the round untrained
+            selected, stats = (saved["selected"], saved["round_stats"]) if resuming else \
+                _select_round(ctx, policy, prompts, k, temp, seed=ctx.seed * 1000 + rnd)
+        except BudgetExceeded as e:
+            stopped = str(e)
+            break
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         data = [encode_ids(p, r) for p, r in selected]  # the selected samples' ids, as sampled
         batches = batch_schedule(len(data), ctx.batch_size, cfg.epochs, seed=ctx.seed * 1000 + rnd)
@@ -251,7 +323,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
         policy.train()
         bar = tqdm(total=len(batches), initial=done, desc=f"RS round {rnd + 1}/{cfg.rounds}", leave=False, mininterval=2)
         for b, idx in enumerate(batches[done:], start=done):
-            if (stopped := ctx.budget_hit()):
+            if (stopped := ctx.budget_hit()):  # before each optimiser step
                 break
             batch = pad_batch([data[i] for i in ctx.dist.shard(idx)], tok.pad_token_id, ctx.device)
             loss = lm_loss(train_model, batch)

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
-from alignbench.methods import Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (batch_schedule, encode_pair, encode_samples, make_optimizer, optimizer_step, pad_batch,
                               response_logprobs)
 
@@ -106,10 +106,14 @@ class RRHF(Method):
         stopped, step = None, start
         bar = tqdm(total=len(schedule), initial=start, desc="RRHF", leave=False, mininterval=2)
         for step_idx, idx in enumerate(schedule[start:], start=start):
-            if (stopped := ctx.budget_hit()):
-                break
             seed = ctx.dist.seed(ctx.seed * 100_003 + step_idx)
-            prompts, seqs, rewards = self._ranked(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp, seed)
+            try:  # sampling and PM batches check the budget first, and so does the optimiser step
+                prompts, seqs, rewards = self._ranked(ctx, policy, [pairs[i] for i in ctx.dist.shard(idx)], cfg, temp,
+                                                      seed)
+                ctx.check_budget()
+            except BudgetExceeded as e:
+                stopped = str(e)
+                break
             policy.train()
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
             logp, _ = response_logprobs(train_model, batch, average=True)

@@ -1,5 +1,10 @@
 """The command line: data-stats on the real HH test splits, methods listing, errors."""
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from alignbench.cli import main
 from tests.conftest import shared_data
@@ -43,3 +48,25 @@ def test_methods_lists_the_builtins(capsys):
 def test_unknown_command_prints_usage(capsys):
     assert main(["frobnicate"]) == 2
     assert "alignbench run" in capsys.readouterr().out
+
+
+def _run_cli(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | env
+    return subprocess.run([sys.executable, "-m", "alignbench.cli", "run", *args, f"paths.sweep_dir={tmp_path}/sweep",
+                           f"paths.cache_dir={tmp_path}/cache"], capture_output=True, text=True, env=environ,
+                          cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_run_with_a_bad_value_prints_one_line_and_exits_2(tmp_path, multirun):
+    out = _run_cli(["-m"] * multirun + ["method=dpo", "method.beta=-1"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == ["alignbench: error: method.beta: must be > 0, got -1.0"]
+    assert "Traceback" not in out.stdout and not (tmp_path / "sweep" / "runs").exists()  # nothing trained
+
+
+def test_hydra_full_error_keeps_the_traceback(tmp_path):
+    out = _run_cli(["method=dpo", "method.beta=-1"], tmp_path, HYDRA_FULL_ERROR="1")
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr
+    assert "ConfigError: method.beta: must be > 0, got -1.0" in out.stderr

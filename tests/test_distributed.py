@@ -130,8 +130,24 @@ def test_sampling_methods_train_on_two_processes(case, stage_cache, tmp_path):
         (run / "DONE").unlink()
         resumed, resumed_samples, _ = _read(_run(tmp_path, "two", stage_cache, method=overrides, procs=2))
         assert "resuming from checkpoint" in (tmp_path / "two.log").read_text()
-        assert resumed["final"] == {**metrics["final"], "wall_s": resumed["final"]["wall_s"]}
+        clocks = {k: resumed["final"][k] for k in ("wall_s", "measure_s")}  # seconds differ; all else is equal
+        assert resumed["final"] == {**metrics["final"], **clocks}
         assert resumed_samples == samples
+
+
+@pytest.mark.slow
+def test_a_budget_stops_both_processes_at_the_same_point(stage_cache, tmp_path):
+    """The budget check is a collective (costs merged over the processes, the main one decides):
+    with rollouts of 32 (16 a process) and budget.pm_calls=48, the second rollout's scoring goes
+    over, and both processes stop before any update on it, as one process does."""
+    method = ["method=ppo", "method.steps=6", "method.rollout_batch_size=32", "method.eval_every=6",
+              "budget.pm_calls=48"]
+    one, _, _ = _read(_run(tmp_path, "one", stage_cache, method=method))  # (also builds the stages)
+    two, samples, _ = _read(_run(tmp_path, "two", stage_cache, method=method, procs=2))
+    for metrics in (one, two):
+        assert metrics["info"]["stopped"] == "budget.pm_calls=48 reached" and metrics["info"]["steps_done"] == 1
+        assert metrics["cost"]["pm_calls"] == 64 and metrics["info"]["partial_step_updates"] == 0
+    assert two["cost"]["tokens_trained"] > 0 and two["cost"]["flops"] > 0 and len(samples) == 24
 
 
 def _tiny_model() -> LlamaForCausalLM:

@@ -169,6 +169,7 @@ def test_job_killed_mid_training_resumes_and_matches_uninterrupted(case, stage_c
         assert resumed["final"][key] == clean["final"][key], key  # bitwise on CPU
     assert resumed["cost"]["tokens_trained"] == clean["cost"]["tokens_trained"]
     assert resumed["cost"]["tokens_generated"] == clean["cost"]["tokens_generated"]
+    assert resumed["cost"]["flops"] == clean["cost"]["flops"] > 0
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [p["step"] for p in log] == logged_steps
     clean_log = (tmp_path / "clean" / "runs" / run_dir.name / "train_log.jsonl").read_text().splitlines()

@@ -53,3 +53,4 @@ def test_plugin_runs_in_a_sweep_next_to_a_builtin(plugin_site, stage_cache, tmp_
     sft = json.loads((dirs["my_sft"] / "metrics.json").read_text())
     assert base["stages"] == sft["stages"]  # same π0 and PM for both
     assert sft["cost"]["tokens_trained"] > 0 and sft["final"]["kl_k3"] > 0
+    assert sft["cost"]["flops"] > 6 * sft["cost"]["tokens_trained"]  # charged through ctx.charge_step

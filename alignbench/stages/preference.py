@@ -63,13 +63,14 @@ def same_tokenizer(a, b) -> bool:
 
 class PMScorer:
     """Scores (prompt, response) pairs with a trained PM and counts the calls (a cost every method
-    is charged for). Thread-safe counter; batched; no gradients."""
+    is charged for) and the tokens it reads (its FLOPs). Thread-safe counters; batched; no gradients."""
 
     def __init__(self, path, device="cpu", max_len: int = 256, batch_size: int = 64):
         self.tokenizer = load_tokenizer(path)
         self.model = load_pm(path).to(device).eval().requires_grad_(False)
         self.device, self.max_len, self.batch_size = device, max_len, batch_size
         self.calls = 0
+        self.tokens = 0  # prompt + response (+ EOS) tokens read, after truncation to max_len
         self._lock = threading.Lock()
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -94,7 +95,10 @@ class PMScorer:
             self.calls += len(seqs)
         out = []
         for i in range(0, len(seqs), self.batch_size):
-            b = pad_batch(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id, self.device)
+            chunk = seqs[i:i + self.batch_size]
+            b = pad_batch(chunk, self.tokenizer.pad_token_id, self.device)
+            with self._lock:
+                self.tokens += sum(len(s.input_ids) for s in chunk)
             out.append(pm_scores(self.model, b["input_ids"], b["attention_mask"]).cpu())
         return torch.cat(out) if out else torch.empty(0)
 

@@ -22,6 +22,6 @@ class SFT(Method):
         batches = batch_schedule(len(data), ctx.batch_size, ctx.method_cfg.epochs, ctx.seed)
         res = supervised_loop(policy, batches, lambda idx: pad_batch([data[i] for i in idx], tok.pad_token_id),
                               lm_loss, ctx.lr, "my_sft", device=ctx.device)
-        ctx.cost.tokens_trained += res.tokens
+        ctx.charge_step(res.tokens)  # its training tokens and their FLOPs (6·N per token)
         ctx.log_point(res.steps, model=policy)
         return PolicyArtifact(path=ctx.save_policy(policy))  # safetensors + tokenizer
