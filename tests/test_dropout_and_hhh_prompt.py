@@ -58,10 +58,10 @@ def test_the_policy_every_method_gets_trains_without_dropout(tmp_path, build):
 class FakePM:
     """A deterministic stand-in for the proxy PM (the reward's value is not what is tested); it
     scores samples by their ids, like the real one."""
-    calls = 0
+    calls, tokens, batch_size = 0, 0, 64
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.model = tokenizer, torch.nn.Linear(1, 1)  # a model for the FLOPs count
 
     def score(self, prompts, responses):
         return torch.tensor([float(len(r) % 3) for r in responses])
