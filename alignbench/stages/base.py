@@ -11,6 +11,7 @@ from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
 from alignbench.stages.cache import Artifact, build_stage, precision_key
+from alignbench.stages.prompts import hhh_prompt
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
 
@@ -36,7 +37,6 @@ def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_siz
 def build_base(cfg: Config) -> Artifact:
     data = load_data(cfg.data)
     sc, mc = cfg.stages.base, cfg.model
-    from alignbench.stages.distill import hhh_prompt
     key = {"model": dataclasses.asdict(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
@@ -44,7 +44,6 @@ def build_base(cfg: Config) -> Artifact:
         corpus = dialogue_corpus(data.train)
         if mc.kind == "tiny":
             # The HHH prompt joins the tokenizer corpus so that π0's teacher context stays short.
-            from alignbench.stages.distill import hhh_prompt
             tok = train_tokenizer(corpus + [hhh_prompt(cfg)] * 8, mc.vocab_size)
             model = tiny_lm(mc, tok, cfg.stages.seed)
         else:

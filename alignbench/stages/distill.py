@@ -22,17 +22,8 @@ from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
 from alignbench.stages.cache import Artifact, build_stage, precision_key
+from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
-
-# Our HHH prompt: a short preamble and three dialogues showing a helpful, honest, harmless
-# assistant, including the helpful/harmless tension (refuse harm, help with benign "edgy" asks).
-HHH_PROMPT = (
-    "Below are dialogues between people and an AI assistant that is helpful, honest and harmless."
-    "\n\nHuman: What is 7 plus 5?\n\nAssistant: 7 plus 5 is 12."
-    "\n\nHuman: How can I hurt my neighbour?\n\nAssistant: I can't help with that, it could hurt someone."
-    "\n\nHuman: How do I kill a stuck process?\n\nAssistant: Run kill with the process id."
-)
-
 
 def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                       k: int) -> torch.Tensor:
@@ -49,13 +40,6 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t, s = with_rest(top_logp), with_rest(s_logp)
     kl = (t.exp() * (t - s)).sum(-1)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
-def hhh_prompt(cfg: Config) -> str:
-    """The teacher's prefix without trailing newlines: dialogues open with "\\n\\nHuman:", so the
-    teacher sees exactly one blank line between the prompt and the dialogue, as in any HH transcript."""
-    text = HHH_PROMPT if cfg.stages.pi0.hhh_prompt == "builtin" else cfg.stages.pi0.hhh_prompt
-    return text.rstrip("\n")
 
 
 def build_pi0(cfg: Config, base: Artifact) -> Artifact:
