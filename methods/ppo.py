@@ -44,13 +44,12 @@ from alignbench.train import (encode, encode_samples, last_token_index, lm_loss,
 @dataclass
 class PPOConfig(MethodConfig):
     name: str = "ppo"
-    # Defaults tuned on the demo (conf/model/tiny.yaml, hh_synth, 2 CPU cores): 8 rollouts of 128
-    # take ~40 s and raise the proxy reward by ~1.2 at KL ≈ 3 nats with the gold reward still above
-    # π0's; much further and the policy over-optimises the PM (the stock phrase, repeated).
+    # steps chosen on the eval split (experiment=tune_eval; conf/method/ppo.yaml has the numbers):
+    # past 4 rollouts of 128 the demo's policy over-optimises the PM (gold falls, proxy climbs).
     lr: Optional[float] = opt(None, gt=0)  # None: the shared train.lr
     batch_size: Optional[int] = opt(None, gt=0)  # PPO minibatch; None: train.batch_size (capped at the rollout)
     eval_every: int = opt(2, gt=0)  # PPO steps between train_log points
-    steps: int = opt(8, gt=0)  # rollout batches (PPO iterations)
+    steps: int = opt(4, gt=0)  # rollout batches (PPO iterations)
     rollout_batch_size: int = opt(128, gt=0)  # prompts per rollout, one response each
     ppo_epochs: int = opt(4, ge=1)  # passes over each rollout batch
     max_new_tokens: Optional[int] = opt(None, gt=0)  # response cap; None: train.max_new_tokens

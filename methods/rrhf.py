@@ -62,7 +62,7 @@ class RRHFConfig(MethodConfig):
     k_samples: int = opt(4, ge=0)  # policy samples per prompt
     include_dataset: bool = True  # also rank the dataset's chosen and rejected responses
     ce_weight: float = opt(1.0, ge=0)  # weight of the cross-entropy on the best-scored response
-    steps: int = opt(30, gt=0)  # optimiser steps
+    steps: int = opt(10, gt=0)  # optimiser steps (chosen on the eval split: conf/method/rrhf.yaml)
     prompts_per_step: int = opt(8, gt=0)  # prompts (preference pairs) per step; k responses each
     temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
     lr: Optional[float] = opt(None, gt=0)  # None: train.lr

@@ -109,7 +109,7 @@ def test_bad_settings_name_the_key(key, value):
 
 def test_n_defaults_by_mode():
     cfg = method_config(RejectionSampling, {"name": "rejection_sampling"})
-    assert cfg.mode == "best_of_n" and cfg.n is None and cfg.k == 16
+    assert cfg.mode == "best_of_n" and cfg.n is None and cfg.k == 8
     assert method_config(RejectionSampling, {"name": "rejection_sampling", "mode": "finetune"}).k == 4
     assert method_config(RejectionSampling, {"name": "rejection_sampling", "mode": "finetune", "n": 7}).k == 7
 
