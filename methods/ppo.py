@@ -48,7 +48,7 @@ class PPOConfig(MethodConfig):
     # past 4 rollouts of 128 the demo's policy over-optimises the PM (gold falls, proxy climbs).
     lr: Optional[float] = opt(None, gt=0)  # None: the shared train.lr
     batch_size: Optional[int] = opt(None, gt=0)  # PPO minibatch; None: train.batch_size (capped at the rollout)
-    eval_every: int = opt(2, gt=0)  # PPO steps between train_log points
+    eval_every: int = opt(1, gt=0)  # PPO steps between train_log points
     steps: int = opt(4, gt=0)  # rollout batches (PPO iterations)
     rollout_batch_size: int = opt(128, gt=0)  # prompts per rollout, one response each
     ppo_epochs: int = opt(4, ge=1)  # passes over each rollout batch

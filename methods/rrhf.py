@@ -66,7 +66,7 @@ class RRHFConfig(MethodConfig):
     prompts_per_step: int = opt(8, gt=0)  # prompts (preference pairs) per step; k responses each
     temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
     lr: Optional[float] = opt(None, gt=0)  # None: train.lr
-    eval_every: int = opt(10, gt=0)  # steps between (KL, reward) points
+    eval_every: int = opt(2, gt=0)  # steps between (KL, reward) points
 
     @property
     def k(self) -> int:

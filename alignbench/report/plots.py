@@ -184,8 +184,11 @@ def cost_vs_quality(cost: pd.DataFrame, path: Path, keys=("wall_s", "tokens_gene
             ax.errorbar(g[key], g["judge_reward"], yerr=_yerr(g.rename(columns={"judge_reward": "value"})),
                         marker="o", ls="none", capsize=3, label=method)
         name = "FLOPs" if key == "flops" else key.replace("_", " ")
-        if key == "flops":
-            ax.set_xscale("log")  # FLOPs of inference-time and trained methods differ by orders of magnitude
+        positive = cost.loc[cost[key] > 0, key]
+        if key == "flops" and len(positive):
+            # FLOPs of inference-time and trained methods differ by orders of magnitude, and π0 spends
+            # none: symlog keeps the zero on the axis, logarithmic above a tenth of the smallest spend
+            ax.set_xscale("symlog", linthresh=float(positive.min()) / 10)
         ax.set(xlabel=name, ylabel="mean judge reward (95% CI)", title=f"quality vs {name}")
         ax.legend(fontsize=8)
     return _save(fig, path)
