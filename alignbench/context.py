@@ -284,10 +284,8 @@ class RunContext:
     def eval_sample(self, model) -> SampleBatch:
         """The held-out samples every policy is measured on: one per eval prompt, at eval.temperature,
         from the evaluation stream (never the training one). Not charged."""
-        with self.cost.measuring():
-            return sample(model, self.tokenizer, self.eval_prompts, seed=self.seed + EVAL_SEED_OFFSET,
-                          temperature=self.cfg.eval.temperature, max_new_tokens=self.cfg.train.max_new_tokens,
-                          max_len=self.max_len)
+        return self.sample_free(model, self.eval_prompts, temperature=self.cfg.eval.temperature,
+                                seed=self.seed + EVAL_SEED_OFFSET)
 
     def measure(self, model=None, responses: Optional[Responses] = None, label: str = "train",
                 scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
