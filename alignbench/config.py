@@ -86,7 +86,9 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False  # off unless you trust the repository's code
-    # `tiny`: a from-scratch Llama with a byte-level BPE trained on the stage's own corpus
+    # `tiny`: a from-scratch model with a byte-level BPE trained on the stage's own corpus;
+    # arch picks the family (transformers' config classes, each with its real quirks: models.tiny_config)
+    arch: str = opt("llama", choices=["llama", "gpt2", "gpt_neox", "qwen2", "gemma"])
     vocab_size: int = opt(1024, ge=260)
     hidden_size: int = opt(128, gt=0)
     num_layers: int = opt(4, gt=0)
@@ -99,6 +101,13 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.name_or_path: required when {prefix}.kind={self.kind}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{prefix}.hidden_size: must be divisible by {prefix}.num_heads")
+        head_dim = self.hidden_size // self.num_heads
+        if self.kind == "tiny" and self.arch != "gpt2" and head_dim % 2:  # rotary embeddings rotate pairs
+            raise ConfigError(f"{prefix}.hidden_size: {prefix}.arch={self.arch} rotates pairs of dimensions, so "
+                              f"hidden_size / num_heads (head_dim {head_dim}) must be even")
+        if self.kind == "tiny" and self.arch == "gpt_neox" and head_dim % 8:
+            raise ConfigError(f"{prefix}.hidden_size: {prefix}.arch=gpt_neox rotates 25% of each head, so "
+                              f"hidden_size / num_heads (head_dim {head_dim}) must be a multiple of 8")
 
 
 @dataclass

