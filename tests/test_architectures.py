@@ -14,7 +14,7 @@ import torch
 
 from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
-from alignbench.models import PAD_IS_EOS, load_lm, load_pm, load_tokenizer
+from alignbench.models import PAD_IS_EOS, disable_dropout, load_lm, load_pm, load_tokenizer
 from alignbench.runner import run_job
 from alignbench.sampling import sample
 from alignbench.stages.graph import build_shared_stages
@@ -108,6 +108,10 @@ def test_architecture_quirks_survive_the_stages_and_save_load(arch, arch_cache):
         if not want_tied:  # untied: two trained matrices, not one
             assert not torch.equal(model.get_output_embeddings().weight, model.get_input_embeddings().weight)
     c = model.config
+    policy = disable_dropout(load_lm(st.pi0.path))  # as RunContext.load: train mode computes the eval function
+    ids = torch.tensor([[3, 7, 11, 13, 17]])
+    with torch.no_grad():
+        assert torch.equal(policy.train()(input_ids=ids).logits, policy.eval()(input_ids=ids).logits)
     if arch == "gpt2":  # learned absolute positions, sized by model.max_seq_len
         assert model.transformer.wpe.weight.shape == (cfg.model.max_seq_len, cfg.model.hidden_size)
     if arch == "gpt_neox":  # partial rotary: a quarter of each 16-dim head

