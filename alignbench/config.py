@@ -15,6 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from alignbench.data.synth import SynthConfig
 
 
+# A prompt window never shrinks below this, even when the response room is huge (train.prompt_window).
+MIN_PROMPT_TOKENS = 8
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message starts with the full key."""
 
@@ -207,6 +211,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def validate(self, prefix: str) -> None:
+        # The sampler keeps at least MIN_PROMPT_TOKENS of the prompt and the whole response inside
+        # the model's window; a model with learned absolute positions (GPT-2) has none beyond it
+        # and would fail mid-sampling with an IndexError.
+        if self.train.max_new_tokens + MIN_PROMPT_TOKENS > self.model.max_seq_len:
+            raise ConfigError(f"train.max_new_tokens: {self.train.max_new_tokens} new tokens plus {MIN_PROMPT_TOKENS} "
+                              f"prompt tokens exceed model.max_seq_len={self.model.max_seq_len}")
 
 
 def register_configs() -> None:

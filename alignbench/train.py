@@ -16,11 +16,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from alignbench.config import MIN_PROMPT_TOKENS
+
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- tokenisation
-MIN_PROMPT_TOKENS = 8  # a prompt window never shrinks below this, even when the response room is huge
 
 
 @dataclass

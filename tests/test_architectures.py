@@ -89,6 +89,8 @@ def test_llama_is_the_default_and_its_stage_key_is_unchanged(tmp_path):
     (["model.arch=bert"], "model.arch"),
     (["model.arch=gemma", "model.hidden_size=30", "model.num_heads=2"], "model.hidden_size"),  # head_dim 15
     (["model.arch=gpt_neox", "model.hidden_size=24", "model.num_heads=2"], "model.hidden_size"),  # 12: 3 rotary dims
+    # GPT-2 has no position past max_seq_len: 8 prompt tokens + 30 new ones would fail mid-sampling
+    (["model.arch=gpt2", "model.max_seq_len=32", "train.max_new_tokens=30"], "train.max_new_tokens"),
 ])
 def test_bad_architecture_settings_name_the_key(over, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
