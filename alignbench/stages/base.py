@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
@@ -37,7 +38,9 @@ def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_siz
 def build_base(cfg: Config) -> Artifact:
     data = load_data(cfg.data)
     sc, mc = cfg.stages.base, cfg.model
-    key = {"model": dataclasses.asdict(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
+    # LoRA trains the later stages only: the base LM's key (and cache) is the same with or without it
+    model_key = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("peft", "lora")}
+    key = {"model": model_key, "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
            "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
 
     def build(out):
@@ -48,6 +51,7 @@ def build_base(cfg: Config) -> Artifact:
             model = tiny_lm(mc, tok, cfg.stages.seed)
         else:
             model, tok = load_pretrained_lm(mc)
+        lora.check_targets(mc, model)  # a bad model.lora.target_modules fails before any training
         max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
         device = pick_device(cfg.train.device)
         metrics = {"params": count_params(model)}
@@ -56,7 +60,8 @@ def build_base(cfg: Config) -> Artifact:
             batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
-                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision)
+                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision,
+                                  gradient_checkpointing=cfg.train.gradient_checkpointing)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            tokens_per_second=round(res.tokens_per_second, 1), final_loss=res.losses[-1])
         heldout = dialogue_corpus(data.eval)[:512]
