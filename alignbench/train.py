@@ -106,7 +106,8 @@ LOGIT_CHUNK = 1024  # positions whose logits exist at once: 1024 × 49k vocab ×
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The trunk's final (normed) hidden states [B, T, H], the LM head's input. The model runs with
     ``logits_to_keep=1``: its own head sees the last position only (no [B, T, V] logits)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)  # a training/scoring forward: a KV cache would only hold memory
     return out.hidden_states[-1]
 
 

@@ -47,7 +47,7 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     token that is not the pad token: where pad == EOS (GPT-2, Pythia, SmolLM2) it skips the
     appended EOS itself."""
     model = lora.unwrap(model)  # under LoRA: the adapted model, its trained head in ``score``
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
 
