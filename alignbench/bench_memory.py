@@ -129,13 +129,14 @@ def _ppo(setup, args):
             ids, attn, mask = b["input_ids"], b["attention_mask"], b["response_mask"][:, 1:].float()
             t = time.perf_counter()
             with torch.no_grad():  # the rollout's forwards
-                old_lp, old_v, _ = model(ids, attn, 1.0, mask)
+                old_lp, old_v, _ = model(ids, attn, positions=mask)
                 ref_lp, _, _ = selected_logprobs(reference, ids, attn, mask)
-                rewards, _ = kl_penalized_rewards(old_lp, ref_lp, torch.zeros(len(seqs), device=dev), mask, 0.001)
-                adv, ret = gae(rewards, old_v * mask, mask, 1.0, 0.95)
+                rewards, _ = kl_penalized_rewards(old_lp, ref_lp, torch.zeros(len(seqs), device=dev), mask,
+                                                  kl_coef=0.001)
+                adv, ret = gae(rewards, old_v * mask, mask, gamma=1.0, lam=0.95)
                 adv = masked_whiten(adv + torch.randn_like(adv), mask)  # any non-zero advantages will do
             policy.train()
-            lp, v, _ = model(ids, attn, 1.0, mask)
+            lp, v, _ = model(ids, attn, positions=mask)
             loss, _ = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
             optimizer_step(loss, model.parameters(), opt, sched, 1.0)
             _sync(dev)

@@ -151,9 +151,10 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     softcap = getattr(inner.config, "final_logit_softcapping", None)
     parts = []
     for i in range(0, len(rows), LOGIT_CHUNK):
-        args = (head, rows[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK], temperature, softcap, with_entropy)
-        parts.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                     else chunk_logprobs(*args))
+        kw = dict(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
+        chunk = (head, rows[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK])
+        parts.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False, **kw) if torch.is_grad_enabled()
+                     else chunk_logprobs(*chunk, **kw))
     outs = []
     for k in range(2 if with_entropy else 1):
         full = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
@@ -168,7 +169,7 @@ def response_logprobs(model, batch: dict, average: bool = False,
     """Sum (or mean) of log-probs (at temperature T) over response tokens, and the per-token values
     [B, T-1] (0 off the response), computed by ``selected_logprobs`` (no [B, T, V] tensor)."""
     mask = batch["response_mask"][:, 1:]
-    per_tok, _, _ = selected_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, temperature)
+    per_tok, _, _ = selected_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temperature)
     mask = mask.float()
     total = (per_tok * mask).sum(-1)
     if average:

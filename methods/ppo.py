@@ -180,7 +180,8 @@ def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor,
     chunks, with no [B, T, V] logits (``alignbench.train.selected_logprobs``)."""
     if positions is None:
         positions = attention_mask[:, 1:]
-    logprobs, ent, hidden = selected_logprobs(policy, input_ids, attention_mask, positions, temperature, with_entropy)
+    logprobs, ent, hidden = selected_logprobs(policy, input_ids, attention_mask, positions, temperature=temperature,
+                                              with_entropy=with_entropy)
     values = value_head(hidden[:, :-1].float()).squeeze(-1)
     return logprobs, values, ent
 
@@ -195,8 +196,8 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
                 positions: Optional[torch.Tensor] = None, with_entropy: bool = False):
-        return policy_forward(self.policy, self.value_head, input_ids, attention_mask, temperature, positions,
-                              with_entropy)
+        return policy_forward(self.policy, self.value_head, input_ids, attention_mask, temperature=temperature,
+                              positions=positions, with_entropy=with_entropy)
 
 
 @dataclass
@@ -255,8 +256,9 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
         n_tokens = int(mb["attention_mask"].sum())
         ctx.charge_forward(n_tokens, policy)
         ctx.charge_forward(n_tokens, reference)
-        lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temp, mb["mask"])
-        ref, _, _ = selected_logprobs(reference, mb["input_ids"], mb["attention_mask"], mb["mask"], temp)
+        lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temperature=temp,
+                                  positions=mb["mask"])
+        ref, _, _ = selected_logprobs(reference, mb["input_ids"], mb["attention_mask"], mb["mask"], temperature=temp)
         width = lp.shape[1]
         for full, part in ((logprobs, lp), (values, v), (ref_logprobs, ref)):
             full[idx, :width] = part.float()

@@ -56,7 +56,8 @@ def test_entropy_per_chunk_equals_full_softmax_entropy(monkeypatch):
     monkeypatch.setattr(train, "LOGIT_CHUNK", 5)
     model, batch = tiny_llama(), pad_batch(SEQS, 0)
     positions = batch["attention_mask"][:, 1:]
-    _, ent, _ = selected_logprobs(model, batch["input_ids"], batch["attention_mask"], positions, 0.7, True)
+    _, ent, _ = selected_logprobs(model, batch["input_ids"], batch["attention_mask"], positions, temperature=0.7,
+                                  with_entropy=True)
     logp = torch.log_softmax(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1] / 0.7, -1)
     want = -(logp.exp() * logp).sum(-1) * positions
     assert torch.allclose(ent, want, atol=1e-5)
