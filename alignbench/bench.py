@@ -7,6 +7,11 @@
                 batch, max_new_tokens, plain multinomial sampling: top_k=0, top_p=1)
     train-loop  alignbench.train.supervised_loop vs a plain PyTorch loop (same LM batches, AdamW)
     all         the three above
+    pm, ppo     PM / PPO training steps on their own (no peer): see alignbench.bench_memory
+
+``--model smollm2`` (or a directory), ``--lora``, ``--grad-ckpt`` and ``--data-path`` (real HH pairs)
+measure a real model the way the stages and methods train it (``bench dpo`` with --lora or
+--grad-ckpt then runs our side only).
 
 Why: the framework replaces TRL's trainer and HF's ``generate`` with its own short loops (one code
 path for every method, seeded sampling, cost accounting); this shows what that costs or saves.
@@ -39,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from alignbench.bench_memory import SOLO, prepare, resolve_model, variant
 
 log = logging.getLogger(__name__)
 WHAT = ("dpo", "generate", "train-loop")
@@ -121,7 +128,7 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- model and data
 @dataclass
 class Setup:
-    model: torch.nn.Module  # the initial weights; every side works on a deep copy
+    model: Optional[torch.nn.Module]  # the initial weights (every side works on a deep copy); None: bench pm --model
     tokenizer: object
     pairs: list  # hh_synth PreferencePairs
     device: torch.device
@@ -140,8 +147,10 @@ def build_setup(args) -> Setup:
     pairs = generate_hh_synth(SynthConfig(n_pairs=max(args.pairs, 2 * args.batch_size * args.steps), seed=args.seed))
     if args.model:
         tok = ensure_pad_token(load_tokenizer(args.model))
-        model = load_lm(args.model)
-        model.config.pad_token_id = tok.pad_token_id
+        # bench pm builds its PM from the directory: no LM copy held beside it
+        model = load_lm(args.model) if args.what != "pm" else None
+        if model is not None:
+            model.config.pad_token_id = tok.pad_token_id
         desc = f"{args.model}"
     else:
         corpus = [p.prompt + p.chosen for p in pairs[: args.pairs]] + [p.prompt + p.rejected for p in pairs[: args.pairs]]
@@ -152,7 +161,7 @@ def build_setup(args) -> Setup:
         desc = (f"tiny Llama (vocab {len(tok)}, hidden {args.hidden_size}, {args.num_layers} layers, "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
     tok.padding_side = "right"
-    return Setup(model.to(device), tok, pairs, device, args.seq_len, desc)
+    return Setup(model.to(device) if model is not None else None, tok, pairs, device, args.seq_len, desc)
 
 
 def _copy(setup: Setup) -> torch.nn.Module:
@@ -179,11 +188,11 @@ def _dpo_ours(setup: Setup, args) -> Side:
     from alignbench.train import make_optimizer
     from alignbench_methods.dpo import dpo_step, encode_pairs, reference_logps
 
-    side = Side("dpo", "alignbench", "methods/dpo.py dpo_step")
+    side = Side("dpo", "alignbench", variant("methods/dpo.py dpo_step", args))
     pairs, dev, pad = _dpo_pairs(setup, args), setup.device, setup.tokenizer.pad_token_id
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
-        policy = _copy(setup).train()
+        policy = prepare(_copy(setup), args).train()
         encoded = encode_pairs(setup.tokenizer, pairs, setup.seq_len)
         t_ref = time.perf_counter()
         # the reference is π0 = these very weights before the first step, so the policy serves as it
@@ -398,12 +407,19 @@ def markdown(rows: list[dict]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="alignbench bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=WHAT + ("all",), help="which benchmark")
+    ap.add_argument("what", choices=WHAT + ("all",) + tuple(SOLO), help="which benchmark")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (batches) per side; the first is warm-up")
-    ap.add_argument("--batch-size", type=int, default=16, help="pairs (dpo), prompts (generate) or sequences per step")
-    ap.add_argument("--seq-len", type=int, default=256, help="max tokens per sequence (prompt + response)")
+    ap.add_argument("--batch-size", "--batch-pairs", type=int, default=16,
+                    help="pairs (dpo, pm), prompts (generate) or sequences (train-loop, ppo) per step")
+    ap.add_argument("--seq-len", "--max-len", type=int, default=256, help="max tokens per sequence (prompt + response)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens sampled per prompt")
-    ap.add_argument("--model", default=None, help="a local save_pretrained causal-LM directory (default: tiny Llama)")
+    ap.add_argument("--model", default=None,
+                    help="smollm2, or a local save_pretrained causal-LM directory (default: tiny Llama)")
+    ap.add_argument("--lora", action="store_true", help="dpo, pm, ppo: train LoRA adapters (model.peft=lora)")
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="dpo, pm, ppo: gradient checkpointing")
+    ap.add_argument("--no-peer", action="store_true", help="dpo, generate, train-loop: run our side only")
+    ap.add_argument("--data-path", default=None, help="pm, ppo: a local hh-rlhf directory (its test split)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared or small machine more threads than free cores "
@@ -429,6 +445,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--seq-len: must be >= 16, got {args.seq_len}")
     if args.beta <= 0:
         ap.error(f"--beta: must be > 0, got {args.beta}")
+    args.model = resolve_model(args.model)
     return args
 
 
@@ -438,7 +455,7 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
         torch.set_num_threads(args.threads)
     setup = setup or build_setup(args)
     with contextlib.redirect_stdout(sys.stderr):  # trainers print; stdout is for the table
-        row = BENCHES[what][k](setup, args).row()
+        row = (SOLO[what] if what in SOLO else BENCHES[what][k])(setup, args).row()
     row.update(model=setup.desc, device=str(setup.device), batch_size=args.batch_size, seq_len=args.seq_len,
                threads=torch.get_num_threads(), isolated=args.isolate)
     return row
@@ -457,14 +474,17 @@ def run(args: argparse.Namespace) -> list[dict]:
     for what in (WHAT if args.what == "all" else (args.what,)):
         log.info("bench %s (%s)", what, "one process per side" if args.isolate else setup.desc)
         sides = []
-        for k in range(len(BENCHES[what])):
+        # one side: no peer (pm, ppo), --no-peer, or dpo under --lora / --grad-ckpt (the TRL side has neither)
+        solo = what in SOLO or args.lora or args.grad_ckpt or args.no_peer
+        for k in range(1 if solo else len(BENCHES[what])):
             if args.isolate:
                 with mp.get_context("spawn").Pool(1) as pool:
                     sides.append(pool.apply(_side_row, (args, what, k)))
             else:
                 sides.append(_side_row(args, what, k, setup))
-        ours, peer = sides
-        ours["speedup_vs_peer"] = round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
+        if not solo:
+            ours, peer = sides
+            ours["speedup_vs_peer"] = round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
         rows += sides
     return rows
 

@@ -20,6 +20,8 @@ import os
 import subprocess
 import sys
 
+from alignbench.memory import fix_mmap_threshold
+
 USAGE = __doc__
 
 
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    fix_mmap_threshold()  # CPU training otherwise fragments the heap (alignbench.memory)
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
     except _bad_input_types() as e:

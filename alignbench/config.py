@@ -84,6 +84,15 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021) through the ``peft`` library, used when model.peft=lora."""
+    r: int = opt(16, gt=0)  # rank of the update B·A
+    alpha: float = opt(32.0, gt=0)  # scale: the update is (alpha / r)·B·A
+    dropout: float = opt(0.0, ge=0, lt=1)  # dropout on the adapter's input
+    target_modules: Optional[List[str]] = None  # module names; None = the architecture's default list
+
+
+@dataclass
 class ModelConfig:
     kind: str = opt("tiny", choices=["tiny", "hf", "gguf"])
     name_or_path: Optional[str] = None  # Hub id or local dir (hf); dir or file (gguf)
@@ -99,6 +108,10 @@ class ModelConfig:
     num_heads: int = opt(4, gt=0)
     intermediate_size: int = opt(352, gt=0)
     max_seq_len: int = opt(256, ge=16)
+    # none: every stage and method trains all weights; lora: π0, the PMs and every method train
+    # LoRA adapters (+ the PM's scalar head), saved merged (alignbench.lora)
+    peft: str = opt("none", choices=["none", "lora"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, prefix: str) -> None:
         if self.kind in ("hf", "gguf") and not self.name_or_path:
@@ -168,6 +181,9 @@ class TrainConfig:
     precision: str = opt("fp32", choices=["fp32", "bf16"])
     checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints
     num_threads: int = opt(0, ge=0)  # torch CPU threads; 0 = torch's default
+    # recompute each layer's activations in the backward pass instead of keeping them (every
+    # training forward: stages and methods): less memory, about a third more compute
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from alignbench import lora
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
@@ -81,6 +82,7 @@ class RunContext:
     _synced: tuple = (0, 0, 0.0)  # (tokens_generated, pm_calls, flops) already merged over processes
     _n_params: Any = field(default_factory=weakref.WeakKeyDictionary)  # model -> N, counted once
     _policy_params: Optional[int] = None  # N of the policy copies ctx.policy() hands out
+    _policy_ref: Any = None  # weakref to the last LoRA policy (model.peft=lora): the reference's weights
 
     # ---- models
     @property
@@ -100,14 +102,26 @@ class RunContext:
         return self.method_cfg.batch_size or self.cfg.train.batch_size
 
     def policy(self) -> torch.nn.Module:
-        """A fresh trainable copy of π0 (every method starts here)."""
+        """A fresh trainable copy of π0 (every method starts here); under model.peft=lora, π0 with
+        a fresh LoRA adapter (only the adapter trains). Gradient checkpointing per
+        train.gradient_checkpointing."""
         torch.manual_seed(self.seed)
-        policy = self.load(self.stages.pi0.path).train()
+        policy = self.load(self.stages.pi0.path)
+        if lora.enabled(self.cfg.model):
+            policy = lora.wrap(policy, self.cfg.model, seed=self.seed)
+            self._reference = None  # from now on π0 is this policy with its adapter disabled: one copy
+            self._policy_ref = weakref.ref(policy)
+        policy = lora.set_gradient_checkpointing(policy, self.cfg.train.gradient_checkpointing).train()
         self._policy_params = self.n_params(policy)
         return policy
 
     def reference(self) -> torch.nn.Module:
-        """π0, frozen (the KL anchor and DPO's reference); loaded once."""
+        """π0, frozen (the KL anchor and DPO's reference). Under model.peft=lora, once a policy was
+        handed out, the last one with its adapter disabled (``lora.AdapterDisabled``: no second copy
+        in memory, and exactly π0's weights); otherwise π0 loaded once."""
+        policy = self._policy_ref() if self._policy_ref is not None else None
+        if policy is not None:
+            return lora.AdapterDisabled(policy)
         if self._reference is None:
             self._reference = self.load(self.stages.pi0.path).eval().requires_grad_(False)
         return self._reference
@@ -134,7 +148,11 @@ class RunContext:
         parameters, by default the policy's, i.e. π0's architecture). Under a multi-process launch
         this also merges every process's costs since the last merge into the run's totals, so every
         process calls it once per step (it is a collective there). Call ``check_budget()`` before
-        the step's forward: this charges what was already spent."""
+        the step's forward: this charges what was already spent.
+
+        Under LoRA N stays all the parameters (base and adapter): the forward and the backward
+        through the activations still run through the whole model; only the weight-gradient
+        matmuls of the frozen layers are skipped, which the 6·N rule does not try to resolve."""
         n = self.n_params(model) if model is not None else self._policy_params or self.n_params(self.reference())
         self._merge_costs(trained_tokens, train_flops(n, trained_tokens))
 
@@ -156,11 +174,12 @@ class RunContext:
         self._synced = (c.tokens_generated, c.pm_calls, c.flops)
 
     def save_policy(self, policy) -> Path:
-        """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation loads."""
+        """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation
+        loads. A LoRA policy is saved merged (an ordinary model), its adapter in policy/adapter."""
         path = self.out_dir / "policy"
         policy.eval()
         if self.dist.is_main:
-            policy.save_pretrained(path, safe_serialization=True)
+            lora.save(policy, path)
             self.tokenizer.save_pretrained(path)
         return path
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from alignbench.config import MIN_PROMPT_TOKENS
+from alignbench.lora import set_gradient_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +100,77 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+LOGIT_CHUNK = 1024  # positions whose logits exist at once: 1024 × 49k vocab × 4 bytes ≈ 200 MB
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The trunk's final (normed) hidden states [B, T, H], the LM head's input. The model runs with
+    ``logits_to_keep=1``: its own head sees the last position only (no [B, T, V] logits)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)  # a training/scoring forward: a KV cache would only hold memory
+    return out.hidden_states[-1]
+
+
+def _inner(model):
+    """The model behind a DDP wrapper (its head and config)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   softcap: Optional[float] = None, with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    """For rows h [M, H] and their next tokens y [M]: z = head(h) in fp32 (softcapped as
+    c·tanh(z/c) where the model does so), then log p_T(y) = z_y/T − logsumexp(z/T) and, if asked,
+    the entropy H = logsumexp(z/T) − Σ_v p_v z_v/T. One chunk's logits; see ``selected_logprobs``."""
+    z = head(hidden).float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return (logp,)
+    return logp, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
+def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                      temperature: float = 1.0, with_entropy: bool = False):
+    """log p_T(x_t | x_<t) [B, T-1] at the positions where ``positions`` [B, T-1] is true (0
+    elsewhere), the entropy of p_T there (or None) and the final hidden states [B, T, H].
+
+    Memory: the LM head runs only on those positions, ``LOGIT_CHUNK`` at a time, each chunk under
+    activation checkpointing, so no [B, T, V] logits or fp32 log-softmax exist, in the forward or
+    kept for the backward (the chunk's logits are recomputed there). Works through DDP, peft
+    wrappers and ``lora.AdapterDisabled``, and under autocast (the head's matmul in bf16, the
+    softmax in fp32)."""
+    hidden = final_hidden(model, input_ids, attention_mask)
+    sel = positions.bool()
+    rows, targets = hidden[:, :-1][sel], input_ids[:, 1:][sel]
+    inner = _inner(model)
+    head = inner.get_output_embeddings()
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    parts = []
+    for i in range(0, len(rows), LOGIT_CHUNK):
+        kw = dict(temperature=temperature, softcap=softcap, with_entropy=with_entropy)
+        chunk = (head, rows[i:i + LOGIT_CHUNK], targets[i:i + LOGIT_CHUNK])
+        parts.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False, **kw) if torch.is_grad_enabled()
+                     else chunk_logprobs(*chunk, **kw))
+    outs = []
+    for k in range(2 if with_entropy else 1):
+        full = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
+        if parts:
+            full[sel] = torch.cat([p[k] for p in parts])
+        outs.append(full)
+    return outs[0], outs[1] if with_entropy else None, hidden
+
+
 def response_logprobs(model, batch: dict, average: bool = False,
                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum (or mean) of log-probs (at temperature T) over response tokens, and the per-token values [B, T-1]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_tok = token_logprobs(logits, batch["input_ids"], temperature)
-    mask = batch["response_mask"][:, 1:].float()
+    """Sum (or mean) of log-probs (at temperature T) over response tokens, and the per-token values
+    [B, T-1] (0 off the response), computed by ``selected_logprobs`` (no [B, T, V] tensor)."""
+    mask = batch["response_mask"][:, 1:]
+    per_tok, _, _ = selected_logprobs(model, batch["input_ids"], batch["attention_mask"], mask, temperature=temperature)
+    mask = mask.float()
     total = (per_tok * mask).sum(-1)
     if average:
         total = total / mask.sum(-1).clamp(min=1)
@@ -184,8 +251,10 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
                     make_batch: Callable[[list[int]], dict], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
                     lr: float, desc: str, grad_clip: float = 1.0, weight_decay: float = 0.0,
                     warmup: int = 0, device: torch.device | str = "cpu",
-                    on_step: Optional[Callable[[int, float], None]] = None, precision: str = "fp32") -> LoopResult:
+                    on_step: Optional[Callable[[int, float], None]] = None, precision: str = "fp32",
+                    gradient_checkpointing: bool = False) -> LoopResult:
     """Plain minibatch training: one optimiser step per batch, a progress bar, token accounting."""
+    set_gradient_checkpointing(model, gradient_checkpointing)
     model.to(device).train()
     opt, sched = make_optimizer(model, lr, weight_decay, warmup, len(batches))
     tokens, losses, start = 0, [], time.time()

@@ -37,7 +37,7 @@ from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (encode, encode_samples, last_token_index, lm_loss, make_optimizer, optimizer_step,
-                              pad_batch, token_logprobs)
+                              pad_batch, selected_logprobs)
 
 
 # --------------------------------------------------------------------------- config
@@ -171,14 +171,19 @@ class AdaptiveKLController:
 
 # --------------------------------------------------------------------------- model pieces
 def policy_forward(policy, value_head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   temperature: float = 1.0, positions: Optional[torch.Tensor] = None,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs of the tokens under π_T [B, T-1], the value of the state before each of them
-    [B, T-1], and the logits (for the optional entropy). Position t-1 predicts token t, so both are
-    read there."""
-    out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    logprobs = token_logprobs(out.logits, input_ids, temperature)
-    values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
-    return logprobs, values, out.logits[:, :-1]
+    [B, T-1], and (``with_entropy``) the entropy of π_T there. Position t-1 predicts token t, so
+    all are read there. Log-probs and entropy exist at ``positions`` [B, T-1] only (the response
+    tokens; by default every attended one), 0 elsewhere: the LM head runs on those rows alone, in
+    chunks, with no [B, T, V] logits (``alignbench.train.selected_logprobs``)."""
+    if positions is None:
+        positions = attention_mask[:, 1:]
+    logprobs, ent, hidden = selected_logprobs(policy, input_ids, attention_mask, positions, temperature=temperature,
+                                              with_entropy=with_entropy)
+    values = value_head(hidden[:, :-1].float()).squeeze(-1)
+    return logprobs, values, ent
 
 
 class ActorCritic(torch.nn.Module):
@@ -189,13 +194,10 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
-        return policy_forward(self.policy, self.value_head, input_ids, attention_mask, temperature)
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), -1)
-    return -(logp.exp() * logp).sum(-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                positions: Optional[torch.Tensor] = None, with_entropy: bool = False):
+        return policy_forward(self.policy, self.value_head, input_ids, attention_mask, temperature=temperature,
+                              positions=positions, with_entropy=with_entropy)
 
 
 @dataclass
@@ -246,7 +248,7 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     unfinished = torch.tensor([not f for f in sampled.finished], dtype=torch.float)
     batch = pad_batch(encode_samples(sampled), ctx.tokenizer.pad_token_id, ctx.device)
     mask = batch["response_mask"][:, 1:].float()
-    tokens = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mask": mask}
     logprobs, values, ref_logprobs = (torch.zeros_like(mask) for _ in range(3))
     for idx in layout:
         idx = idx.to(mask.device)
@@ -254,9 +256,9 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
         n_tokens = int(mb["attention_mask"].sum())
         ctx.charge_forward(n_tokens, policy)
         ctx.charge_forward(n_tokens, reference)
-        lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temp)
-        ref = token_logprobs(reference(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits,
-                             mb["input_ids"], temp)
+        lp, v, _ = policy_forward(policy, value_head, mb["input_ids"], mb["attention_mask"], temperature=temp,
+                                  positions=mb["mask"])
+        ref, _, _ = selected_logprobs(reference, mb["input_ids"], mb["attention_mask"], mb["mask"], temperature=temp)
         width = lp.shape[1]
         for full, part in ((logprobs, lp), (values, v), (ref_logprobs, ref)):
             full[idx, :width] = part.float()
@@ -359,11 +361,12 @@ class PPO(Method):
                     for first in range(0, len(order), local_mb):
                         mb = roll.minibatch(order[first:first + local_mb].to(roll.mask.device))
                         ctx.check_budget()
-                        logprobs, values, logits = train_model(mb["input_ids"], mb["attention_mask"], roll.temperature)
+                        logprobs, values, ent = train_model(mb["input_ids"], mb["attention_mask"], roll.temperature,
+                                                            mb["mask"], cfg.ent_coef > 0)
                         loss, s = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
                                            mb["returns"], mb["mask"], cfg.clip, cfg.clip_value, cfg.vf_coef)
                         if cfg.ent_coef > 0:
-                            loss = loss - cfg.ent_coef * masked_mean(entropy(logits / roll.temperature), mb["mask"])
+                            loss = loss - cfg.ent_coef * masked_mean(ent, mb["mask"])
                         tokens = int(mb["attention_mask"].sum())
                         if ptx is not None:
                             pt = ptx.next()

@@ -49,3 +49,13 @@ def test_bad_arguments_exit_2(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "alignbench bench" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["pm", "ppo", "dpo"])
+def test_solo_benches_with_lora_and_gradient_checkpointing(what, capsys):
+    assert main([what, *MINI, "--lora", "--lora-r", "4", "--grad-ckpt"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["side"] == "alignbench"  # no peer under --lora
+    r = rows[0]
+    assert r["bench"] == what and r["steps"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0, r
+    assert "LoRA r=4, grad ckpt" in r["impl"] and r["process_maxrss_mb"] > 0

@@ -124,6 +124,9 @@ def _metrics(sweep: Path) -> dict:
 KILL_CASES = {
     "dpo": (["method=dpo", "method.max_steps=16", "method.eval_every=4", "train.checkpoint_every=4"], 7,
             [0, 4, 8, 12, 16, -1]),
+    # LoRA: the checkpoint holds base + adapter weights; the reference is the policy with its adapter off
+    "dpo_lora": (["method=dpo", "method.max_steps=8", "method.eval_every=4", "train.checkpoint_every=2",
+                  "model.peft=lora", "model.lora.r=4"], 3, [0, 4, 8, -1]),
     "ppo": (["method=ppo", "method.steps=6", "method.rollout_batch_size=16", "method.eval_every=2",
              "method.kl_target=2", "method.ptx_coef=0.1", "train.checkpoint_every=1"], 2, [0, 2, 4, 6, -1]),
     "rrhf": (["method=rrhf", "method.steps=12", "method.prompts_per_step=4", "method.eval_every=4",

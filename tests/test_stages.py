@@ -97,7 +97,7 @@ def test_pm_loss_is_bradley_terry_negative_log_likelihood():
     class Fixed(torch.nn.Module):  # a trunk whose last hidden state is the score, and an identity head
         score = torch.nn.Identity()
 
-        def base_model(self, input_ids, attention_mask):
+        def base_model(self, input_ids, attention_mask, use_cache=True):  # pm_scores passes use_cache=False
             hidden = torch.tensor([[9.0, 2.0], [0.5, 9.0], [1.0, 9.0], [9.0, 1.5]])[:, :, None]
             return type("Out", (), {"last_hidden_state": hidden})()
     # right padding: rows 2 and 3 end at position 0, rows 1 and 4 at position 1 (read at the last 1)

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import PAD_IS_EOS, count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
@@ -36,8 +37,10 @@ def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_siz
 
 def model_key(mc) -> dict:
     """The model config as part of a stage key. ``arch`` is left out at its default (llama), so
-    the keys (and caches) of every Llama run made before the key existed stay valid."""
-    key = dataclasses.asdict(mc)
+    the keys (and caches) of every Llama run made before the key existed stay valid. ``peft`` and
+    ``lora`` are left out too: LoRA trains the later stages only (π0 and the PMs add them to their
+    own keys, ``stages.cache.lora_key``), so the base LM is the same with or without it."""
+    key = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("peft", "lora")}
     if key["arch"] == "llama":
         del key["arch"]
     return key
@@ -57,6 +60,7 @@ def build_base(cfg: Config) -> Artifact:
             model = tiny_lm(mc, tok, cfg.stages.seed)
         else:  # a GGUF file is converted once into the cache, beside the stages
             model, tok = load_pretrained_lm(mc, cfg.paths.cache_dir)
+        lora.check_targets(mc, model)  # a bad model.lora.target_modules fails before any training
         max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
         device = pick_device(cfg.train.device)
         metrics = {"params": count_params(model)}
@@ -65,7 +69,8 @@ def build_base(cfg: Config) -> Artifact:
             batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
-                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision)
+                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision,
+                                  gradient_checkpointing=cfg.train.gradient_checkpointing)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            tokens_per_second=round(res.tokens_per_second, 1), final_loss=res.losses[-1])
         heldout = dialogue_corpus(data.eval)[:512]

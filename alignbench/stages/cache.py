@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +65,15 @@ def precision_key(cfg) -> dict:
     """Part of a stage key: bf16-trained stages are cached apart from fp32 ones (fp32 keys are
     unchanged, so existing caches stay valid)."""
     return {"precision": "bf16"} if cfg.train.precision == "bf16" else {}
+
+
+def lora_key(cfg) -> dict:
+    """Part of the key of a stage that trains under model.peft (π0, the PMs): LoRA-trained stages
+    are cached apart; full fine-tuning keys are unchanged. Gradient checkpointing is not part of
+    any key: it recomputes the same activations, so it changes memory, not the result."""
+    if cfg.model.peft == "none":
+        return {}
+    return {"peft": cfg.model.peft, "lora": asdict(cfg.model.lora)}
 
 
 def build_stage(stage: str, key_material: dict, cache_dir: str | Path,

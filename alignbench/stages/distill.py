@@ -16,12 +16,13 @@ import dataclasses
 
 import torch
 
+from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
-from alignbench.stages.cache import Artifact, build_stage, precision_key
+from alignbench.stages.cache import Artifact, build_stage, lora_key, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
@@ -47,12 +48,14 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     sc = cfg.stages.pi0
     prompt = hhh_prompt(cfg)
     key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg), **lora_key(cfg)}
     if sc.mode == "preferred_ft":  # which comparisons it fits depends on the judge (access rules)
         key["sft_pairs"] = {"access": ACCESS_RULES, "judge": judge_kind(cfg)}
 
     def build(out):
         tok, model = load_tokenizer(base.path), load_lm(base.path)
+        if lora.enabled(cfg.model):  # π0 = the base LM + a trained adapter, saved merged
+            model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
         device, max_len = pick_device(cfg.train.device), base.record["max_len"]
         metrics: dict = {"mode": sc.mode}
         if sc.mode == "context_distill":
@@ -62,11 +65,11 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
             batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device,
-                                  precision=cfg.train.precision)
+                                  precision=cfg.train.precision, gradient_checkpointing=cfg.train.gradient_checkpointing)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            final_loss=res.losses[-1])
         metrics["heldout_nll"] = mean_nll(model, tok, dialogue_corpus(data.eval)[:512], max_len, device)
-        model.to("cpu").save_pretrained(out, safe_serialization=True)
+        lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
 
@@ -74,7 +77,9 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
 
 
 def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device) -> dict:
-    teacher = copy.deepcopy(student).to(device).eval().requires_grad_(False)
+    # Under LoRA the teacher is the student with its adapter disabled (the base LM, no second copy)
+    teacher = (lora.AdapterDisabled(student) if lora.is_peft(student)
+               else copy.deepcopy(student).to(device).eval().requires_grad_(False))
     h = tok(prompt, add_special_tokens=False)["input_ids"]
     room = max_len - len(h)
     if room < 16:
@@ -96,7 +101,8 @@ def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg:
 
     batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",
-                          cfg.train.grad_clip, device=device, precision=cfg.train.precision)
+                          cfg.train.grad_clip, device=device, precision=cfg.train.precision,
+                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     return {"steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "tokens_per_second": round(res.tokens_per_second, 1), "first_kl": res.losses[0],
             "final_kl": sum(res.losses[-10:]) / len(res.losses[-10:]), "hhh_prompt_tokens": len(h)}

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
 from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
-from alignbench.stages.cache import Artifact, build_stage, precision_key
+from alignbench.stages.cache import Artifact, build_stage, lora_key, precision_key
 from alignbench.train import (Encoded, batch_schedule, encode, encode_ids, encode_pair, last_token_index, pad_batch,
                               prompt_window, supervised_loop)
 
@@ -45,7 +46,8 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     Read here rather than through AutoModelForSequenceClassification, which pools at the last
     token that is not the pad token: where pad == EOS (GPT-2, Pythia, SmolLM2) it skips the
     appended EOS itself."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    model = lora.unwrap(model)  # under LoRA: the adapted model, its trained head in ``score``
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
 
@@ -138,11 +140,13 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     sc = cfg.stages.pm
     key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part, "access": ACCESS_RULES,
            "pm_code": PM_CODE_VERSION,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
+           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg), **lora_key(cfg)}
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
         model = pm_from_lm(init.path, tok, cfg.stages.seed)
+        if lora.enabled(cfg.model):  # adapters + the scalar head train; saved merged
+            model = lora.wrap(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
         metrics: dict = {}
         counts: dict = {}
         if sc.pmp_path:
@@ -153,7 +157,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
             metrics["pmp"] = _train(model, tok, pmp, sc.pmp_epochs, sc, cfg, device, max_len, "PM pretraining")
         train = pm_pairs(cfg, data, part)
         metrics["train"] = _train(model, tok, train, sc.epochs, sc, cfg, device, max_len, f"PM ({part})")
-        model.to("cpu").save_pretrained(out, safe_serialization=True)
+        lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         heldout = _score_heldout(out, data.test, device, max_len)
         (out / "heldout_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
@@ -169,7 +173,8 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
 def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc) -> dict:
     batches = batch_schedule(len(pairs), sc.batch_size, epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(model, batches, lambda idx: pair_batch(tok, pairs, idx, max_len), pm_loss, sc.lr,
-                          desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision)
+                          desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision,
+                          gradient_checkpointing=cfg.train.gradient_checkpointing)
     return {"pairs": len(pairs), "steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:])}
 
