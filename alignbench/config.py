@@ -7,6 +7,7 @@ fails in seconds with the full key named (``stages.pm.lr: must be > 0, got -1``)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -66,6 +67,8 @@ class DataConfig:
     split: Dict[str, float] = opt(factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
     seed: int = 0
     max_pairs: Optional[int] = opt(None, gt=0)
+    # how dialogues meet the model (alignbench.formats): raw HH transcript text, or the tokenizer's chat template
+    format: str = opt("raw", choices=["raw", "chat"])
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self, prefix: str) -> None:
@@ -86,6 +89,8 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False  # off unless you trust the repository's code
+    # data.format=chat: null keeps the tokenizer's own template; chatml adds ChatML tokens and template
+    chat_template: Optional[str] = opt(None, choices=["chatml"])
     # `tiny`: a from-scratch Llama with a byte-level BPE trained on the stage's own corpus
     vocab_size: int = opt(1024, ge=260)
     hidden_size: int = opt(128, gt=0)
@@ -141,6 +146,10 @@ class StagesConfig:
     pm: PMStageConfig = field(default_factory=PMStageConfig)
 
 
+# train.report_to: tracker name -> the package it needs (alignbench.tracking writes to them)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
 @dataclass
 class TrainConfig:
     """Shared defaults every method starts from (fairness: same optimiser, precision, sampling)."""
@@ -155,6 +164,15 @@ class TrainConfig:
     precision: str = opt("fp32", choices=["fp32", "bf16"])
     checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints
     num_threads: int = opt(0, ge=0)  # torch CPU threads; 0 = torch's default
+    # experiment trackers (alignbench.tracking): tensorboard, wandb, trackio, mlflow; [] = none
+    report_to: List[str] = opt(factory=lambda: ["tensorboard"])
+
+    def validate(self, prefix: str) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"{prefix}.report_to: unknown tracker {name!r}; valid: {list(TRACKERS)}")
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(f"{prefix}.report_to: {name} is not installed (pip install {TRACKERS[name]})")
 
 
 @dataclass

@@ -9,6 +9,7 @@ same stage build it once: the others wait, then reuse it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,21 @@ def precision_key(cfg) -> dict:
     """Part of a stage key: bf16-trained stages are cached apart from fp32 ones (fp32 keys are
     unchanged, so existing caches stay valid)."""
     return {"precision": "bf16"} if cfg.train.precision == "bf16" else {}
+
+
+def data_key(cfg) -> dict:
+    """The data config as part of a stage key, without ``format`` (see ``format_key``)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "format"}
+
+
+def format_key(cfg) -> dict:
+    """Part of a stage key: stages built on chat-rendered dialogues (data.format=chat) or with a
+    replaced chat template (model.chat_template) are cached apart; raw keys are unchanged, so
+    existing caches stay valid."""
+    out = {"format": cfg.data.format} if cfg.data.format != "raw" else {}
+    if cfg.model.chat_template is not None:
+        out["chat_template"] = cfg.model.chat_template
+    return out
 
 
 def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
