@@ -208,7 +208,7 @@ class RunContext:
         if not isinstance(prompts, SampleBatch):
             return self.pm.score(prompts, responses)
         if self._sample_pm is None:
-            self._sample_pm = SampleScorer(self.pm, self.tokenizer)
+            self._sample_pm = SampleScorer(self.pm, self.tokenizer, self.fmt)
         return self._sample_pm(prompts)
 
     def charge_forward(self, tokens: int, model, check: bool = True) -> None:

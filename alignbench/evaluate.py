@@ -44,7 +44,7 @@ def make_judge(cfg: Config, stages, device, tokenizer):
         gold = GoldReward()
         return (lambda prompts, responses, samples=None: gold.score_batch(prompts, responses)), "gold"
     pm = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"], fmt=cfg.data.format)
-    by_ids = SampleScorer(pm, tokenizer)
+    by_ids = SampleScorer(pm, tokenizer, cfg.data.format)
 
     def judge(prompts, responses, samples=None):
         return (by_ids(samples) if samples is not None else pm.score(prompts, responses)).tolist()

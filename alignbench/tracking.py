@@ -10,6 +10,8 @@ calls, FLOPs, seconds). Tracking only reads values the run computed: it never ch
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import math
 from pathlib import Path
@@ -40,31 +42,18 @@ class _TensorBoard:
         self.writer.close()
 
 
-class _WandB:
-    def __init__(self, log_dir: Path, run_name: str, config: dict):
-        import wandb
+class _WandbLike:
+    """wandb, and trackio (wandb's API): module-level init, log and finish."""
 
-        self.run = wandb.init(project="alignbench", name=run_name, dir=str(log_dir), config=config)
-
-    def log(self, scalars: dict[str, float], step: int) -> None:
-        self.run.log(scalars, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class _Trackio:
-    def __init__(self, log_dir: Path, run_name: str, config: dict):
-        import trackio
-
-        self.trackio = trackio
-        trackio.init(project="alignbench", name=run_name, config=config)
+    def __init__(self, module: str, log_dir: Path, run_name: str, config: dict):
+        self.module = importlib.import_module(module)  # installed: checked by TrainConfig.validate
+        self.module.init(project="alignbench", name=run_name, config=config)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        self.trackio.log(scalars, step=step)
+        self.module.log(scalars, step=step)
 
     def close(self) -> None:
-        self.trackio.finish()
+        self.module.finish()
 
 
 class _MLflow:
@@ -82,7 +71,8 @@ class _MLflow:
         self.mlflow.end_run()
 
 
-BACKENDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio, "mlflow": _MLflow}
+BACKENDS = {"tensorboard": _TensorBoard, "wandb": functools.partial(_WandbLike, "wandb"),
+            "trackio": functools.partial(_WandbLike, "trackio"), "mlflow": _MLflow}
 
 
 class Tracker:

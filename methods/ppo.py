@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (encode_dialogue, encode_samples, learning_rate, last_token_index, lm_loss, make_optimizer, optimizer_step,
-                              pad_batch, token_logprobs)
+from alignbench.train import (encode_dialogue, encode_samples, last_token_index, learning_rate, lm_loss,
+                              make_optimizer, optimizer_step, pad_batch, token_logprobs)
 
 
 # --------------------------------------------------------------------------- config

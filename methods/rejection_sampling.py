@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from alignbench.config import ConfigError, opt
 from alignbench.cost import forward_flops
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode_ids, learning_rate, lm_loss, make_optimizer, optimizer_step, pad_batch
+from alignbench.train import (batch_schedule, encode_ids, learning_rate, lm_loss, make_optimizer, optimizer_step,
+                              pad_batch)
 
 log = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ def test_pm_reads_at_the_end_of_turn_token(tmp_path):
     # samples are read by their ids: a finished one ends with <|im_end|> (nothing added), as the texts do
     samples = sample(rigged_lm(tok, eot, eot), tok, [PROMPT], max_new_tokens=4, fmt="chat")
     assert samples.response_ids == [[eot]] and samples.finished == [True]
-    by_ids = SampleScorer(scorer, tok)
+    by_ids = SampleScorer(scorer, tok, "chat")
     assert by_ids.eos_id == eot
     assert by_ids(samples).item() == pytest.approx(scorer.score([PROMPT], [""]).item(), abs=1e-5)
     pad = pad_batch([encode(tok, PROMPT, "", 256, fmt="chat")], tok.pad_token_id)

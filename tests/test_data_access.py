@@ -61,9 +61,9 @@ def real_hh(tmp_path_factory):
     trained: dict[str, list] = {}
     real_train = preference._train
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc):
+    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
         trained[desc] = list(pairs)
-        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc)
+        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(preference, "_train", spy)

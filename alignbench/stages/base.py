@@ -65,8 +65,8 @@ def build_base(cfg: Config) -> Artifact:
             encoded = [encode_dialogue(tok, t, max_len, fmt) for t in corpus]
             batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             with Tracker(out / "tb", cfg.train.report_to, "base") as tracker:
-                res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
-                                      lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
+                res = supervised_loop(model, batches,
+                                      lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id), lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
                                       warmup=min(50, len(batches) // 10), precision=cfg.train.precision,
                                       log_step=tracker.log_step)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),

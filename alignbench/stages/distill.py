@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -80,7 +81,7 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
 
 
 def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device,
-             tracker: Tracker) -> dict:
+             tracker: Optional[Tracker] = None) -> dict:
     teacher = copy.deepcopy(student).to(device).eval().requires_grad_(False)
     # Every dialogue X is s_pre + X for the student and h + X for the teacher: raw, s_pre is empty
     # and h the prompt's text; chat, h renders the prompt as a system message and s_pre is what the
@@ -110,7 +111,7 @@ def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg:
     batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",
                           cfg.train.grad_clip, device=device, precision=cfg.train.precision,
-                          log_step=tracker.log_step)
+                          log_step=tracker.log_step if tracker else None)
     return {"steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "tokens_per_second": round(res.tokens_per_second, 1), "first_kl": res.losses[0],
             "final_kl": sum(res.losses[-10:]) / len(res.losses[-10:]), "hhh_prompt_tokens": len(h)}

@@ -78,7 +78,8 @@ class PMScorer:
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Dataset-style text: each response gets EOS or end-of-turn (it is complete), ``encode``'s window rule."""
-        return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt) for p, r in zip(prompts, responses)])
+        return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt)
+                            for p, r in zip(prompts, responses)])
 
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Already-tokenised sequences (e.g. samples, see ``scored_ids``), read at their last token;
@@ -120,8 +121,8 @@ class SampleScorer:
     """A PM that scores SampleBatches by their ids when it shares the policy's tokenizer, and falls
     back to the decoded text (with a logged warning) when it does not."""
 
-    def __init__(self, pm: PMScorer, tokenizer):
-        self.pm, self.eos_id = pm, end_of_turn_id(tokenizer, pm.fmt)
+    def __init__(self, pm: PMScorer, tokenizer, fmt: str = "raw"):
+        self.pm, self.eos_id = pm, end_of_turn_id(tokenizer, fmt)  # the end token of a finished sample
         self.by_ids = same_tokenizer(pm.tokenizer, tokenizer)
         if not self.by_ids:
             log.warning("the PM's tokenizer differs from the policy's: samples are re-tokenised from text")
