@@ -2,6 +2,7 @@
 the PM's read point, the raw format unchanged, and a tiny chat run through the shared stages and DPO."""
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,7 @@ def test_pm_reads_at_the_end_of_turn_token(tmp_path):
         by_ids(samples).item(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_chat_run_through_the_shared_stages_and_dpo(tiny_overrides, tmp_path):
     from alignbench.cli import compose
     from alignbench.runner import run_job
@@ -203,9 +205,13 @@ def test_tiny_chat_run_through_the_shared_stages_and_dpo(tiny_overrides, tmp_pat
     assert shared.keys() == metrics["stages"] and all(shared.reused().values())
     stages = {a.stage: a.record for a in (shared.base, shared.pi0, shared.pm)}
     assert {s["format"] for s in stages.values()} == {"chat"}  # a chat π0 is not a raw π0
-    assert stages["base"]["metrics"]["final_loss"] < 4.0 and stages["pi0"]["metrics"]["final_kl"] < 0.05
-    assert stages["pm"]["metrics"]["heldout_accuracy"] > 0.55  # the PM learns on chat-rendered pairs
-    assert metrics["info"]["steps"] == 8 and metrics["final"]["kl_k3"] > 0
+    # every stage learnt on chat-rendered dialogues (measured: NLL 4.34 from ln 514 = 6.24 at init, π0's
+    # KL to its teacher 0.003, PM accuracy 0.565; DPO's probe accuracy 0.5 -> 0.75)
+    assert stages["base"]["metrics"]["heldout_nll"] < 5.0 and stages["pi0"]["metrics"]["final_kl"] < 0.05
+    assert stages["pm"]["metrics"]["heldout_accuracy"] > 0.55
+    info = metrics["info"]
+    assert info["steps"] == 8 and metrics["final"]["kl_k3"] > 0
+    assert info["final_reward_accuracy"] > info["initial_reward_accuracy"] and info["final_probe_loss"] < math.log(2)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [p["step"] for p in log if p["label"] == "train"] == [4, 8]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
