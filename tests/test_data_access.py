@@ -124,7 +124,7 @@ def test_pm_pretraining_drops_comparisons_from_the_rest_of_the_data(real_hh, mon
             os.symlink(hh / subset / "test.jsonl.gz", tmp_path / subset / f"{split}.jsonl.gz")
     trained: dict[str, list] = {}
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc):  # record; training is not the point
+    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):  # record; training is not the point
         trained[desc] = list(pairs)
         return {"pairs": len(pairs)}
 
