@@ -7,6 +7,7 @@ fails in seconds with the full key named (``stages.pm.lr: must be > 0, got -1``)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -70,6 +71,8 @@ class DataConfig:
     split: Dict[str, float] = opt(factory=lambda: {"train": 0.8, "eval": 0.1, "test": 0.1})
     seed: int = 0
     max_pairs: Optional[int] = opt(None, gt=0)
+    # how dialogues meet the model (alignbench.formats): raw HH transcript text, or the tokenizer's chat template
+    format: str = opt("raw", choices=["raw", "chat"])
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def validate(self, prefix: str) -> None:
@@ -99,6 +102,8 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     revision: Optional[str] = None
     trust_remote_code: bool = False  # off unless you trust the repository's code
+    # data.format=chat: null keeps the tokenizer's own template; chatml adds ChatML tokens and template
+    chat_template: Optional[str] = opt(None, choices=["chatml"])
     # `tiny`: a from-scratch model with a byte-level BPE trained on the stage's own corpus;
     # arch picks the family (transformers' config classes, each with its real quirks: models.tiny_config)
     arch: str = opt("llama", choices=["llama", "gpt2", "gpt_neox", "qwen2", "gemma"])
@@ -167,6 +172,10 @@ class StagesConfig:
     pm: PMStageConfig = field(default_factory=PMStageConfig)
 
 
+# train.report_to: tracker name -> the package it needs (alignbench.tracking writes to them)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
 @dataclass
 class TrainConfig:
     """Shared defaults every method starts from (fairness: same optimiser, precision, sampling)."""
@@ -184,6 +193,15 @@ class TrainConfig:
     # recompute each layer's activations in the backward pass instead of keeping them (every
     # training forward: stages and methods): less memory, about a third more compute
     gradient_checkpointing: bool = False
+    # experiment trackers (alignbench.tracking): tensorboard, wandb, trackio, mlflow; [] = none
+    report_to: List[str] = opt(factory=lambda: ["tensorboard"])
+
+    def validate(self, prefix: str) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"{prefix}.report_to: unknown tracker {name!r}; valid: {list(TRACKERS)}")
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(f"{prefix}.report_to: {name} is not installed (pip install {TRACKERS[name]})")
 
 
 @dataclass

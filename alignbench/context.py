@@ -24,6 +24,7 @@ from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer, SampleScorer
+from alignbench.tracking import Tracker
 from alignbench.train import encode_samples, pad_batch, response_logprobs
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class RunContext:
     cost: Cost = field(default_factory=Cost)
     dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
     eval_meta: list = field(default_factory=list)  # {"subset", "n_turns"} per eval prompt
+    tracker: Optional[Tracker] = None  # train.report_to (alignbench.tracking); the main process's only
     _reference: Any = None
     _sample_pm: Any = None  # the PM reading SampleBatches by their ids (built on first use)
     _synced: tuple = (0, 0, 0.0)  # (tokens_generated, pm_calls, flops) already merged over processes
@@ -88,6 +90,11 @@ class RunContext:
     @property
     def max_len(self) -> int:
         return self.stages.pi0.record["max_len"]
+
+    @property
+    def fmt(self) -> str:
+        """data.format: how prompts and responses are tokenised (alignbench.formats)."""
+        return self.cfg.data.format
 
     @property
     def seed(self) -> int:
@@ -220,7 +227,7 @@ class RunContext:
         if not isinstance(prompts, SampleBatch):
             return self.pm.score(prompts, responses)
         if self._sample_pm is None:
-            self._sample_pm = SampleScorer(self.pm, self.tokenizer)
+            self._sample_pm = SampleScorer(self.pm, self.tokenizer, self.fmt)
         return self._sample_pm(prompts)
 
     def charge_forward(self, tokens: int, model, check: bool = True) -> None:
@@ -292,7 +299,8 @@ class RunContext:
                 max_new_tokens: Optional[int] = None, seed: Optional[int] = None, **hooks) -> SampleBatch:
         return sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
                       temperature=temperature or self.cfg.train.temperature,
-                      max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len, **hooks)
+                      max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len,
+                      fmt=self.fmt, **hooks)
 
     def sample_free(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
                     max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:
@@ -343,9 +351,15 @@ class RunContext:
                 judge = self.judge(prompts, responses)
         return proxy, [float(j) for j in judge]
 
+    def log_step(self, step: int, **scalars) -> None:
+        """Per-step training scalars (losses, learning rate, ...) to the trackers of
+        train.report_to: every method calls it once per optimiser step (main process only)."""
+        if self.tracker is not None and self.dist.is_main:
+            self.tracker.log_step(step, **scalars)
+
     def log_point(self, step: int, model=None, responses=None, label: str = "train", scores=None, **extra) -> dict:
-        """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl (main process only;
-        the others get {})."""
+        """Append one (step, KL, proxy, judge, cost) point to train_log.jsonl and the trackers
+        (main process only; the others get {})."""
         if not self.dist.is_main:
             return {}
         was_training = model.training if model is not None else False
@@ -356,6 +370,8 @@ class RunContext:
             model.train()
         with open(self.out_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(point) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_point(point)
         log.info("step %d %s: proxy %.3f judge %.3f kl_k3 %s", step, label, point["proxy_reward"],
                  point["judge_reward"], f"{point['kl_k3']:.3f}" if "kl_k3" in point else "-")
         return point

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from alignbench.config import Config
 from alignbench.context import EVAL_SEED_OFFSET, RunContext
@@ -22,6 +23,7 @@ from alignbench.data.splits import prompt_mix
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
+from alignbench.formats import check_format
 from alignbench.cost import Budget
 from alignbench.methods import PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
@@ -29,6 +31,7 @@ from alignbench.sampling import SampleBatch
 from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer
+from alignbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,8 @@ def make_judge(cfg: Config, stages, device, tokenizer):
         from alignbench.data.synth import GoldReward
         gold = GoldReward()
         return (lambda prompts, responses, samples=None: gold.score_batch(prompts, responses)), "gold"
-    pm = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"])
-    by_ids = SampleScorer(pm, tokenizer)
+    pm = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"], fmt=cfg.data.format)
+    by_ids = SampleScorer(pm, tokenizer, cfg.data.format)
 
     def judge(prompts, responses, samples=None):
         return (by_ids(samples) if samples is not None else pm.score(prompts, responses)).tolist()
@@ -54,6 +57,7 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     data = load_data(cfg.data)
     device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
     tokenizer = load_tokenizer(stages.pi0.path)
+    check_format(tokenizer, cfg.data.format)
     judge, judge_name = make_judge(cfg, stages, device, tokenizer)
     prompts, meta = eval_prompts(cfg, data)
     b = cfg.budget
@@ -62,9 +66,10 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=tokenizer, device=device,
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
-        pairs=method_pairs(cfg, data), pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"]), judge=judge,
-        judge_name=judge_name, out_dir=run_dir, budget=budget,
-        dist=dist)
+        pairs=method_pairs(cfg, data), judge=judge, judge_name=judge_name, out_dir=run_dir, budget=budget, dist=dist,
+        pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"], fmt=cfg.data.format),
+        tracker=Tracker(run_dir / "tb", cfg.train.report_to, run_dir.name, OmegaConf.to_container(
+            OmegaConf.structured(cfg), resolve=True)) if dist.is_main else None)
 
 
 def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optional[str] = None) -> dict:

@@ -12,7 +12,9 @@ operation checks ``ctx.budget`` first and raises ``BudgetExceeded`` once it is s
 catches it, stops, and still logs its end point and saves its policy. ``ctx.check_budget()`` is the
 same check, for a method to call before each optimiser step. ``ctx.log_point`` measures (proxy
 reward, KL(π‖π0) k1/k3, judge reward) on the fixed held-out prompts without charging the method for
-the measurement (its seconds go to ``measure_s``, not ``wall_s``).
+the measurement (its seconds go to ``measure_s``, not ``wall_s``); ``ctx.log_step`` sends one
+optimiser step's losses and learning rate to the trackers (train.report_to). Encoders take
+``fmt=ctx.fmt`` (data.format: raw transcripts or the chat template, alignbench.formats).
 """
 from __future__ import annotations
 

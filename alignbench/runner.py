@@ -155,13 +155,17 @@ def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist
     from alignbench.evaluate import build_context, final_evaluation
     set_threads(cfg.train.num_threads)
     ctx = build_context(cfg, mcfg, run_dir, dist)
-    set_seed(cfg.seed)
-    ctx.log_point(0, model=ctx.reference(), label="pi0")
-    artifact: PolicyArtifact = method_cls().train(ctx)
-    if not dist.is_main:  # the main process evaluates; the others' part ends with training
-        return {}
-    with ctx.cost.measuring():  # free, except what an inference-time policy spends serving (Cost.charging)
-        return final_evaluation(ctx, artifact, config_id)
+    try:
+        set_seed(cfg.seed)
+        ctx.log_point(0, model=ctx.reference(), label="pi0")
+        artifact: PolicyArtifact = method_cls().train(ctx)
+        if not dist.is_main:  # the main process evaluates; the others' part ends with training
+            return {}
+        with ctx.cost.measuring():  # free, except what an inference-time policy spends serving (Cost.charging)
+            return final_evaluation(ctx, artifact, config_id)
+    finally:
+        if ctx.tracker is not None:  # flushes the event files
+            ctx.tracker.close()
 
 
 def _update_index(cfg: Config) -> None:

@@ -1,7 +1,9 @@
 """Batched, KV-cached sampling shared by every method and evaluator, so all policies are sampled
 the same way (same temperature, length cap and stop rule) and generated tokens are counted once.
 
-A response ends at EOS or where the model starts a new "\\n\\nHuman:" turn (cut off, not kept).
+A response ends at EOS or where the model starts a new "\\n\\nHuman:" turn (cut off, not kept)
+under ``data.format=raw``; at the chat template's end-of-turn token under ``chat``
+(``alignbench.formats``: the prompt is rendered there too).
 Seeding is per call: the same (seed, prompts) give the same samples on CPU.
 
 What is scored downstream (log-probs, KL, PM, PPO rollouts) is what was sampled: ``SampleBatch``
@@ -16,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from alignbench import formats
 from alignbench.train import prompt_window
 
 STOP = "\n\nHuman:"
@@ -62,15 +65,18 @@ class SampleBatch:
         return sum(not f for f in self.finished) / max(len(self.finished), 1)
 
 
-def cut_ids(tokenizer, row: list[int]) -> tuple[list[int], bool]:
+def cut_ids(tokenizer, row: list[int], fmt: str = "raw") -> tuple[list[int], bool]:
     """(response ids, finished) for one row of sampled tokens.
 
-    The row is read up to its first EOS (kept: it was sampled). If its text contains the stop
-    string, the ids are cut before the first token whose text reaches into it; when the stop
-    starts inside a token, that whole token goes (so the ids decode exactly to the response text,
-    which may then lack the few characters that shared the token with the stop)."""
-    eos = tokenizer.eos_token_id
+    The row is read up to its first end token (EOS, or the chat template's end-of-turn; kept: it
+    was sampled). Raw only: if its text contains the stop string, the ids are cut before the first
+    token whose text reaches into it; when the stop starts inside a token, that whole token goes
+    (so the ids decode exactly to the response text, which may then lack the few characters that
+    shared the token with the stop)."""
+    eos = formats.end_of_turn_id(tokenizer, fmt)
     row = row[: row.index(eos) + 1] if eos in row else row
+    if fmt != "raw":  # a chat turn ends only at its end-of-turn token
+        return row, bool(row) and row[-1] == eos
     text = tokenizer.decode(row, skip_special_tokens=True)
     at = text.find(STOP)
     if at < 0:
@@ -85,8 +91,9 @@ def cut_ids(tokenizer, row: list[int]) -> tuple[list[int], bool]:
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, seed: int = 0, batch_size: int = 64, max_len: int = 256,
            greedy: bool = False, before_batch: Optional[Callable[[], None]] = None,
-           after_batch: Optional[Callable[[int, int], None]] = None) -> SampleBatch:
-    """n samples per prompt. Prompts keep ``prompt_window(ids, max_len, max_new_tokens)``.
+           after_batch: Optional[Callable[[int, int], None]] = None, fmt: str = "raw") -> SampleBatch:
+    """n samples per prompt. Prompts (rendered for ``fmt``, see ``alignbench.formats``) keep
+    ``prompt_window(ids, max_len, max_new_tokens)``.
 
     ``before_batch()`` runs before each batch of ``batch_size`` samples (a budget check may raise
     there) and ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged
@@ -96,9 +103,9 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = SampleBatch([], [], [], 0, temperature=temperature)
-    stop_ids = tokenizer(STOP, add_special_tokens=False)["input_ids"]
-    windows = [prompt_window(tokenizer(p, add_special_tokens=False)["input_ids"], max_len, max_new_tokens)
-               for p in prompts]
+    stop_ids = tokenizer(STOP, add_special_tokens=False)["input_ids"] if fmt == "raw" else []
+    end_id = formats.end_of_turn_id(tokenizer, fmt)
+    windows = [prompt_window(formats.prompt_ids(tokenizer, p, fmt), max_len, max_new_tokens) for p in prompts]
     for start in range(0, len(expanded), batch_size):
         if before_batch is not None:
             before_batch()
@@ -112,9 +119,9 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
             input_ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             attn[r, width - len(seq):] = 1
         new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new_tokens, temperature,
-                           tokenizer.eos_token_id, gen, greedy, stop_ids)
+                           end_id, gen, greedy, stop_ids)
         for (i, p), row in zip(chunk, new):
-            resp, finished = cut_ids(tokenizer, row)
+            resp, finished = cut_ids(tokenizer, row, fmt)
             out.n_tokens += len(row)
             out.prompts.append(p)
             out.responses.append(tokenizer.decode(resp, skip_special_tokens=True))
@@ -151,7 +158,7 @@ def _decode_loop(model, input_ids, attn, max_new, temperature, eos_id, gen, gree
         lengths += (~done).long()
         tokens.append(nxt)
         done |= nxt == eos_id
-        if len(tokens) >= len(stop_ids):
+        if stop_ids and len(tokens) >= len(stop_ids):
             tail = torch.stack(tokens[-len(stop_ids):], 1)
             done |= (tail == torch.tensor(stop_ids)).all(1)
         if done.all():

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from alignbench import formats
 from alignbench.config import MIN_PROMPT_TOKENS
 from alignbench.lora import set_gradient_checkpointing
 
@@ -40,31 +41,39 @@ def prompt_window(prompt_ids: Sequence[int], max_len: int, response_room: int) -
 
 
 def encode_responses(tokenizer, prompt: str, responses: Sequence[str], max_len: int,
-                     eos: bool = True) -> list[Encoded]:
+                     eos: bool = True, fmt: str = "raw") -> list[Encoded]:
     """Dataset responses to one prompt, all conditioned on the same prompt window.
 
-    Each response is tokenised apart from the prompt (so the boundary is exact) and gets EOS (the
-    dataset says it ended). The response room is room = min(longest response,
-    max(max_len // 2, max_len − len(prompt))); every response keeps its first ``room`` tokens and
-    the prompt keeps ``prompt_window(prompt, max_len, room)``, so chosen and rejected of a pair
-    see the same context. For one response this is the old single-sequence rule."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tail = [tokenizer.eos_token_id] if eos else []
-    rs = [tokenizer(r, add_special_tokens=False)["input_ids"] + tail for r in responses]
+    Each response is tokenised apart from the prompt (so the boundary is exact) and gets EOS, or
+    the chat template's end-of-turn token (the dataset says it ended; ``alignbench.formats``
+    renders the prompt and response for ``fmt``). The response room is room = min(longest
+    response, max(max_len // 2, max_len − len(prompt))); every response keeps its first ``room``
+    tokens and the prompt keeps ``prompt_window(prompt, max_len, room)``, so chosen and rejected of
+    a pair see the same context. For one response this is the old single-sequence rule."""
+    p = formats.prompt_ids(tokenizer, prompt, fmt)
+    rs = [formats.response_ids(tokenizer, r, fmt, eos) for r in responses]
     room = min(max(map(len, rs)), max(max_len // 2, max_len - len(p)))
     window = prompt_window(p, max_len, room)
     return [Encoded(window + r[:room], len(window)) for r in rs]
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True) -> Encoded:
+def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True, fmt: str = "raw") -> Encoded:
     """One dataset (prompt, response), by the rule of ``encode_responses``."""
-    return encode_responses(tokenizer, prompt, [response], max_len, eos)[0]
+    return encode_responses(tokenizer, prompt, [response], max_len, eos=eos, fmt=fmt)[0]
 
 
-def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_len: int) -> tuple[Encoded, Encoded]:
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_len: int,
+                fmt: str = "raw") -> tuple[Encoded, Encoded]:
     """Chosen and rejected of one comparison, on one shared prompt window."""
-    c, r = encode_responses(tokenizer, prompt, [chosen, rejected], max_len)
+    c, r = encode_responses(tokenizer, prompt, [chosen, rejected], max_len, fmt=fmt)
     return c, r
+
+
+def encode_dialogue(tokenizer, transcript: str, max_len: int, fmt: str = "raw") -> Encoded:
+    """A whole dialogue as LM training text, every token scored, its first ``max_len`` tokens kept
+    (base-LM corpus, held-out NLL, PPO-ptx): ``formats.dialogue_ids``. Raw, this is
+    ``encode(tokenizer, "", transcript, max_len)``."""
+    return Encoded(formats.dialogue_ids(tokenizer, transcript, fmt)[:max_len], 0)
 
 
 def encode_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Encoded:
@@ -237,6 +246,11 @@ def autocast(precision: str, device) -> torch.autocast:
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def learning_rate(optimizer) -> float:
+    """The learning rate the next ``optimizer.step()`` applies (what a step logs)."""
+    return optimizer.param_groups[0]["lr"]
+
+
 def optimizer_step(loss: torch.Tensor, params, optimizer, scheduler, grad_clip: float) -> None:
     """One update, the same for every stage and method: backward, clip the global grad norm,
     step the optimizer and the schedule, clear the gradients."""
@@ -252,8 +266,10 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
                     lr: float, desc: str, grad_clip: float = 1.0, weight_decay: float = 0.0,
                     warmup: int = 0, device: torch.device | str = "cpu",
                     on_step: Optional[Callable[[int, float], None]] = None, precision: str = "fp32",
-                    gradient_checkpointing: bool = False) -> LoopResult:
-    """Plain minibatch training: one optimiser step per batch, a progress bar, token accounting."""
+                    gradient_checkpointing: bool = False,
+                    log_step: Optional[Callable[..., None]] = None) -> LoopResult:
+    """Plain minibatch training: one optimiser step per batch, a progress bar, token accounting.
+    ``log_step(step, loss=, lr=)`` (e.g. ``Tracker.log_step``) after each optimiser step, 1-based."""
     set_gradient_checkpointing(model, gradient_checkpointing)
     model.to(device).train()
     opt, sched = make_optimizer(model, lr, weight_decay, warmup, len(batches))
@@ -263,9 +279,12 @@ def supervised_loop(model: torch.nn.Module, batches: list[list[int]],
         batch = {k: v.to(device) for k, v in make_batch(idx).items()}
         with autocast(precision, device):
             loss = loss_fn(model, batch)
+        lr = learning_rate(opt)
         optimizer_step(loss, model.parameters(), opt, sched, grad_clip)
         tokens += int(batch["attention_mask"].sum())
         losses.append(loss.item())
+        if log_step:
+            log_step(step + 1, loss=losses[-1], lr=lr)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if on_step:

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (Encoded, batch_schedule, encode_pair, make_optimizer, optimizer_step, pad_batch,
-                              response_logprobs)
+from alignbench.train import (Encoded, batch_schedule, encode_pair, learning_rate, make_optimizer, optimizer_step,
+                              pad_batch, response_logprobs)
 
 log = logging.getLogger(__name__)
 LOSSES = ("sigmoid", "ipo")
@@ -114,9 +114,9 @@ class EncodedPair:
     rejected: Encoded
 
 
-def encode_pairs(tokenizer, pairs, max_len: int) -> list[EncodedPair]:
-    """Both sides of each pair on one prompt window (``encode_pair``)."""
-    return [EncodedPair(*encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_len)) for p in pairs]
+def encode_pairs(tokenizer, pairs, max_len: int, fmt: str = "raw") -> list[EncodedPair]:
+    """Both sides of each pair on one prompt window (``encode_pair``), rendered for ``fmt``."""
+    return [EncodedPair(*encode_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_len, fmt=fmt)) for p in pairs]
 
 
 def pair_batch(encoded: list[EncodedPair], idx: list[int], pad_id: int, device=None) -> dict:
@@ -235,7 +235,7 @@ class DPO(Method):
         probe_idx = list(range(min(cfg.probe_pairs, len(ctx.pairs))))  # pairs also trained on: "training accuracy"
         used = sorted(set(probe_idx).union(*map(set, schedule)))
         encoded = [None] * len(ctx.pairs)
-        for i, e in zip(used, encode_pairs(tok, [ctx.pairs[i] for i in used], ctx.max_len)):
+        for i, e in zip(used, encode_pairs(tok, [ctx.pairs[i] for i in used], ctx.max_len, ctx.fmt)):
             encoded[i] = e
 
         cache = ReferenceCache(ctx, encoded, schedule, probe_idx, cfg.ref_batch_size)
@@ -261,10 +261,12 @@ class DPO(Method):
                 break
             # each process takes its share of the global batch; DDP averages the gradients
             mine = ctx.dist.shard(idx)
+            lr = learning_rate(opt)
             out, n_tok = dpo_step(train_model, opt, sched, encoded, cache.need(mine), mine, pad_id, device, cfg.beta,
                                   cfg.loss, cfg.label_smoothing, ctx.cfg.train.grad_clip)
             ctx.charge_step(n_tok)
             window.append({"loss": out.loss.item(), **reward_stats(out)})
+            ctx.log_step(step, lr=lr, **window[-1])
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")
             if step % cfg.eval_every == 0:

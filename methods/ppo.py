@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (encode, encode_samples, last_token_index, lm_loss, make_optimizer, optimizer_step,
-                              pad_batch, selected_logprobs)
+from alignbench.train import (encode_dialogue, encode_samples, last_token_index, learning_rate, lm_loss,
+                              make_optimizer, optimizer_step, pad_batch, selected_logprobs)
 
 
 # --------------------------------------------------------------------------- config
@@ -284,7 +284,7 @@ class PTXBatches:
     def next(self) -> dict:
         ctx = self.ctx
         pairs = [ctx.pairs[self.rng.randrange(len(ctx.pairs))] for _ in range(self.batch_size)]
-        seqs = [encode(ctx.tokenizer, "", p.prompt + p.chosen, ctx.max_len) for p in pairs]
+        seqs = [encode_dialogue(ctx.tokenizer, p.prompt + p.chosen, ctx.max_len, ctx.fmt) for p in pairs]
         return pad_batch(seqs, ctx.tokenizer.pad_token_id, ctx.device)
 
 
@@ -372,8 +372,10 @@ class PPO(Method):
                             pt = ptx.next()
                             loss = loss + cfg.ptx_coef * lm_loss(policy, pt)
                             tokens += int(pt["attention_mask"].sum())
+                        lr = learning_rate(optimizer)
                         optimizer_step(loss, params.parameters(), optimizer, scheduler, ctx.cfg.train.grad_clip)
                         ctx.charge_step(tokens)
+                        ctx.log_step(scheduler.last_epoch, loss=loss.item(), lr=lr, **s)  # optimiser steps so far
                         for k, v in s.items():
                             stats.setdefault(k, []).append(v)
             except BudgetExceeded as e:

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from alignbench.config import ConfigError, opt
 from alignbench.cost import forward_flops
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode_ids, lm_loss, make_optimizer, optimizer_step, pad_batch
+from alignbench.train import (batch_schedule, encode_ids, learning_rate, lm_loss, make_optimizer, optimizer_step,
+                              pad_batch)
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +327,12 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
                 break
             batch = pad_batch([data[i] for i in ctx.dist.shard(idx)], tok.pad_token_id, ctx.device)
             loss = lm_loss(train_model, batch)
+            lr = learning_rate(opt)
             optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
             ctx.charge_step(int(batch["attention_mask"].sum()))
             losses.append(loss.item())
             step += 1
+            ctx.log_step(step, loss=losses[-1], lr=lr)
             if step % cfg.eval_every == 0:
                 ctx.log_point(step, model=policy, label=f"round {rnd + 1}")
                 last_logged = step

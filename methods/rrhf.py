@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (batch_schedule, encode_pair, encode_samples, make_optimizer, optimizer_step, pad_batch,
-                              response_logprobs)
+from alignbench.train import (batch_schedule, encode_pair, encode_samples, learning_rate, make_optimizer,
+                              optimizer_step, pad_batch, response_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,11 @@ class RRHF(Method):
             batch = pad_batch(seqs, tok.pad_token_id, ctx.device)
             logp, _ = response_logprobs(train_model, batch, average=True)
             loss, parts = rrhf_loss(logp.view(len(prompts), cfg.k), rewards, cfg.ce_weight)
+            lr = learning_rate(opt)
             optimizer_step(loss, policy.parameters(), opt, sched, ctx.cfg.train.grad_clip)
             ctx.charge_step(int(batch["attention_mask"].sum()))
             step = step_idx + 1
+            ctx.log_step(step, loss=loss.item(), lr=lr, **parts)
             history.append({"step": step, "loss": loss.item(), **parts,
                             "sample_reward": rewards[:, :cfg.k_samples].mean().item() if cfg.k_samples else None})
             if step % cfg.eval_every == 0:
@@ -154,6 +156,6 @@ class RRHF(Method):
             chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
             both = ctx.score(prompts + prompts, chosen + rejected).tolist()
             for i, p in enumerate(pairs):
-                seqs[i] += encode_pair(ctx.tokenizer, p.prompt, p.chosen, p.rejected, ctx.max_len)
+                seqs[i] += encode_pair(ctx.tokenizer, p.prompt, p.chosen, p.rejected, ctx.max_len, fmt=ctx.fmt)
                 scores[i] += [both[i], both[len(pairs) + i]]
         return prompts, [e for row in seqs for e in row], torch.tensor(scores)

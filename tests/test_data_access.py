@@ -61,9 +61,9 @@ def real_hh(tmp_path_factory):
     trained: dict[str, list] = {}
     real_train = preference._train
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc):
+    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
         trained[desc] = list(pairs)
-        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc)
+        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(preference, "_train", spy)
@@ -124,7 +124,7 @@ def test_pm_pretraining_drops_comparisons_from_the_rest_of_the_data(real_hh, mon
             os.symlink(hh / subset / "test.jsonl.gz", tmp_path / subset / f"{split}.jsonl.gz")
     trained: dict[str, list] = {}
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc):  # record; training is not the point
+    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):  # record; training is not the point
         trained[desc] = list(pairs)
         return {"pairs": len(pairs)}
 

@@ -59,10 +59,11 @@ def _stage_dirs(cache: Path) -> dict:
 
 
 def _digest(d: Path) -> str:
-    """Hash of a stage's files (weights, tokenizer, held-out scores), not its record (times, pid)."""
+    """Hash of a stage's files (weights, tokenizer, held-out scores), not its record (times, pid)
+    nor its TensorBoard event files under tb/ (wall times, host and pid in their names)."""
     h = hashlib.sha256()
     for p in sorted(d.rglob("*")):
-        if p.is_file() and p.name != "record.json":
+        if p.is_file() and p.name != "record.json" and "tb" not in p.relative_to(d).parts[:1]:
             h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 

@@ -10,10 +10,12 @@ import torch
 from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
+from alignbench.formats import check_format, set_chat_template
 from alignbench.models import PAD_IS_EOS, count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
-from alignbench.stages.cache import Artifact, build_stage, precision_key
+from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, precision_key
 from alignbench.stages.prompts import hhh_prompt
-from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.tracking import Tracker
+from alignbench.train import batch_schedule, encode_dialogue, lm_loss, pad_batch, supervised_loop
 
 
 def dialogue_corpus(pairs) -> list[str]:
@@ -22,12 +24,13 @@ def dialogue_corpus(pairs) -> list[str]:
 
 
 @torch.no_grad()
-def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_size: int = 32) -> float:
-    """Per-token negative log-likelihood on held-out dialogues (exp of it is perplexity)."""
+def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_size: int = 32,
+             fmt: str = "raw") -> float:
+    """Per-token negative log-likelihood on held-out dialogues, rendered for ``fmt`` (exp of it is perplexity)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        batch = pad_batch([encode(tokenizer, "", t, max_len) for t in texts[i:i + batch_size]],
+        batch = pad_batch([encode_dialogue(tokenizer, t, max_len, fmt) for t in texts[i:i + batch_size]],
                           tokenizer.pad_token_id, device)
         n = int(batch["response_mask"][:, 1:].sum())
         total += lm_loss(model, batch).item() * n
@@ -39,8 +42,9 @@ def model_key(mc) -> dict:
     """The model config as part of a stage key. ``arch`` is left out at its default (llama), so
     the keys (and caches) of every Llama run made before the key existed stay valid. ``peft`` and
     ``lora`` are left out too: LoRA trains the later stages only (π0 and the PMs add them to their
-    own keys, ``stages.cache.lora_key``), so the base LM is the same with or without it."""
-    key = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("peft", "lora")}
+    own keys, ``stages.cache.lora_key``), so the base LM is the same with or without it;
+    ``chat_template`` is part of ``stages.cache.format_key``."""
+    key = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("peft", "lora", "chat_template")}
     if key["arch"] == "llama":
         del key["arch"]
     return key
@@ -50,31 +54,38 @@ def build_base(cfg: Config) -> Artifact:
     data = load_data(cfg.data)
     sc, mc = cfg.stages.base, cfg.model
     key = {"model": model_key(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg)}
+           "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg)}
+    fmt = cfg.data.format
 
     def build(out):
         corpus = dialogue_corpus(data.train)
         if mc.kind == "tiny":
             # The HHH prompt joins the tokenizer corpus so that π0's teacher context stays short.
             tok = train_tokenizer(corpus + [hhh_prompt(cfg)] * 8, mc.vocab_size, pad_token=mc.arch not in PAD_IS_EOS)
+            set_chat_template(tok, mc.chat_template)
+            check_format(tok, fmt)  # before any training
             model = tiny_lm(mc, tok, cfg.stages.seed)
         else:  # a GGUF file is converted once into the cache, beside the stages
             model, tok = load_pretrained_lm(mc, cfg.paths.cache_dir)
+            if set_chat_template(tok, mc.chat_template):  # ChatML tokens added: the embeddings grow
+                model.resize_token_embeddings(len(tok))
+            check_format(tok, fmt)
         lora.check_targets(mc, model)  # a bad model.lora.target_modules fails before any training
         max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
         device = pick_device(cfg.train.device)
         metrics = {"params": count_params(model)}
         if mc.kind == "tiny" or sc.finetune_pretrained:
-            encoded = [encode(tok, "", t, max_len) for t in corpus]
+            encoded = [encode_dialogue(tok, t, max_len, fmt) for t in corpus]
             batches = batch_schedule(len(encoded), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
-            res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
-                                  lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
-                                  warmup=min(50, len(batches) // 10), precision=cfg.train.precision,
-                                  gradient_checkpointing=cfg.train.gradient_checkpointing)
+            with Tracker(out / "tb", cfg.train.report_to, "base") as tracker:
+                res = supervised_loop(model, batches, lambda idx: pad_batch([encoded[i] for i in idx], tok.pad_token_id),
+                                      lm_loss, sc.lr, "base LM", cfg.train.grad_clip, device=device,
+                                      warmup=min(50, len(batches) // 10), precision=cfg.train.precision,
+                                      gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=tracker.log_step)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            tokens_per_second=round(res.tokens_per_second, 1), final_loss=res.losses[-1])
         heldout = dialogue_corpus(data.eval)[:512]
-        nll = mean_nll(model, tok, heldout, max_len, device)
+        nll = mean_nll(model, tok, heldout, max_len, device, fmt=fmt)
         metrics.update(heldout_nll=nll, heldout_ppl=math.exp(min(nll, 50)))
         model.to("cpu").save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)

@@ -9,6 +9,7 @@ same stage build it once: the others wait, then reuse it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,7 +74,22 @@ def lora_key(cfg) -> dict:
     any key: it recomputes the same activations, so it changes memory, not the result."""
     if cfg.model.peft == "none":
         return {}
-    return {"peft": cfg.model.peft, "lora": asdict(cfg.model.lora)}
+    return {"peft": cfg.model.peft, "lora": dataclasses.asdict(cfg.model.lora)}
+
+
+def data_key(cfg) -> dict:
+    """The data config as part of a stage key, without ``format`` (see ``format_key``)."""
+    return {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "format"}
+
+
+def format_key(cfg) -> dict:
+    """Part of a stage key: stages built on chat-rendered dialogues (data.format=chat) or with a
+    replaced chat template (model.chat_template) are cached apart; raw keys are unchanged, so
+    existing caches stay valid."""
+    out = {"format": cfg.data.format} if cfg.data.format != "raw" else {}
+    if cfg.model.chat_template is not None:
+        out["chat_template"] = cfg.model.chat_template
+    return out
 
 
 def build_stage(stage: str, key_material: dict, cache_dir: str | Path,

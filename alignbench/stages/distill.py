@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -22,9 +23,11 @@ from alignbench.data import load_data
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
-from alignbench.stages.cache import Artifact, build_stage, lora_key, precision_key
+from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
+from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
-from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.tracking import Tracker
+from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 
 def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                       k: int) -> torch.Tensor:
@@ -48,7 +51,7 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     sc = cfg.stages.pi0
     prompt = hhh_prompt(cfg)
     key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg), **lora_key(cfg)}
+           "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
     if sc.mode == "preferred_ft":  # which comparisons it fits depends on the judge (access rules)
         key["sft_pairs"] = {"access": ACCESS_RULES, "judge": judge_kind(cfg)}
 
@@ -58,17 +61,22 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
             model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
         device, max_len = pick_device(cfg.train.device), base.record["max_len"]
         metrics: dict = {"mode": sc.mode}
+        tracker = Tracker(out / "tb", cfg.train.report_to if sc.mode != "none" else [], "pi0")
         if sc.mode == "context_distill":
-            metrics.update(_distill(model, tok, prompt, dialogue_corpus(data.train), max_len, sc, cfg, device))
+            metrics.update(_distill(model, tok, prompt, dialogue_corpus(data.train), max_len, sc, cfg, device,
+                                    tracker))
         elif sc.mode == "preferred_ft":
-            enc = [encode(tok, p.prompt, p.chosen, max_len) for p in method_pairs(cfg, data)]
+            enc = [encode(tok, p.prompt, p.chosen, max_len, fmt=cfg.data.format) for p in method_pairs(cfg, data)]
             batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device,
-                                  precision=cfg.train.precision, gradient_checkpointing=cfg.train.gradient_checkpointing)
+                                  precision=cfg.train.precision, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                                  log_step=tracker.log_step)
             metrics.update(steps=res.steps, train_tokens=res.tokens, train_seconds=round(res.seconds, 2),
                            final_loss=res.losses[-1])
-        metrics["heldout_nll"] = mean_nll(model, tok, dialogue_corpus(data.eval)[:512], max_len, device)
+        tracker.close()
+        metrics["heldout_nll"] = mean_nll(model, tok, dialogue_corpus(data.eval)[:512], max_len, device,
+                                          fmt=cfg.data.format)
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
@@ -76,33 +84,41 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     return build_stage("pi0", key, cfg.paths.cache_dir, build)
 
 
-def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device) -> dict:
+def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device,
+             tracker: Optional[Tracker] = None) -> dict:
     # Under LoRA the teacher is the student with its adapter disabled (the base LM, no second copy)
     teacher = (lora.AdapterDisabled(student) if lora.is_peft(student)
                else copy.deepcopy(student).to(device).eval().requires_grad_(False))
-    h = tok(prompt, add_special_tokens=False)["input_ids"]
-    room = max_len - len(h)
+    # Every dialogue X is s_pre + X for the student and h + X for the teacher: raw, s_pre is empty
+    # and h the prompt's text; chat, h renders the prompt as a system message and s_pre is what the
+    # template writes without it (e.g. a default system message), seen but not distilled.
+    fmt = cfg.data.format
+    s_pre, h = system_prefixes(tok, fmt, prompt, texts[0])
+    room = max_len - max(len(h), len(s_pre))
     if room < 16:
         raise ValueError(f"stages.pi0.hhh_prompt: {len(h)} tokens leaves no room in model.max_seq_len={max_len}")
-    enc = [encode(tok, "", t, room) for t in texts]
-    prefix = torch.tensor(h)
+    enc = [Encoded(s_pre + strip_prefix(dialogue_ids(tok, t, fmt), s_pre, "stages.pi0")[:room], len(s_pre))
+           for t in texts]
+    prefix, s0 = torch.tensor(h), len(s_pre)
 
     def make_batch(idx):
         return pad_batch([enc[i] for i in idx], tok.pad_token_id)
 
     def loss_fn(model, batch):
         ids, attn = batch["input_ids"], batch["attention_mask"]
+        x, x_attn = ids[:, s0:], attn[:, s0:]  # the dialogue, after the student's own prefix
         with torch.no_grad():  # teacher sees the HHH prompt, then the same dialogue
-            t_ids = torch.cat([prefix.to(ids.device).expand(len(ids), -1), ids], 1)
-            t_attn = torch.cat([torch.ones(len(ids), len(h), dtype=attn.dtype, device=ids.device), attn], 1)
+            t_ids = torch.cat([prefix.to(ids.device).expand(len(ids), -1), x], 1)
+            t_attn = torch.cat([torch.ones(len(ids), len(h), dtype=attn.dtype, device=ids.device), x_attn], 1)
             t_logits = teacher(input_ids=t_ids, attention_mask=t_attn).logits[:, len(h):]
-        s_logits = model(input_ids=ids, attention_mask=attn).logits
-        return topk_distill_loss(s_logits, t_logits, attn.float(), min(sc.top_k, s_logits.shape[-1]))
+        s_logits = model(input_ids=ids, attention_mask=attn).logits[:, s0:]
+        return topk_distill_loss(s_logits, t_logits, x_attn.float(), min(sc.top_k, s_logits.shape[-1]))
 
     batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",
                           cfg.train.grad_clip, device=device, precision=cfg.train.precision,
-                          gradient_checkpointing=cfg.train.gradient_checkpointing)
+                          gradient_checkpointing=cfg.train.gradient_checkpointing,
+                          log_step=tracker.log_step if tracker else None)
     return {"steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "tokens_per_second": round(res.tokens_per_second, 1), "first_kl": res.losses[0],
             "final_kl": sum(res.losses[-10:]) / len(res.losses[-10:]), "hhh_prompt_tokens": len(h)}

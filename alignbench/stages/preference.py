@@ -23,19 +23,21 @@ from tqdm.auto import tqdm
 from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data
+from alignbench.formats import end_of_turn_id
 from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
 from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
-from alignbench.stages.cache import Artifact, build_stage, lora_key, precision_key
+from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
+from alignbench.tracking import Tracker
 from alignbench.train import (Encoded, batch_schedule, encode, encode_ids, encode_pair, last_token_index, pad_batch,
                               prompt_window, supervised_loop)
 
 log = logging.getLogger(__name__)
 
 
-def pair_batch(tok, pairs, idx, max_len):
+def pair_batch(tok, pairs, idx, max_len, fmt: str = "raw"):
     """Chosen responses in the first half of the batch, rejected in the second; both sides of a
     pair on the same prompt window (``encode_pair``)."""
-    encoded = [encode_pair(tok, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, max_len) for i in idx]
+    encoded = [encode_pair(tok, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, max_len, fmt=fmt) for i in idx]
     return pad_batch([c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
 
 
@@ -65,10 +67,11 @@ def same_tokenizer(a, b) -> bool:
 
 class PMScorer:
     """Scores (prompt, response) pairs with a trained PM and counts the calls (a cost every method
-    is charged for) and the tokens it reads (its FLOPs). Thread-safe counters; batched; no gradients."""
+    is charged for) and the tokens it reads (its FLOPs). Thread-safe counters; batched; no gradients.
+    ``fmt``: the ``data.format`` the PM was trained in (texts are rendered the same way)."""
 
-    def __init__(self, path, device="cpu", max_len: int = 256, batch_size: int = 64):
-        self.tokenizer = load_tokenizer(path)
+    def __init__(self, path, device="cpu", max_len: int = 256, batch_size: int = 64, fmt: str = "raw"):
+        self.tokenizer, self.fmt = load_tokenizer(path), fmt
         self.model = load_pm(path).to(device).eval().requires_grad_(False)
         self.device, self.max_len, self.batch_size = device, max_len, batch_size
         self.calls = 0
@@ -76,8 +79,9 @@ class PMScorer:
         self._lock = threading.Lock()
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Dataset-style text: each response gets EOS (it is complete), ``encode``'s window rule."""
-        return self._score([encode(self.tokenizer, p, r, self.max_len) for p, r in zip(prompts, responses)])
+        """Dataset-style text: each response gets EOS or end-of-turn (it is complete), ``encode``'s window rule."""
+        return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt)
+                            for p, r in zip(prompts, responses)])
 
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Already-tokenised sequences (e.g. samples, see ``scored_ids``), read at their last token;
@@ -87,7 +91,8 @@ class PMScorer:
 
     def score_pairs(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) scores of comparisons, both sides on one prompt window (``encode_pair``)."""
-        encoded = [encode_pair(self.tokenizer, p.prompt, p.chosen, p.rejected, self.max_len) for p in pairs]
+        encoded = [encode_pair(self.tokenizer, p.prompt, p.chosen, p.rejected, self.max_len, fmt=self.fmt)
+                   for p in pairs]
         scores = self._score([c for c, _ in encoded] + [r for _, r in encoded])
         return scores[:len(pairs)], scores[len(pairs):]
 
@@ -108,7 +113,8 @@ class PMScorer:
 def scored_ids(samples, eos_id: int) -> list[list[int]]:
     """The response ids a PM reads for sampled responses: as sampled, plus EOS after a response
     that ended at the stop string (it did end; EOS is the PM's end-of-context token, as in its
-    training data). A response cut at max_new_tokens gets none: it did not end."""
+    training data). A response cut at max_new_tokens gets none: it did not end. Under
+    ``data.format=chat`` ``eos_id`` is the end-of-turn token, with which every finished sample ends."""
     return [list(r) + [eos_id] if done and (not r or r[-1] != eos_id) else list(r)
             for r, done in zip(samples.response_ids, samples.finished)]
 
@@ -117,8 +123,8 @@ class SampleScorer:
     """A PM that scores SampleBatches by their ids when it shares the policy's tokenizer, and falls
     back to the decoded text (with a logged warning) when it does not."""
 
-    def __init__(self, pm: PMScorer, tokenizer):
-        self.pm, self.eos_id = pm, tokenizer.eos_token_id
+    def __init__(self, pm: PMScorer, tokenizer, fmt: str = "raw"):
+        self.pm, self.eos_id = pm, end_of_turn_id(tokenizer, fmt)  # the end token of a finished sample
         self.by_ids = same_tokenizer(pm.tokenizer, tokenizer)
         if not self.by_ids:
             log.warning("the PM's tokenizer differs from the policy's: samples are re-tokenised from text")
@@ -140,7 +146,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     sc = cfg.stages.pm
     key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part, "access": ACCESS_RULES,
            "pm_code": PM_CODE_VERSION,
-           "data": dataclasses.asdict(cfg.data), "seed": cfg.stages.seed, **precision_key(cfg), **lora_key(cfg)}
+           "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
@@ -149,17 +155,21 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
             model = lora.wrap(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
         metrics: dict = {}
         counts: dict = {}
+        tracker = Tracker(out / "tb", cfg.train.report_to, f"pm-{part}")
         if sc.pmp_path:
             from alignbench.data.hh import load_hh_rlhf
             pmp, _ = load_hh_rlhf(sc.pmp_path, _subsets_in(sc.pmp_path), ["train", "test"], "skip")
             pmp, counts["pmp_dropped_shared_conversation"] = pmp_pairs(cfg, data, part, pmp)
             counts["pmp_pairs"] = len(pmp)
-            metrics["pmp"] = _train(model, tok, pmp, sc.pmp_epochs, sc, cfg, device, max_len, "PM pretraining")
+            metrics["pmp"] = _train(model, tok, pmp, sc.pmp_epochs, sc, cfg, device, max_len, "PM pretraining",
+                                    lambda step, **s: tracker.log_step(step, **{f"pmp_{k}": v for k, v in s.items()}))
         train = pm_pairs(cfg, data, part)
-        metrics["train"] = _train(model, tok, train, sc.epochs, sc, cfg, device, max_len, f"PM ({part})")
+        metrics["train"] = _train(model, tok, train, sc.epochs, sc, cfg, device, max_len, f"PM ({part})",
+                                  tracker.log_step)
+        tracker.close()
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
-        heldout = _score_heldout(out, data.test, device, max_len)
+        heldout = _score_heldout(out, data.test, device, max_len, cfg.data.format)
         (out / "heldout_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
         acc = sum((r["score_chosen"] > r["score_rejected"]) + 0.5 * (r["score_chosen"] == r["score_rejected"])
                   for r in heldout) / max(len(heldout), 1)
@@ -170,17 +180,17 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     return build_stage(f"pm-{part}" if part != "all" else "pm", key, cfg.paths.cache_dir, build)
 
 
-def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc) -> dict:
+def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step) -> dict:
     batches = batch_schedule(len(pairs), sc.batch_size, epochs, cfg.stages.seed, sc.max_steps)
-    res = supervised_loop(model, batches, lambda idx: pair_batch(tok, pairs, idx, max_len), pm_loss, sc.lr,
-                          desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision,
-                          gradient_checkpointing=cfg.train.gradient_checkpointing)
+    res = supervised_loop(model, batches, lambda idx: pair_batch(tok, pairs, idx, max_len, cfg.data.format),
+                          pm_loss, sc.lr, desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision,
+                          gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=log_step)
     return {"pairs": len(pairs), "steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:])}
 
 
-def _score_heldout(path, pairs, device, max_len) -> list[dict]:
-    scorer = PMScorer(path, device, max_len)
+def _score_heldout(path, pairs, device, max_len, fmt) -> list[dict]:
+    scorer = PMScorer(path, device, max_len, fmt=fmt)
     rc, rr = [], []
     for i in tqdm(range(0, len(pairs), 256), desc="PM held-out scores", leave=False):
         chosen, rejected = scorer.score_pairs(pairs[i:i + 256])
