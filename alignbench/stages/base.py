@@ -23,7 +23,7 @@ def dialogue_corpus(pairs) -> list[str]:
 @torch.no_grad()
 def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_size: int = 32) -> float:
     """Per-token negative log-likelihood on held-out dialogues (exp of it is perplexity)."""
-    model.eval()
+    model.to(device).eval()  # a pretrained checkpoint that was not fine-tuned is still on the CPU
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         batch = pad_batch([encode(tokenizer, "", t, max_len) for t in texts[i:i + batch_size]],
