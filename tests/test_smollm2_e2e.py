@@ -53,6 +53,27 @@ RUNS = {  # method -> its overrides (a handful of steps each)
 }
 
 
+def test_hh_smollm2_preset_sets_each_method_at_a_pretrained_scale(monkeypatch):
+    """The preset's per-method files (conf/experiment_method/hh_smollm2/) reach whichever method runs,
+    a command-line method.* still wins, and without the preset the method defaults are untouched."""
+    from alignbench.config import to_config
+    from alignbench.methods import get_method, method_config
+    monkeypatch.setenv("ALIGNBENCH_SMOLLM2", "/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    def method(*overrides):
+        cfg = to_config(compose(list(overrides)))
+        return cfg, method_config(get_method(cfg.method["name"]), cfg.method)
+
+    cfg, dpo = method("experiment=hh_smollm2", "method=dpo")
+    assert (dpo.lr, dpo.beta, cfg.stages.pm.lr, cfg.stages.pi0.mode) == (1e-6, 0.1, 1e-5, "none")
+    assert cfg.model.kind == "gguf" and cfg.model.name_or_path == "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert method("experiment=hh_smollm2", "method=ppo")[1].kl_coef == 0.05
+    assert method("experiment=hh_smollm2", "method=rrhf", "method.lr=1e-4")[1].lr == 1e-4
+    assert method("experiment=hh_smollm2", "method=context_distilled")[1].lr is None
+    _, plain = method("method=dpo")
+    assert (plain.lr, plain.beta) == (None, 0.5)
+
+
 @pytest.mark.slow
 def test_smollm2_learns_on_real_hh_through_every_method_and_evaluator(tmp_path):
     base = smollm2_overrides(tmp_path)
