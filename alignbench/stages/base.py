@@ -27,7 +27,7 @@ def dialogue_corpus(pairs) -> list[str]:
 def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_size: int = 32,
              fmt: str = "raw") -> float:
     """Per-token negative log-likelihood on held-out dialogues, rendered for ``fmt`` (exp of it is perplexity)."""
-    model.eval()
+    model.to(device).eval()  # a pretrained checkpoint that was not fine-tuned is still on the CPU
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         batch = pad_batch([encode_dialogue(tokenizer, t, max_len, fmt) for t in texts[i:i + batch_size]],

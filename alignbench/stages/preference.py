@@ -186,7 +186,8 @@ def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step) 
                           pm_loss, sc.lr, desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision,
                           gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=log_step)
     return {"pairs": len(pairs), "steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
-            "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:])}
+            "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:]),
+            "losses": [round(x, 5) for x in res.losses]}  # per step: the learning curve (record only)
 
 
 def _score_heldout(path, pairs, device, max_len, fmt) -> list[dict]:
