@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from alignbench.bench_memory import SOLO, prepare, resolve_model, variant
+from alignbench.memory import maybe_fix_mmap_threshold
 
 log = logging.getLogger(__name__)
 WHAT = ("dpo", "generate", "train-loop")
@@ -446,6 +447,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.beta <= 0:
         ap.error(f"--beta: must be > 0, got {args.beta}")
     args.model = resolve_model(args.model)
+    maybe_fix_mmap_threshold(args.model is not None)  # a pretrained model fragments the heap
     return args
 
 

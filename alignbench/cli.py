@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-from alignbench.memory import fix_mmap_threshold
+from alignbench.memory import maybe_fix_mmap_threshold
 
 USAGE = __doc__
 
@@ -112,6 +112,7 @@ def cmd_stages(argv: list[str]) -> int:
     from alignbench.stages.graph import build_shared_stages
     cfg = to_config(compose(argv))
     set_threads(cfg.train.num_threads)
+    maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
     stages = build_shared_stages(cfg)
     print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
@@ -187,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    fix_mmap_threshold()  # CPU training otherwise fragments the heap (alignbench.memory)
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
     except _bad_input_types() as e:

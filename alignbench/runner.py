@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignbench.config import Config, to_config
 from alignbench.distributed import Dist, launched_world_size, main_only_logging
+from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.methods import PolicyArtifact, get_method, method_config
 from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
@@ -154,6 +155,7 @@ def _clear_incomplete(run_dir: Path) -> None:
 def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist, config_id: str) -> dict:
     from alignbench.evaluate import build_context, final_evaluation
     set_threads(cfg.train.num_threads)
+    maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
     ctx = build_context(cfg, mcfg, run_dir, dist)
     try:
         set_seed(cfg.seed)

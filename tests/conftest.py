@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# `alignbench` fixes glibc's mmap threshold at 1 MiB (alignbench.memory): a SmolLM2 PM step then
+# A run of a pretrained model fixes glibc's mmap threshold at 1 MiB (alignbench.memory): a SmolLM2 PM step then
 # peaks at 1.7 GB instead of 6.1 GB, but runs ~1.6x slower (every large block is a fresh mmap). The
-# tests call cli.main in-process and run SmolLM2 for minutes, and assert behaviour, not memory: they
+# tests run SmolLM2 in-process for minutes and assert behaviour, not memory: they
 # (and their subprocesses, read by glibc at start) keep a 32 MiB static threshold, glibc's own cap.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
 
