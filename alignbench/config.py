@@ -193,6 +193,9 @@ class TrainConfig:
     # recompute each layer's activations in the backward pass instead of keeping them (every
     # training forward: stages and methods): less memory, about a third more compute
     gradient_checkpointing: bool = False
+    # padding-free training forwards (alignbench.packing): each batch's real tokens as one packed
+    # row, attention per sequence; false = the right-padded forwards (same numbers to ~1e-6)
+    packing: bool = True
     # experiment trackers (alignbench.tracking): tensorboard, wandb, trackio, mlflow; [] = none
     report_to: List[str] = opt(factory=lambda: ["tensorboard"])
 

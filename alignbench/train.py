@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from alignbench import formats
+from alignbench import formats, packing
 from alignbench.config import MIN_PROMPT_TOKENS
 from alignbench.lora import set_gradient_checkpointing
 
@@ -112,17 +112,36 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 LOGIT_CHUNK = 1024  # positions whose logits exist at once: 1024 × 49k vocab × 4 bytes ≈ 200 MB
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The trunk's final (normed) hidden states [B, T, H], the LM head's input. The model runs with
-    ``logits_to_keep=1``: its own head sees the last position only (no [B, T, V] logits)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                use_cache=False)  # a training/scoring forward: a KV cache would only hold memory
-    return out.hidden_states[-1]
-
-
 def _inner(model):
     """The model behind a DDP wrapper (its head and config)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The trunk's final (normed) hidden states [B, T, H] of a right-padded batch, the LM head's
+    input (zeros at pads when packed). The model runs packed (``alignbench.packing``: the real
+    tokens only, when ``train.packing`` is on) with ``logits_to_keep=1``: its own head sees one
+    position only (no [B, T, V] logits)."""
+    def call(**inputs):  # a training/scoring forward: a KV cache would only hold memory
+        return model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False).hidden_states[-1]
+
+    return packing.forward(getattr(_inner(model), "config", None), call, input_ids, attention_mask)
+
+
+def softcapped(z: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """c·tanh(z/c) where the model softcaps its logits (``final_logit_softcapping`` = c), else z."""
+    return torch.tanh(z / softcap) * softcap if softcap else z
+
+
+def selected_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+    """The model's logits [M, V] (fp32, softcapped as its own forward does) at the M positions
+    where ``positions`` [B, T] is true, in row-major order: the LM head never runs on pads or on
+    positions nobody reads (``final_hidden``, packed)."""
+    inner = _inner(model)
+    hidden = final_hidden(model, input_ids, attention_mask)[positions.bool()]
+    return softcapped(inner.get_output_embeddings()(hidden).float(),
+                      getattr(inner.config, "final_logit_softcapping", None))
 
 
 def chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -130,9 +149,7 @@ def chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     """For rows h [M, H] and their next tokens y [M]: z = head(h) in fp32 (softcapped as
     c·tanh(z/c) where the model does so), then log p_T(y) = z_y/T − logsumexp(z/T) and, if asked,
     the entropy H = logsumexp(z/T) − Σ_v p_v z_v/T. One chunk's logits; see ``selected_logprobs``."""
-    z = head(hidden).float()
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
+    z = softcapped(head(hidden).float(), softcap)
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, -1)

@@ -27,7 +27,7 @@ from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.tracking import Tracker
-from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, selected_logits, supervised_loop
 
 def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                       k: int) -> torch.Tensor:
@@ -44,6 +44,23 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t, s = with_rest(top_logp), with_rest(s_logp)
     kl = (t.exp() * (t - s)).sum(-1)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distill_batch_loss(student, teacher, batch: dict, prefix: torch.Tensor, s0: int, top_k: int) -> torch.Tensor:
+    """``topk_distill_loss`` of a right-padded batch of s_pre + X rows (the dialogue X from
+    position ``s0``): the student reads s_pre + X, the teacher (no gradient) ``prefix`` + X. Both
+    run packed (``final_hidden``) and their LM heads run only at the dialogue's real tokens
+    (``selected_logits``): no [B, T, V] logits over pads or prefixes."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    x, x_attn = ids[:, s0:], attn[:, s0:]  # the dialogue, after the student's own prefix
+    with torch.no_grad():  # teacher sees the HHH prompt, then the same dialogue
+        t_pre = torch.ones(len(ids), len(prefix), dtype=attn.dtype, device=ids.device)
+        t_ids = torch.cat([prefix.to(ids.device).expand(len(ids), -1), x], 1)
+        t_logits = selected_logits(teacher, t_ids, torch.cat([t_pre, x_attn], 1),
+                                   torch.cat([torch.zeros_like(t_pre), x_attn], 1))
+    s_logits = selected_logits(student, ids, attn, torch.cat([torch.zeros_like(attn[:, :s0]), x_attn], 1))
+    mask = torch.ones(1, len(s_logits), device=s_logits.device)  # every row is a real dialogue position
+    return topk_distill_loss(s_logits[None], t_logits[None], mask, min(top_k, s_logits.shape[-1]))
 
 
 def build_pi0(cfg: Config, base: Artifact) -> Artifact:
@@ -105,14 +122,7 @@ def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg:
         return pad_batch([enc[i] for i in idx], tok.pad_token_id)
 
     def loss_fn(model, batch):
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        x, x_attn = ids[:, s0:], attn[:, s0:]  # the dialogue, after the student's own prefix
-        with torch.no_grad():  # teacher sees the HHH prompt, then the same dialogue
-            t_ids = torch.cat([prefix.to(ids.device).expand(len(ids), -1), x], 1)
-            t_attn = torch.cat([torch.ones(len(ids), len(h), dtype=attn.dtype, device=ids.device), x_attn], 1)
-            t_logits = teacher(input_ids=t_ids, attention_mask=t_attn).logits[:, len(h):]
-        s_logits = model(input_ids=ids, attention_mask=attn).logits[:, s0:]
-        return topk_distill_loss(s_logits, t_logits, x_attn.float(), min(sc.top_k, s_logits.shape[-1]))
+        return distill_batch_loss(model, teacher, batch, prefix=prefix, s0=s0, top_k=sc.top_k)
 
     batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
     res = supervised_loop(student, batches, make_batch, loss_fn, sc.lr, "π0 context distillation",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from alignbench import packing
 from alignbench.config import Config
 from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
@@ -43,6 +44,7 @@ __all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
 
 def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
+    packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     pi0 = build_pi0(cfg, base)
     init = pi0 if cfg.stages.pm.init == "pi0" else base

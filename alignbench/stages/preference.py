@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignbench import lora
+from alignbench import lora, packing
 from alignbench.config import Config
 from alignbench.data import load_data
 from alignbench.formats import end_of_turn_id
@@ -49,7 +49,11 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     token that is not the pad token: where pad == EOS (GPT-2, Pythia, SmolLM2) it skips the
     appended EOS itself."""
     model = lora.unwrap(model)  # under LoRA: the adapted model, its trained head in ``score``
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def trunk(**inputs):  # packed when train.packing is on (alignbench.packing): real tokens only
+        return model.base_model(**inputs, use_cache=False).last_hidden_state
+
+    hidden = packing.forward(getattr(model, "config", None), trunk, input_ids, attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
 
