@@ -102,15 +102,27 @@ def test_ppo_trains_in_train_mode_with_first_ratios_exactly_one(tmp_path, monkey
 
 
 class Recorder(torch.nn.Module):
-    """Stands in for the teacher: records its inputs, answers with the real teacher's logits."""
+    """Stands in for the teacher: records the sequences it reads (right-padded rows, or packed ones
+    at ``cu_seq_lens_q``: alignbench.packing), answers as the real teacher."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.inputs = model, []
 
-    def forward(self, input_ids, attention_mask):
-        self.inputs += [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+    @property
+    def config(self):
+        return self.model.config
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:  # packed: one row of sequences
+            cu = kwargs["cu_seq_lens_q"].tolist()
+            self.inputs += [input_ids[0, a:b].tolist() for a, b in zip(cu, cu[1:])]
+        else:
+            self.inputs += [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 @pytest.mark.parametrize("custom", [None, "Be helpful, honest and harmless.\n\n\n"])
