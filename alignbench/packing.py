@@ -117,13 +117,13 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Optional[Pack
     if host[-1]:
         return None
     lens = tuple(host[:-1])
-    flat = right_padded.reshape(-1)
-    index = flat.nonzero().squeeze(-1)
     cu = torch.zeros(b + 1, dtype=torch.int32, device=mask.device)
     cu[1:] = lengths.cumsum(0)
-    # position of token j of the packed row: j − start of its sequence
-    positions = torch.arange(t, device=mask.device).expand(b, t).reshape(-1)[index]
-    return Packed(input_ids=input_ids.reshape(-1)[index][None], position_ids=positions[None], cu_seqlens=cu,
+    # sequence and position of each packed token, without a second sync (output_size is known)
+    rows = torch.repeat_interleave(torch.arange(b, device=mask.device), lengths, output_size=sum(lens))
+    positions = torch.arange(len(rows), device=mask.device) - cu[:-1].long()[rows]
+    index = rows * t + positions
+    return Packed(input_ids=input_ids[rows, positions][None], position_ids=positions[None], cu_seqlens=cu,
                   lengths=lens, index=index, shape=(b, t))
 
 
