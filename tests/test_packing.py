@@ -187,7 +187,7 @@ def test_context_distillation_loss_and_grads_equal_padded():
 
 def test_ppo_loss_and_grads_equal_padded_under_gradient_checkpointing():
     policy = lora.set_gradient_checkpointing(tiny("llama"), True).train()
-    assert policy.is_gradient_checkpointing
+    assert policy.is_activation_checkpointing
     model = ActorCritic(policy, torch.nn.Linear(32, 1))
     batch = pad_batch(SEQS, PAD)
     mask = batch["response_mask"][:, 1:].float()
