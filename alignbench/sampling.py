@@ -4,7 +4,9 @@ the same way (same temperature, length cap and stop rule) and generated tokens a
 A response ends at EOS or where the model starts a new "\\n\\nHuman:" turn (cut off, not kept)
 under ``data.format=raw``; at the chat template's end-of-turn token under ``chat``
 (``alignbench.formats``: the prompt is rendered there too).
-Seeding is per call: the same (seed, prompts) give the same samples on CPU.
+Seeding is per call: the same (seed, prompts) give the same samples on CPU. Tokens are drawn on
+the model's device with a seeded ``torch.Generator`` of that device; the host reads only which rows
+ended (to drop them from the batch) and, once per batch, the sampled ids.
 
 What is scored downstream (log-probs, KL, PM, PPO rollouts) is what was sampled: ``SampleBatch``
 carries the exact prompt window the model was conditioned on and the generated ids, so nothing is
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-from transformers import StaticCache
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignbench import formats
@@ -172,10 +175,11 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
     (up to and including its end; not the filler of rows that had already ended).
 
     Written out (rather than `generate()`) so the random stream is ours and seeded per call. The
-    prompt's prefill computes logits at its last position only. Tokens, lengths and the end test
-    stay on the model's device; the host reads which rows ended (a sync) every step on CPU and
-    every ``SYNC_EVERY`` steps on an accelerator, then drops the ended rows from the batch, the
-    KV cache, the attention mask and the position ids; the loop stops when no row is left. Under
+    prefill computes logits at the last prompt position only (on CPU each prompt alone, see
+    ``_prefill_rows``). Tokens, lengths and the end test stay on the model's device; the host
+    reads which rows ended (a sync) every step on CPU and every ``SYNC_EVERY`` steps on an
+    accelerator, then drops the ended rows from the batch, the KV cache, the attention mask and
+    the position ids; the loop stops when no row is left. Under
     ``kv_cache="static"`` (a StaticCache of prompt width + max_new, fixed shapes) ended rows stay
     in the batch, their samples replaced by filler and not counted, and the loop stops when all
     have ended: shrinking would mean copying the whole preallocated cache."""
@@ -183,9 +187,12 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
     device = input_ids.device
     cache = StaticCache(config=model.config, max_cache_len=width + max_new) if kv_cache == "static" else None
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **({CACHE_KW: cache} if cache is not None else {}))
-    cache, logits = getattr(out, CACHE_KW), out.logits[:, -1]
+    prefilled = _prefill_rows(model, input_ids, attn) if cache is None and device.type == "cpu" else None
+    if prefilled is None:
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **({CACHE_KW: cache} if cache is not None else {}))
+        prefilled = getattr(out, CACHE_KW), out.logits[:, -1]
+    cache, logits = prefilled
     tokens = torch.full((batch, max_new), eos_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens sampled per row (until it ended)
     alive = torch.arange(batch, device=device)  # the original row of each row still in the batch
@@ -214,3 +221,26 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
                     **{CACHE_KW: cache})
         cache, logits, next_pos = getattr(out, CACHE_KW), out.logits[:, -1], next_pos + 1
     return [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
+
+
+def _prefill_rows(model, input_ids, attn) -> Optional[tuple[DynamicCache, torch.Tensor]]:
+    """(KV cache, last-position logits) of the left-padded prompts, each prompt run alone so no
+    padding is computed (on CPU a padded position costs as much as a real one; real HH prompts in a
+    batch of 8 are ~45% padding), its keys and values then left-padded with zeros (masked, never
+    read) into one batch cache. The same cache and logits as one padded forward, up to float
+    rounding. None when the model's cache is not a plain DynamicCache of DynamicLayers (sliding
+    windows, ...): the caller then runs the padded forward."""
+    width, rows, logits = input_ids.shape[1], [], []
+    for ids, mask in zip(input_ids, attn):
+        out = model(input_ids=ids[mask.bool()][None], use_cache=True, logits_to_keep=1)
+        cache = getattr(out, CACHE_KW)
+        if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
+        pad = width - int(mask.sum())
+        rows.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0)))
+                     for layer in cache.layers])
+        logits.append(out.logits[:, -1])
+    merged = DynamicCache()
+    for layer_idx, kv in enumerate(zip(*rows)):
+        merged.update(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]), layer_idx)
+    return merged, torch.cat(logits)

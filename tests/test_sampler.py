@@ -177,11 +177,27 @@ def test_ended_rows_leave_the_batch_and_the_prefill_keeps_one_position(tok, lm):
         out = sample(lm, tok, PROMPTS, n=6, max_new_tokens=12, seed=0)
     finally:
         hook.remove()
-    assert widths[0] == (24, 1)  # the prefill: one logits row per sample, not one per prompt position
-    sizes = [b for b, _ in widths]
-    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 24  # the batch only shrinks
+    prefill, decode = widths[:24], widths[24:]
+    assert prefill == [(1, 1)] * 24  # on CPU each prompt alone (no padding), logits at its last position only
+    sizes = [b for b, t in decode]
+    assert all(t == 1 for _, t in decode) and sizes == sorted(sizes, reverse=True) and sizes[-1] < 24
     # each forward gives the logits of exactly the rows that sample a token next (none after the last)
-    assert sum(sizes) == out.n_tokens and len(sizes) <= 12
+    assert len(prefill) + sum(sizes) == out.n_tokens and len(decode) <= 11
+
+
+def test_prompts_prefilled_alone_give_the_padded_batch_cache(tok, lm):
+    from alignbench.sampling import _left_pad, _prefill_rows
+    windows = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    input_ids, attn = _left_pad(windows, tok.pad_token_id)
+    with torch.no_grad():
+        padded = lm(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
+        cache, logits = _prefill_rows(lm, input_ids, attn)
+    assert torch.allclose(logits, padded.logits[:, -1], atol=1e-4)
+    for mine, theirs in zip(cache.layers, getattr(padded, CACHE_KW).layers):
+        real = attn.bool()[:, None, :, None].expand_as(theirs.keys)
+        assert torch.allclose(mine.keys[real], theirs.keys[real], atol=1e-5)
+        assert torch.allclose(mine.values[real], theirs.values[real], atol=1e-5)
+        assert not mine.keys[~real].any()  # padding: zeros, masked
 
 
 def test_bad_kv_cache_is_rejected(tok, lm):
@@ -209,3 +225,18 @@ def test_train_kv_cache_reaches_the_sampler(monkeypatch):
         ctx = SimpleNamespace(cfg=cfg, tokenizer=None, seed=0, max_len=64, fmt="raw")
         context.RunContext._sample(ctx, None, ["hi"])
         assert seen["kv_cache"] == kv_cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma"])
+def test_every_architecture_samples_greedily_as_before(tok, arch):
+    """The per-prompt prefill's merged cache, row dropping and the static cache on each tiny family."""
+    from alignbench.cli import compose
+    from alignbench.config import to_config
+    from alignbench.models import tiny_lm
+    from tests.conftest import TINY
+
+    model = tiny_lm(to_config(compose(TINY + [f"model.arch={arch}", "model.vocab_size=300"])).model, tok, 0).eval()
+    kw = dict(n=2, max_new_tokens=8, greedy=True, batch_size=3, max_len=128)
+    old = reference_sample(model, tok, PROMPTS, **kw)
+    for kv_cache in ("dynamic", "static"):
+        assert sample(model, tok, PROMPTS, kv_cache=kv_cache, **kw) == old, kv_cache
