@@ -186,6 +186,9 @@ class TrainConfig:
     warmup_steps: int = opt(0, ge=0)
     max_new_tokens: int = opt(32, gt=0)
     temperature: float = opt(1.0, gt=0)
+    # the sampler's KV cache (alignbench.sampling): dynamic drops ended rows from the batch; static
+    # preallocates prompt width + max_new_tokens (fixed shapes, for GPUs; ended rows stay, masked)
+    kv_cache: str = opt("dynamic", choices=["dynamic", "static"])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = opt("fp32", choices=["fp32", "bf16"])
     checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints

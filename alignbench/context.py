@@ -300,7 +300,7 @@ class RunContext:
         return sample(model, self.tokenizer, prompts, n=n, seed=self.seed if seed is None else seed,
                       temperature=temperature or self.cfg.train.temperature,
                       max_new_tokens=max_new_tokens or self.cfg.train.max_new_tokens, max_len=self.max_len,
-                      fmt=self.fmt, **hooks)
+                      fmt=self.fmt, kv_cache=self.cfg.train.kv_cache, **hooks)
 
     def sample_free(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
                     max_new_tokens: Optional[int] = None, seed: Optional[int] = None) -> SampleBatch:

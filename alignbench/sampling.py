@@ -4,7 +4,9 @@ the same way (same temperature, length cap and stop rule) and generated tokens a
 A response ends at EOS or where the model starts a new "\\n\\nHuman:" turn (cut off, not kept)
 under ``data.format=raw``; at the chat template's end-of-turn token under ``chat``
 (``alignbench.formats``: the prompt is rendered there too).
-Seeding is per call: the same (seed, prompts) give the same samples on CPU.
+Seeding is per call: the same (seed, prompts) give the same samples on CPU. Tokens are drawn on
+the model's device with a seeded ``torch.Generator`` of that device; the host reads only which rows
+ended (to drop them from the batch) and, once per batch, the sampled ids.
 
 What is scored downstream (log-probs, KL, PM, PPO rollouts) is what was sampled: ``SampleBatch``
 carries the exact prompt window the model was conditioned on and the generated ids, so nothing is
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignbench import formats
@@ -25,6 +29,11 @@ STOP = "\n\nHuman:"
 # transformers 5.x passes the KV cache as ``cache`` (``past_key_values`` is deprecated for removal
 # in 5.40); older releases (>= 4.56, still admitted by pyproject) know only ``past_key_values``.
 CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# train.kv_cache: the KV cache the sampler decodes with (see _decode_loop)
+KV_CACHES = ("dynamic", "static")
+# On an accelerator the host reads which rows ended every this many tokens (each read waits for the
+# device); in between, ended rows compute filler that is never counted. On CPU: every token.
+SYNC_EVERY = 8
 
 
 @dataclass
@@ -91,81 +100,147 @@ def cut_ids(tokenizer, row: list[int], fmt: str = "raw") -> tuple[list[int], boo
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, seed: int = 0, batch_size: int = 64, max_len: int = 256,
            greedy: bool = False, before_batch: Optional[Callable[[], None]] = None,
-           after_batch: Optional[Callable[[int, int], None]] = None, fmt: str = "raw") -> SampleBatch:
+           after_batch: Optional[Callable[[int, int], None]] = None, fmt: str = "raw",
+           kv_cache: str = "dynamic") -> SampleBatch:
     """n samples per prompt. Prompts (rendered for ``fmt``, see ``alignbench.formats``) keep
-    ``prompt_window(ids, max_len, max_new_tokens)``.
+    ``prompt_window(ids, max_len, max_new_tokens)``. Row i of the result is the i-th of the
+    prompts each repeated n times, in the caller's order.
 
-    ``before_batch()`` runs before each batch of ``batch_size`` samples (a budget check may raise
-    there) and ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged
-    caller's costs then grow batch by batch, with the same random stream as one uncharged call."""
+    The samples are drawn in batches of ``batch_size`` prompt windows of similar length (sorted by
+    length first, so little left padding), each batch shrinking as its rows end (``kv_cache``:
+    ``dynamic``, see ``_decode_loop``; ``static`` preallocates transformers' StaticCache, for GPUs).
+    ``before_batch()`` runs before each batch (a budget check may raise there) and
+    ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged caller's
+    costs then grow batch by batch, with the same random stream as one uncharged call."""
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache: must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     model.eval()
     device = next(model.parameters()).device
-    expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    out = SampleBatch([], [], [], 0, temperature=temperature)
+    expanded = [i for i in range(len(prompts)) for _ in range(n)]
+    gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids = tokenizer(STOP, add_special_tokens=False)["input_ids"] if fmt == "raw" else []
     end_id = formats.end_of_turn_id(tokenizer, fmt)
     windows = [prompt_window(formats.prompt_ids(tokenizer, p, fmt), max_len, max_new_tokens) for p in prompts]
-    for start in range(0, len(expanded), batch_size):
+    # grouped by window length (stable: equal lengths keep the caller's order), so a batch pads little
+    order = sorted(range(len(expanded)), key=lambda r: len(windows[expanded[r]]))
+    rows: list[list[int]] = [[] for _ in expanded]
+    for start in range(0, len(order), batch_size):
         if before_batch is not None:
             before_batch()
-        chunk = expanded[start:start + batch_size]
-        ids = [windows[i] for i, _ in chunk]
-        batch_prompt, batch_gen = sum(map(len, ids)), out.n_tokens
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(input_ids)
-        for r, seq in enumerate(ids):  # left padding: every row's last prompt token is aligned
-            input_ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            attn[r, width - len(seq):] = 1
-        new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new_tokens, temperature,
-                           end_id, gen, greedy, stop_ids)
-        for (i, p), row in zip(chunk, new):
-            resp, finished = cut_ids(tokenizer, row, fmt)
-            out.n_tokens += len(row)
-            out.prompts.append(p)
-            out.responses.append(tokenizer.decode(resp, skip_special_tokens=True))
-            out.prompt_index.append(i)
-            out.prompt_ids.append(windows[i])
-            out.response_ids.append(resp)
-            out.finished.append(finished)
+        chunk = order[start:start + batch_size]
+        ids = [windows[expanded[r]] for r in chunk]
+        input_ids, attn = _left_pad(ids, tokenizer.pad_token_id)
+        new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new=max_new_tokens,
+                           temperature=temperature, eos_id=end_id, gen=gen, greedy=greedy, stop_ids=stop_ids,
+                           kv_cache=kv_cache)
+        for r, row in zip(chunk, new):
+            rows[r] = row
         if after_batch is not None:
-            after_batch(batch_prompt, out.n_tokens - batch_gen)
+            after_batch(sum(map(len, ids)), sum(map(len, new)))
+    out = SampleBatch([], [], [], sum(map(len, rows)), temperature=temperature)
+    for i, row in zip(expanded, rows):
+        resp, finished = cut_ids(tokenizer, row, fmt)
+        out.prompts.append(prompts[i])
+        out.responses.append(tokenizer.decode(resp, skip_special_tokens=True))
+        out.prompt_index.append(i)
+        out.prompt_ids.append(windows[i])
+        out.response_ids.append(resp)
+        out.finished.append(finished)
     return out
 
 
-def _decode_loop(model, input_ids, attn, max_new, temperature, eos_id, gen, greedy, stop_ids) -> list[list[int]]:
-    """Token-by-token sampling with the model's KV cache; rows that hit EOS stop early. Returns
-    each row's sampled tokens only (not the filler of rows that had already ended).
+def _left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row's last prompt token in the last column."""
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(input_ids)
+    for r, seq in enumerate(ids):
+        input_ids[r, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attn[r, width - len(seq):] = 1
+    return input_ids, attn
 
-    Written out (rather than `generate()`) so the random stream is ours and seeded per call, and
-    so the loop stops as soon as every row has ended (EOS, or the tokens of a new Human turn)."""
-    batch = input_ids.shape[0]
+
+def next_tokens(logits: torch.Tensor, temperature: float, gen: torch.Generator, greedy: bool = False) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V], drawn on their device: x ~ softmax(logits / T)
+    (``torch.multinomial`` with the seeded generator ``gen``), or argmax(logits) when greedy."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, greedy, stop_ids,
+                 kv_cache="dynamic") -> list[list[int]]:
+    """Token-by-token sampling with the model's KV cache. Returns each row's sampled tokens only
+    (up to and including its end; not the filler of rows that had already ended).
+
+    Written out (rather than `generate()`) so the random stream is ours and seeded per call. The
+    prefill computes logits at the last prompt position only (on CPU each prompt alone, see
+    ``_prefill_rows``). Tokens, lengths and the end test stay on the model's device; the host
+    reads which rows ended (a sync) every step on CPU and every ``SYNC_EVERY`` steps on an
+    accelerator, then drops the ended rows from the batch, the KV cache, the attention mask and
+    the position ids; the loop stops when no row is left. Under
+    ``kv_cache="static"`` (a StaticCache of prompt width + max_new, fixed shapes) ended rows stay
+    in the batch, their samples replaced by filler and not counted, and the loop stops when all
+    have ended: shrinking would mean copying the whole preallocated cache."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new) if kv_cache == "static" else None
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, logits = getattr(out, CACHE_KW), out.logits[:, -1]
-    done = torch.zeros(batch, dtype=torch.bool)
-    lengths = torch.zeros(batch, dtype=torch.long)  # tokens sampled per row (until it ended)
-    tokens: list[torch.Tensor] = []
+    prefilled = _prefill_rows(model, input_ids, attn) if cache is None and device.type == "cpu" else None
+    if prefilled is None:
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **({CACHE_KW: cache} if cache is not None else {}))
+        prefilled = getattr(out, CACHE_KW), out.logits[:, -1]
+    cache, logits = prefilled
+    tokens = torch.full((batch, max_new), eos_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)  # tokens sampled per row (until it ended)
+    alive = torch.arange(batch, device=device)  # the original row of each row still in the batch
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     next_pos = pos[:, -1:] + 1
-    for _ in range(max_new):
-        if greedy:
-            nxt = logits.argmax(-1).cpu()
-        else:
-            probs = torch.softmax(logits.float().cpu() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        lengths += (~done).long()
-        tokens.append(nxt)
+    for step in range(max_new):
+        nxt = next_tokens(logits, temperature, gen, greedy).masked_fill(done, eos_id)
+        lengths[alive] += (~done).long()
+        tokens[alive, step] = nxt
         done |= nxt == eos_id
-        if stop_ids and len(tokens) >= len(stop_ids):
-            tail = torch.stack(tokens[-len(stop_ids):], 1)
-            done |= (tail == torch.tensor(stop_ids)).all(1)
-        if done.all():
+        if stop is not None and step + 1 >= len(stop):
+            done |= (tokens[alive, step + 1 - len(stop):step + 1] == stop).all(1)
+        if step + 1 == max_new:
             break
-        attn = torch.cat([attn, torch.ones(batch, 1, dtype=attn.dtype, device=attn.device)], 1)
-        out = model(input_ids=nxt[:, None].to(attn.device), attention_mask=attn, position_ids=next_pos,
-                    use_cache=True, **{CACHE_KW: cache})
+        if (step + 1) % sync_every == 0:
+            keep = (~done).nonzero().squeeze(1)  # the host sync
+            if len(keep) == 0:
+                break
+            if kv_cache == "dynamic" and len(keep) < len(done):
+                cache.batch_select_indices(keep)
+                alive, done, attn, next_pos, nxt = alive[keep], done[keep], attn[keep], next_pos[keep], nxt[keep]
+        attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                    **{CACHE_KW: cache})
         cache, logits, next_pos = getattr(out, CACHE_KW), out.logits[:, -1], next_pos + 1
-    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(batch)]
-    return [row[:k] for row, k in zip(rows, lengths.tolist())]
+    return [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
+
+
+def _prefill_rows(model, input_ids, attn) -> Optional[tuple[DynamicCache, torch.Tensor]]:
+    """(KV cache, last-position logits) of the left-padded prompts, each prompt run alone so no
+    padding is computed (on CPU a padded position costs as much as a real one; real HH prompts in a
+    batch of 8 are ~45% padding), its keys and values then left-padded with zeros (masked, never
+    read) into one batch cache. The same cache and logits as one padded forward, up to float
+    rounding. None when the model's cache is not a plain DynamicCache of DynamicLayers (sliding
+    windows, ...): the caller then runs the padded forward."""
+    width, rows, logits = input_ids.shape[1], [], []
+    for ids, mask in zip(input_ids, attn):
+        out = model(input_ids=ids[mask.bool()][None], use_cache=True, logits_to_keep=1)
+        cache = getattr(out, CACHE_KW)
+        if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
+        pad = width - int(mask.sum())
+        rows.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0)))
+                     for layer in cache.layers])
+        logits.append(out.logits[:, -1])
+    merged = DynamicCache()
+    for layer_idx, kv in enumerate(zip(*rows)):
+        merged.update(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]), layer_idx)
+    return merged, torch.cat(logits)
