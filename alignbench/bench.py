@@ -71,7 +71,8 @@ def dpo_ours(setup: Setup, args) -> Side:
         t_ref = time.perf_counter()
         # the reference is π0 = these very weights before the first step, so the policy serves as it
         with autocast(precision(dev), dev):
-            ref = reference_logps(policy, encoded, pad, dev, args.batch_size, desc="bench: our reference pass")
+            ref = reference_logps(policy, encoded, pad_id=pad, device=dev, batch_size=args.batch_size,
+                                  desc="bench: our reference pass")
         sync(dev)
         side.extra["ref_precompute_s"] = round(time.perf_counter() - t_ref, 3)
         policy.train()
@@ -89,8 +90,7 @@ def dpo_ours(setup: Setup, args) -> Side:
                           + [encoded[i].rejected.input_ids for i in idx])
             losses.append(out.loss.item())
         wall = time.perf_counter() - t0
-    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
-    return side.finish(wall, mem.peak_mb)
+    return side.finish(wall, mem.peak_mb, losses)
 
 
 def generate_ours(setup: Setup, args) -> Side:
@@ -125,11 +125,11 @@ def loop_ours(setup: Setup, args) -> Side:
 
     with PeakMemory(setup.device) as mem:
         t0 = time.perf_counter()
-        res = supervised_loop(model, batches, timed_batch, lm_loss, args.lr, "bench: supervised_loop",
-                              device=setup.device, on_step=on_step, precision=precision(setup.device))
+        res = supervised_loop(model, batches, make_batch=timed_batch, loss_fn=lm_loss, lr=args.lr,
+                              desc="bench: supervised_loop", device=setup.device, on_step=on_step,
+                              precision=precision(setup.device))
         wall = time.perf_counter() - t0
-    side.extra["mean_loss"] = round(sum(res.losses) / len(res.losses), 4)
-    return side.finish(wall, mem.peak_mb)
+    return side.finish(wall, mem.peak_mb, res.losses)
 
 
 # each benchmark: (ours, peer), each a function (setup, args) -> Side; SOLO: ours only

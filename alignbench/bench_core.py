@@ -136,9 +136,12 @@ class Side:
         self.batches.append([list(r) for r in rows])
         self.step_tokens.append(real_tokens(rows) if tokens is None else tokens)
 
-    def finish(self, wall_s: float, peak_mb: float) -> "Side":
+    def finish(self, wall_s: float, peak_mb: float, losses: Optional[Sequence[float]] = None) -> "Side":
+        """Close the measurement: totals, wall time, peak memory and the mean of the step losses (if any)."""
         self.steps, self.tokens = len(self.step_seconds), sum(self.step_tokens)
         self.wall_s, self.peak_mem_mb = wall_s, peak_mb
+        if losses:
+            self.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
         return self
 
     def tokens_per_s(self) -> float:
@@ -316,7 +319,8 @@ def build_setup(args) -> Setup:
                 f"{count_params(model) / 1e6:.2f}M params)")
     tok.padding_side = "right"
     n_params = count_params(model) if model is not None else 0
-    return Setup(model.to(device) if model is not None else None, tok, pool, device, args.seq_len, desc, n_params)
+    return Setup(model=model.to(device) if model is not None else None, tokenizer=tok, pool=pool, device=device,
+                 seq_len=args.seq_len, desc=desc, n_params=n_params)
 
 
 def work(setup: Setup, args, kind: str) -> Selection:
@@ -325,7 +329,7 @@ def work(setup: Setup, args, kind: str) -> Selection:
         tok, n = setup.tokenizer, args.batch_size * args.steps
         fit = {"pairs": lambda: pair_fit(tok, setup.seq_len), "sequences": lambda: sequence_fit(tok, setup.seq_len),
                "prompts": lambda: prompt_fit(tok, setup.seq_len, args.max_new_tokens)}[kind]()
-        setup.work[kind] = select(setup.pool, fit, n, args.seed, f"{args.data} {kind}")
+        setup.work[kind] = select(setup.pool, fit, need=n, seed=args.seed, what=f"{args.data} {kind}")
     return setup.work[kind]
 
 

@@ -88,13 +88,12 @@ def pm_ours(setup: Setup, args) -> Side:
                 batch = pad_batch(seqs, tok.pad_token_id, dev)
                 with autocast(precision(dev), dev):
                     loss = pm_loss(model, batch)
-                optimizer_step(loss, model.parameters(), opt, sched, 1.0)
+                optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)
                 sync(dev)
                 side.add_step(time.perf_counter() - t, [e.input_ids for e in seqs])
                 losses.append(loss.item())
             wall = time.perf_counter() - t0
-    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
-    return side.finish(wall, mem.peak_mb)
+    return side.finish(wall, mem.peak_mb, losses)
 
 
 def ppo_ours(setup: Setup, args) -> Side:
@@ -123,7 +122,7 @@ def ppo_ours(setup: Setup, args) -> Side:
             with autocast(precision(dev), dev):
                 lp, v, _ = model(ids, attn, positions=mask)
                 loss, _ = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
-            optimizer_step(loss, model.parameters(), opt, sched, 1.0)
+            optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)
             sync(dev)
             side.add_step(time.perf_counter() - t, [e.input_ids for e in seqs])
         wall = time.perf_counter() - t0

@@ -186,5 +186,4 @@ def loop_plain(setup: Setup, args) -> Side:
             side.add_step(time.perf_counter() - t, [e.input_ids for e in chunk])
             losses.append(loss.item())
         wall = time.perf_counter() - t0
-    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
-    return side.finish(wall, mem.peak_mb)
+    return side.finish(wall, mem.peak_mb, losses)
