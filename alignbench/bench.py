@@ -262,8 +262,9 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
     return row
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Run the chosen benchmarks: per benchmark its side rows, then its summary line.
+def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Run the chosen benchmarks: per benchmark its side rows, then its summary line (each also
+    passed to ``emit`` as soon as it is measured: a long run shows its results as it goes).
 
     With ``isolate`` each side runs in its own fresh (spawned) process that rebuilds the same
     setup from the seed: its ru_maxrss is then that side's own peak, and no side inherits another's
@@ -286,21 +287,25 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"{100 * ours['dropped_fraction']:.1f}% of those scanned dropped (longer than --max-len "
               f"{args.seq_len} untruncated); padding {100 * ours['padding_fraction']:.1f}% of padded slots",
               file=sys.stderr)
-        lines += sides + [summary(what, sides)]
+        for line in sides + [summary(what, sides)]:
+            lines.append(line)
+            if emit:
+                emit(line)
     return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    jsonl = args.format == "jsonl"
     try:
-        lines = run(args)
+        lines = run(args, emit=(lambda line: print(json.dumps(line), flush=True)) if jsonl else None)
     except BenchError as e:
         _error(str(e))
-    text = "\n".join(json.dumps(line) for line in lines)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text if args.format == "jsonl" else markdown(lines))
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+    if not jsonl:
+        print(markdown(lines))
     return 0
 
 

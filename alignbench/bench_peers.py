@@ -104,7 +104,8 @@ def dpo_trl(setup: Setup, args) -> Side:
 
     rows = [{"prompt_ids": w.chosen.input_ids[:w.chosen.response_start],
              "chosen_ids": w.chosen.input_ids[w.chosen.response_start:],
-             "rejected_ids": w.rejected.input_ids[w.rejected.response_start:]} for w in work(setup, args, "pairs").items]
+             "rejected_ids": w.rejected.input_ids[w.rejected.response_start:]}
+            for w in work(setup, args, "pairs").items]
 
     def make(out_dir, callbacks):
         cfg = DPOConfig(**_trainer_args(setup, args, out_dir), beta=args.beta, loss_type="sigmoid",
