@@ -14,7 +14,8 @@ from tests.conftest import shared_data
 MINI = ["--steps", "2", "--batch-size", "2", "--seq-len", "96", "--max-new-tokens", "4", "--pairs", "24",
         "--vocab-size", "300", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
         "--intermediate-size", "64", "--threads", "1"]
-PEERS = {"dpo": "trl", "pm": "trl", "generate": "hf", "train-loop": "torch"}
+PEERS = {"dpo": ("trl", "trl.DPOTrainer"), "pm": ("trl", "trl.RewardTrainer"),
+         "generate": ("hf", "transformers generate(do_sample=True)"), "train-loop": ("torch", "plain torch loop")}
 SUMMARY_KEYS = {"bench", "ours_tok_s", "peer_tok_s", "ratio", "ours_peak_mb", "peer_peak_mb", "padding_fraction"}
 
 
@@ -29,7 +30,7 @@ def test_bench_reports_both_sides_and_a_summary(what, capsys, tmp_path):
     lines = _lines(capsys)
     assert lines == [json.loads(line) for line in out_file.read_text().splitlines()]
     ours, peer, summ = lines
-    assert [ours["side"], peer["side"]] == ["alignbench", PEERS[what]]
+    assert [ours["side"], peer["side"]] == ["alignbench", PEERS[what][0]] and peer["impl"].startswith(PEERS[what][1])
     for r in (ours, peer):
         assert r["bench"] == what and r["steps"] == 2 and r["data"] == "hh_synth", r
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["peak_mem_mb"] >= 0, r
