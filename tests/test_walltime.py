@@ -67,11 +67,11 @@ def test_breakdown_adds_up_and_puts_known_seconds_in_their_phase(tiny_overrides,
 
     phases = t["stages_s"] + t["setup_s"] + t["train_s"] + t["measure_s"] + t["eval_s"]
     assert phases == pytest.approx(t["total_s"], abs=0.01)
-    assert t["total_s"] <= elapsed and t["total_s"] >= elapsed - 1.0  # only validation and the index are outside
-    assert TRAIN_SLEEP <= t["train_s"] < TRAIN_SLEEP + 0.5  # no measurement in it
+    assert elapsed - 2.0 <= t["total_s"] <= elapsed  # only validation and the index are outside
+    assert TRAIN_SLEEP <= t["train_s"] < TRAIN_SLEEP + 1.0  # no measurement in it (2 loaded cores: a margin)
     assert MEASURE_SLEEP <= t["measure_s"] < MEASURE_SLEEP + 5  # π0's point: one measure
     assert MEASURE_SLEEP <= t["eval_s"]  # the final point's measure, samples, PM rows, files
-    assert metrics["cost"]["wall_s"] == pytest.approx(t["train_s"], abs=0.3)  # Cost's own clock
+    assert metrics["cost"]["wall_s"] == pytest.approx(t["train_s"], abs=0.5)  # Cost's own clock
     assert min(v for k, v in t.items() if k.endswith("_s")) >= 0
 
     stages = t["stages"]

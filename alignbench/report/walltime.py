@@ -136,7 +136,8 @@ def time_plot(stages: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path | No
     if runs.empty and built.empty:
         return None
     labels = (["shared stages"] if not built.empty else []) + list(runs["run"])
-    fig = Figure(figsize=(9, 1.2 + 0.4 * len(labels)), layout="constrained")
+    width = 7 + 0.07 * max(map(len, labels))  # run ids can be long: room for the labels
+    fig = Figure(figsize=(width, 1.2 + 0.4 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
     y = np.arange(len(labels))[::-1]
     if not built.empty:
