@@ -85,7 +85,8 @@ def test_breakdown_adds_up_and_puts_known_seconds_in_their_phase(tiny_overrides,
 
     monkeypatch.undo()  # a second seed at normal speed: every stage cached now
     extra2 = FAST + [PM_OVERRIDE, "method=context_distilled", "seed=1"]
-    second = run_job(compose(tiny_overrides + extra2), extra2)["time"]
+    second_metrics = run_job(compose(tiny_overrides + extra2), extra2)
+    second = second_metrics["time"]
     assert all(s["reused"] for s in second["stages"].values())
     assert second["stages"]["pm"]["build_s"] == stages["pm"]["build_s"]  # the build it reused
 
@@ -102,6 +103,9 @@ def test_breakdown_adds_up_and_puts_known_seconds_in_their_phase(tiny_overrides,
     wall = rows[(rows["evaluator"] == "wall_time") & (rows["run"] == metrics["run_id"])].set_index("metric")["value"]
     assert wall["train_s"] == t["train_s"] and wall["total_s"] == pytest.approx(t["total_s"] - stages["pm"]["build_s"])
     assert (out / "wall_time.png").exists() and "](wall_time.png)" in md
+    config_row = next(line for line in section.splitlines() if line.startswith(f"| {metrics['config']} | 2 |"))
+    train_sum = t["train_s"] + second["train_s"]
+    assert f"| {train_sum:,.1f} |" in config_row  # a configuration's seeds summed
 
 
 # --------------------------------------------------------------------------- the report on written runs

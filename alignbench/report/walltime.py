@@ -130,6 +130,18 @@ def run_table(runs: pd.DataFrame, total: float) -> Table | None:
                   "measurement + evaluation share of run"], rows)
 
 
+def config_table(runs: pd.DataFrame, total: float) -> Table | None:
+    """Per configuration, its seeds' seconds summed; None unless some configuration has several runs."""
+    if runs.empty or runs["config"].value_counts().max() < 2:
+        return None
+    sums = runs.groupby("config", sort=True)[[*RUN_PHASES, "total_s"]].sum()
+    counts = runs["config"].value_counts()
+    rows = [[config, str(counts[config]), *(_s(r[k]) for k in RUN_PHASES), _s(r["total_s"]), _share(r["total_s"], total),
+             _share(r["measure_s"] + r["eval_s"], r["total_s"])] for config, r in sums.iterrows()]
+    return Table(["configuration", "runs", *(f"{v} s" for v in RUN_PHASES.values()), "total s", "share of sweep",
+                  "measurement + evaluation share"], rows)
+
+
 def time_plot(stages: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path | None:
     """Stacked horizontal bars: the stages built in this sweep, then each run's phases."""
     built = stages[stages["sweep_s"] > 0].sort_values("stage")
@@ -172,5 +184,6 @@ def time_blocks(sweep: Sweep, stages: pd.DataFrame, runs: pd.DataFrame) -> list:
     if missing:
         blocks.append(Note(f"{len(missing)} usable run(s) record no wall-time breakdown (from before it) and are "
                            f"left out of this section: {', '.join(missing)}."))
-    blocks += [t for t in (stage_table(stages, total), run_table(runs, total)) if t is not None]
+    tables = (stage_table(stages, total), run_table(runs, total), config_table(runs, total))
+    blocks += [t for t in tables if t is not None]
     return blocks
