@@ -177,3 +177,14 @@ def test_runs_from_before_the_breakdown_still_report(tmp_path):
     assert "Seconds per shared stage build and per run phase: skipped" in md
     assert not (tmp_path / "out" / "wall_time.png").exists()
     assert "wall_time" not in set(read_rows(tmp_path / "out" / "results.csv")["evaluator"])
+
+
+def test_a_damaged_time_record_shows_dashes_not_an_error(tmp_path):
+    sweep = tmp_path / "damaged"
+    _write_run(sweep, "dpo_s0", "dpo", 0, {"train_s": "fast", "measure_s": 2.0, "eval_s": None, "total_s": 9.0,
+                                          "stages": {"pm": "gone", "base": {"key": [1], "build_s": "long"}}})
+    (sweep / "index.json").write_text(json.dumps({"runs": [dict(run_id="dpo_s0", method="dpo", seed=0,
+                                                                 status="done", dir="runs/dpo_s0")]}))
+    md = build_report(sweep, tmp_path / "out", n_boot=50).read_text()
+    assert "| dpo_s0 | dpo | – | – | 2.0 | – | 9.0 | 100.0% | – |" in md
+    assert "| base | \\[1\\] | cached (built earlier) | – | 0.0 | 0.0% | 1 |" in md

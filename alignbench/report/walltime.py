@@ -41,9 +41,20 @@ def _time(run) -> dict:
     return t if isinstance(t, dict) else {}
 
 
+def _stages(t: dict) -> dict:
+    """The run's stage records; a hand-edited or damaged record reads as none, never fails the report."""
+    stages = t.get("stages")
+    return {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
+
+
+def _num(value) -> float:
+    """A recorded number, NaN when absent or not a number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
 def _own_builds(t: dict) -> float:
     """Seconds of the stage builds this run made itself (counted in the stage table)."""
-    return sum(float(s.get("build_s") or 0.0) for s in t.get("stages", {}).values() if not s.get("reused", True))
+    return float(np.nansum([_num(s.get("build_s")) for s in _stages(t).values() if not s.get("reused", True)]))
 
 
 def stage_frame(sweep: Sweep) -> pd.DataFrame:
@@ -52,13 +63,14 @@ def stage_frame(sweep: Sweep) -> pd.DataFrame:
     many runs used it."""
     seen: dict[tuple, dict] = {}
     for r in sweep.ok_runs:
-        for name, s in _time(r).get("stages", {}).items():
-            row = seen.setdefault((name, s.get("key")), dict(stage=name, key=s.get("key"), build_s=s.get("build_s"),
-                                                             built_at=s.get("built_at"), built=False, runs=0))
+        for name, s in _stages(_time(r)).items():
+            key = str(s.get("key"))
+            row = seen.setdefault((name, key), dict(stage=name, key=key, build_s=_num(s.get("build_s")),
+                                                    built_at=s.get("built_at"), built=False, runs=0))
             row["built"] |= not s.get("reused", True)
             row["runs"] += 1
     df = pd.DataFrame(list(seen.values()), columns=[c for c in STAGE_COLUMNS if c != "sweep_s"])
-    df["build_s"] = pd.to_numeric(df["build_s"], errors="coerce")
+    df["build_s"] = df["build_s"].astype(float)
     df["sweep_s"] = np.where(df["built"].astype(bool), df["build_s"].fillna(0.0), 0.0)
     return df[STAGE_COLUMNS]
 
@@ -73,11 +85,11 @@ def run_frame(sweep: Sweep) -> pd.DataFrame:
             continue
         own = _own_builds(t)
         out.append(dict(run=r.run_id, config=r.config or r.method, method=r.method, seed=r.seed,
-                        setup_s=t.get("setup_s", np.nan) + t.get("stages_s", np.nan) - own,
-                        train_s=t.get("train_s"), measure_s=t.get("measure_s"), eval_s=t.get("eval_s"),
-                        total_s=t.get("total_s", np.nan) - own))
+                        setup_s=_num(t.get("setup_s")) + _num(t.get("stages_s")) - own, train_s=_num(t.get("train_s")),
+                        measure_s=_num(t.get("measure_s")), eval_s=_num(t.get("eval_s")),
+                        total_s=_num(t.get("total_s")) - own))
     df = pd.DataFrame(out, columns=RUN_COLUMNS)
-    df[[*RUN_PHASES, "total_s"]] = df[[*RUN_PHASES, "total_s"]].apply(pd.to_numeric, errors="coerce")
+    df[[*RUN_PHASES, "total_s"]] = df[[*RUN_PHASES, "total_s"]].astype(float)
     return df.sort_values(["config", "seed", "run"], ignore_index=True)
 
 
