@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import torch
+
 from alignbench.cost import Cost
 
 PHASES = ("stages_s", "setup_s", "train_s", "measure_s", "eval_s")
@@ -77,6 +79,8 @@ class RunClock:
     def mark(self, name: str, cost: Cost) -> None:
         """``name``: "setup" (the context is built), "train" (training ended) or "eval" (the
         final evaluation ended)."""
+        if torch.cuda.is_initialized():  # queued kernels belong to the phase that launched them
+            torch.cuda.synchronize()
         self._marks[name] = (time.time(), cost.measured_here_s)
 
     def times(self, stages: Optional[dict] = None) -> RunTimes:

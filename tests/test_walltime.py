@@ -155,7 +155,8 @@ def test_report_section_numbers_shares_and_escaping(tmp_path):
     assert "| dpo_s0 | dpo | 3.0 | 40.0 | 5.0 | 12.0 | 60.0 | 54.5% | 28.3% |" in md
     assert "| all runs |  | 5.0 | 46.0 | 8.0 | 21.0 | 80.0 | 72.7% | 36.2% |" in md
     assert "| sweep (stages + runs) |  |  |  |  |  | 110.0 | 100.0% |  |" in md
-    assert "1 usable run(s) record no wall-time breakdown (from before it) and are left out of this section: old_s0" in md
+    assert "1 usable run(s) record no wall-time breakdown (from before it) and are left out of this section: " \
+        "old_s0" in md
     assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;\\|\\[x\\](http://evil)" in md
     page = (out / "index.html").read_text()
     assert "<script" not in page.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;|[x](http://evil)" in page

@@ -148,8 +148,9 @@ def config_table(runs: pd.DataFrame, total: float) -> Table | None:
         return None
     sums = runs.groupby("config", sort=True)[[*RUN_PHASES, "total_s"]].sum()
     counts = runs["config"].value_counts()
-    rows = [[config, str(counts[config]), *(_s(r[k]) for k in RUN_PHASES), _s(r["total_s"]), _share(r["total_s"], total),
-             _share(r["measure_s"] + r["eval_s"], r["total_s"])] for config, r in sums.iterrows()]
+    rows = [[config, str(counts[config]), *(_s(r[k]) for k in RUN_PHASES), _s(r["total_s"]),
+             _share(r["total_s"], total), _share(r["measure_s"] + r["eval_s"], r["total_s"])]
+            for config, r in sums.iterrows()]
     return Table(["configuration", "runs", *(f"{v} s" for v in RUN_PHASES.values()), "total s", "share of sweep",
                   "measurement + evaluation share"], rows)
 
