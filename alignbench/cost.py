@@ -44,6 +44,9 @@ class Cost:
     pm_calls: int = 0
     flops: float = 0.0
     measure_s: float = 0.0  # seconds spent measuring, finished measurements only
+    # the same seconds, this process's only: never restored from a checkpoint, so a resumed run's
+    # wall-time breakdown (alignbench.walltime) covers this attempt, as its clock does
+    measured_here_s: float = 0.0
     started: float = field(default_factory=time.time)
     _measuring_since: Optional[float] = field(default=None, repr=False, compare=False)
     _depth: int = field(default=0, repr=False, compare=False)  # nesting of measuring()
@@ -60,8 +63,7 @@ class Cost:
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self.measure_s += time.time() - self._measuring_since
-                self._measuring_since = None
+                self._end_measurement()
 
     @contextlib.contextmanager
     def charging(self) -> Iterator[None]:
@@ -69,14 +71,19 @@ class Cost:
         it: best-of-n serving the evaluation prompts during the final evaluation."""
         depth, self._depth = self._depth, 0
         if depth:
-            self.measure_s += time.time() - self._measuring_since
-            self._measuring_since = None
+            self._end_measurement()
         try:
             yield
         finally:
             self._depth = depth
             if depth:
                 self._measuring_since = time.time()
+
+    def _end_measurement(self) -> None:
+        seconds = time.time() - self._measuring_since
+        self.measure_s += seconds
+        self.measured_here_s += seconds
+        self._measuring_since = None
 
     def measured_s(self, now: Optional[float] = None) -> float:
         """Measurement seconds so far, the one in progress included."""

@@ -29,7 +29,7 @@ from alignbench.methods import PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import SampleBatch
 from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
-from alignbench.stages.graph import build_shared_stages
+from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer
 from alignbench.tracking import Tracker
 
@@ -51,9 +51,11 @@ def make_judge(cfg: Config, stages, device, tokenizer):
     return judge, "test_pm"
 
 
-def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None) -> RunContext:
+def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None,
+                  stages: Optional[SharedStages] = None) -> RunContext:
+    """``stages``: the shared stages when the caller already has them (the runner times getting them)."""
     dist = dist or Dist()
-    stages = build_shared_stages(cfg)
+    stages = stages or build_shared_stages(cfg)
     data = load_data(cfg.data)
     device = dist.device or pick_device(cfg.train.device)  # each process its own GPU under a launcher
     tokenizer = load_tokenizer(stages.pi0.path)

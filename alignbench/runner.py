@@ -29,6 +29,7 @@ from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.methods import PolicyArtifact, get_method, method_config
 from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
+from alignbench.walltime import RunClock, RunTimes, stage_times
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +155,36 @@ def _clear_incomplete(run_dir: Path) -> None:
 
 def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist, config_id: str) -> dict:
     from alignbench.evaluate import build_context, final_evaluation
+    from alignbench.stages.graph import build_shared_stages
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
-    ctx = build_context(cfg, mcfg, run_dir, dist)
+    clock = RunClock()
+    stages = build_shared_stages(cfg)
+    clock.stages_done()
+    ctx = build_context(cfg, mcfg, run_dir, dist, stages=stages)
+    clock.mark("setup", ctx.cost)
     try:
         set_seed(cfg.seed)
         ctx.log_point(0, model=ctx.reference(), label="pi0")
         artifact: PolicyArtifact = method_cls().train(ctx)
         if not dist.is_main:  # the main process evaluates; the others' part ends with training
             return {}
+        clock.mark("train", ctx.cost)
         with ctx.cost.measuring():  # free, except what an inference-time policy spends serving (Cost.charging)
-            return final_evaluation(ctx, artifact, config_id)
+            metrics = final_evaluation(ctx, artifact, config_id)
+        clock.mark("eval", ctx.cost)
+        return _record_times(run_dir, metrics, clock.times(stage_times(stages)))
     finally:
         if ctx.tracker is not None:  # flushes the event files
             ctx.tracker.close()
+
+
+def _record_times(run_dir: Path, metrics: dict, times: RunTimes) -> dict:
+    """Add the run's wall-time breakdown to metrics.json and log it in one line."""
+    metrics = {**metrics, "time": times.as_dict()}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    log.info(times.summary(run_dir.name))
+    return metrics
 
 
 def _update_index(cfg: Config) -> None:

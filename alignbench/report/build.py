@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import plots, tables
+from alignbench.report import plots, tables, walltime
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -141,7 +141,10 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
-    write_rows(out_dir / "results.csv", pd.concat([rows, derived], ignore_index=True))
+    stage_times, run_times = walltime.stage_frame(sweep), walltime.run_frame(sweep)
+    time_rows = walltime.time_rows(sweep, stage_times, run_times)
+    write_rows(out_dir / "results.csv", pd.concat([rows, derived, *([pd.DataFrame(time_rows)] if time_rows else [])],
+                                                  ignore_index=True))
 
     shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc")) | \
         ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate"))
@@ -189,6 +192,10 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                        "Mean judge reward against wall time and tokens generated", "no cost or judge reward"),
               *_figure(out_dir, "quality_flops.png", lambda p: plots.cost_vs_quality(cost, p, keys=("flops",)),
                        "Mean judge reward against FLOPs", "no run records FLOPs (runs from before the field)"),
+              Heading("Where the time goes"),
+              *walltime.time_blocks(sweep, stage_times, run_times),
+              *_figure(out_dir, "wall_time.png", lambda p: walltime.time_plot(stage_times, run_times, p),
+                       "Seconds per shared stage build and per run phase", "no run records its wall-time breakdown"),
               Heading("Sample responses"),
               *_sample_block(samples, prompt_ids, sorted(scores)),
               Heading("Other results"),
