@@ -248,8 +248,9 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
     with contextlib.redirect_stdout(sys.stderr):  # trainers print; stdout is for the results
         side = (SOLO[what] if what in SOLO else BENCHES[what][k])(setup, args)
     row = side.row()
+    row.setdefault("n_params", setup.n_params)  # pm sides count the PM they built
     sel = work(setup, args, KIND[what])
-    flops = FLOPS_PER_PARAM.get(what, 6) * side.extra.get("n_params", setup.n_params)
+    flops = FLOPS_PER_PARAM.get(what, 6) * row["n_params"]
     name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else ""
     value = mfu(flops, side.tokens_per_s(), name) if name else None
     row.update(padding_fraction=round(padding_fraction([[len(r) for r in b] for b in side.batches]), 4),
