@@ -137,11 +137,11 @@ def packed_attention(module, query, key, value, attention_mask, **kwargs):
     KV heads itself): Σ L_i² work per layer. Otherwise (no packed_lengths) sdpa, unchanged."""
     lengths = kwargs.pop("packed_lengths", None)
     if lengths is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask=attention_mask, **kwargs)
     for k in VARLEN_KEYS:
         kwargs.pop(k, None)
     kwargs["is_causal"] = True
-    outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+    outs = [sdpa_attention_forward(module, q, k, v, attention_mask=None, **kwargs)[0]
             for q, k, v in zip(*(x.split(list(lengths), dim=2) for x in (query, key, value)))]
     return torch.cat(outs, dim=1), None  # [1, N, heads, D], as sdpa returns it
 
