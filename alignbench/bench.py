@@ -46,6 +46,7 @@ from typing import Callable, Optional
 
 import torch
 
+from alignbench import packing
 from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, build_setup, copy_model, hh_files, lm_sequences,
                                    mfu, padding_fraction, precision, steps, sync, work)
 from alignbench.bench_memory import check_model, pm_ours, ppo_ours, prepare, resolve_model, variant
@@ -102,10 +103,11 @@ def generate_ours(setup: Setup, args) -> Side:
             t = time.perf_counter()
             with autocast(precision(dev), dev):
                 out = sample(model, setup.tokenizer, [p for p, _ in chunk], max_new_tokens=args.max_new_tokens,
-                             temperature=1.0, seed=args.seed + s, batch_size=args.batch_size, max_len=setup.seq_len)
+                             temperature=1.0, seed=args.seed + s, batch_size=args.batch_size, max_len=setup.seq_len,
+                             fmt=setup.fmt)
             sync(dev)
-            # response_ids hold the sampled tokens, a sampled EOS included, no filler
-            side.add_step(time.perf_counter() - t, out.prompt_ids, tokens=sum(map(len, out.response_ids)))
+            # n_tokens: every token sampled (an end token and a cut stop string included), no filler
+            side.add_step(time.perf_counter() - t, out.prompt_ids, tokens=out.n_tokens)
         wall = time.perf_counter() - t0
     return side.finish(wall, mem.peak_mb)
 
@@ -198,6 +200,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     ap.add_argument("--grad-ckpt", action="store_true", help="dpo, pm, ppo: gradient checkpointing")
     ap.add_argument("--no-peer", action="store_true", help="run our side only")
+    ap.add_argument("--no-packing", action="store_true",
+                    help="our training sides on right-padded batches (train.packing=false): packing's before/after")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared or small machine more threads than free cores "
@@ -245,7 +249,8 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = setup or build_setup(args)
-    with contextlib.redirect_stdout(sys.stderr):  # trainers print; stdout is for the results
+    # trainers print: stdout is for the results
+    with contextlib.redirect_stdout(sys.stderr), packing.use(not args.no_packing):
         side = (SOLO[what] if what in SOLO else BENCHES[what][k])(setup, args)
     row = side.row()
     row.setdefault("n_params", setup.n_params)  # pm sides count the PM they built
@@ -257,6 +262,7 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
                mfu=None if value is None else round(value, 4), data=args.data,
                dropped_fraction=round(sel.dropped_fraction, 4), model=setup.desc, device=str(setup.device),
                batch_size=args.batch_size, seq_len=args.seq_len, threads=torch.get_num_threads(),
+               packing=not args.no_packing and row["side"] == "alignbench" and what != "generate",
                isolated=args.isolate)
     if value is None:
         row["mfu_note"] = f"no peak bf16 FLOP/s known for {name!r}" if name else "mfu is measured on CUDA only"

@@ -167,9 +167,17 @@ def real_tokens(rows: Sequence[Sequence[int]]) -> int:
     return sum(len(r) for r in rows)
 
 
-def sampled_tokens(rows: Sequence[Sequence[int]], eos: int) -> int:
-    """Tokens sampled per row up to and including the first EOS; what follows is filler."""
-    return sum(list(r).index(eos) + 1 if eos in r else len(r) for r in rows)
+def sampled_tokens(rows: Sequence[Sequence[int]], eos: int, pad: Optional[int] = None) -> int:
+    """Tokens sampled per row up to and including the first EOS (end of turn); what follows is filler.
+    ``pad``: a row that generate() ended at a stop string is filled with pad after it; that trailing
+    run is filler too."""
+    def n(r):
+        r = list(r)
+        k = r.index(eos) + 1 if eos in r else len(r)
+        while pad is not None and pad != eos and k > 0 and r[k - 1] == pad:
+            k -= 1
+        return k
+    return sum(n(r) for r in rows)
 
 
 def padding_fraction(batches: Sequence[Sequence[int]]) -> float:
@@ -262,25 +270,25 @@ class PairWork:
     rejected: Encoded
 
 
-def pair_fit(tok, max_len: int) -> Callable:
+def pair_fit(tok, max_len: int, fmt: str = "raw") -> Callable:
     def fit(p):
-        c, r = encode_pair(tok, p.prompt, p.chosen, p.rejected, UNTRUNCATED)
+        c, r = encode_pair(tok, p.prompt, p.chosen, p.rejected, UNTRUNCATED, fmt=fmt)
         return PairWork(p, c, r) if max(len(c.input_ids), len(r.input_ids)) <= max_len else None
     return fit
 
 
-def sequence_fit(tok, max_len: int) -> Callable:
+def sequence_fit(tok, max_len: int, fmt: str = "raw") -> Callable:
     """prompt + chosen as one sequence (response_start marks the chosen response)."""
     def fit(p):
-        e = encode(tok, p.prompt, p.chosen, UNTRUNCATED)
+        e = encode(tok, p.prompt, p.chosen, UNTRUNCATED, fmt=fmt)
         return e if len(e.input_ids) <= max_len else None
     return fit
 
 
-def prompt_fit(tok, max_len: int, max_new_tokens: int) -> Callable:
+def prompt_fit(tok, max_len: int, max_new_tokens: int, fmt: str = "raw") -> Callable:
     """(prompt, its ids as the sampler renders them) when prompt + max_new_tokens fits."""
     def fit(p):
-        ids = formats.prompt_ids(tok, p.prompt, "raw")
+        ids = formats.prompt_ids(tok, p.prompt, fmt)
         return (p.prompt, ids) if len(ids) + max_new_tokens <= max_len else None
     return fit
 
@@ -295,6 +303,9 @@ class Setup:
     seq_len: int
     desc: str
     n_params: int
+    # data.format the model is used in: chat when its tokenizer has a chat template (SmolLM2-Instruct, as in
+    # experiment=hh_smollm2), raw otherwise; a response then ends at the end-of-turn token, or EOS / "\n\nHuman:"
+    fmt: str = "raw"
     work: dict = field(default_factory=dict)  # benchmark kind -> Selection, drawn once, shared by both sides
 
 
@@ -320,15 +331,17 @@ def build_setup(args) -> Setup:
     tok.padding_side = "right"
     n_params = count_params(model) if model is not None else 0
     return Setup(model=model.to(device) if model is not None else None, tokenizer=tok, pool=pool, device=device,
-                 seq_len=args.seq_len, desc=desc, n_params=n_params)
+                 seq_len=args.seq_len, desc=desc, n_params=n_params, fmt="chat" if tok.chat_template else "raw")
 
 
 def work(setup: Setup, args, kind: str) -> Selection:
     """The batches' items of one kind (pairs | sequences | prompts), drawn once and shared by both sides."""
     if kind not in setup.work:
         tok, n = setup.tokenizer, args.batch_size * args.steps
-        fit = {"pairs": lambda: pair_fit(tok, setup.seq_len), "sequences": lambda: sequence_fit(tok, setup.seq_len),
-               "prompts": lambda: prompt_fit(tok, setup.seq_len, args.max_new_tokens)}[kind]()
+        fmt = setup.fmt
+        fit = {"pairs": lambda: pair_fit(tok, setup.seq_len, fmt),
+               "sequences": lambda: sequence_fit(tok, setup.seq_len, fmt),
+               "prompts": lambda: prompt_fit(tok, setup.seq_len, args.max_new_tokens, fmt)}[kind]()
         setup.work[kind] = select(setup.pool, fit, need=n, seed=args.seed, what=f"{args.data} {kind}")
     return setup.work[kind]
 

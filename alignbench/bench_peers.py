@@ -33,7 +33,9 @@ from transformers import TrainerCallback
 
 from alignbench.bench_core import PeakMemory, Setup, Side, copy_model, lm_sequences, model_dir, precision, \
     sampled_tokens, steps, sync, work
+from alignbench import formats
 from alignbench.models import count_params, pm_from_lm
+from alignbench.sampling import STOP
 from alignbench.train import autocast, pad_batch
 
 
@@ -141,7 +143,9 @@ def pm_trl(setup: Setup, args) -> Side:
 def generate_hf(setup: Setup, args) -> Side:
     side = Side("generate", "hf", "transformers generate(do_sample=True)")
     model, tok, dev = copy_model(setup).eval(), setup.tokenizer, setup.device
-    eos = tok.eos_token_id
+    # the same stop rule as ours: the end-of-turn token (chat), or EOS and the "\n\nHuman:" stop string (raw)
+    eos = formats.end_of_turn_id(tok, setup.fmt)
+    stop = {"stop_strings": [STOP], "tokenizer": tok} if setup.fmt == "raw" else {}
     with PeakMemory(dev) as mem:
         t0 = time.perf_counter()
         for s, chunk in enumerate(steps(work(setup, args, "prompts").items, args.batch_size)):
@@ -157,11 +161,11 @@ def generate_hf(setup: Setup, args) -> Side:
             with autocast(precision(dev), dev):
                 out = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), do_sample=True,
                                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=eos)
+                                     pad_token_id=tok.pad_token_id, eos_token_id=eos, **stop)
             sync(dev)
             seconds = time.perf_counter() - t
             new = out[:, width:].tolist()
-            side.add_step(seconds, ids, tokens=sampled_tokens(new, eos))
+            side.add_step(seconds, ids, tokens=sampled_tokens(new, eos, pad=tok.pad_token_id))
         wall = time.perf_counter() - t0
     return side.finish(wall, mem.peak_mb)
 
