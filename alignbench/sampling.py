@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -230,17 +229,25 @@ def _prefill_rows(model, input_ids, attn) -> Optional[tuple[DynamicCache, torch.
     read) into one batch cache. The same cache and logits as one padded forward, up to float
     rounding. None when the model's cache is not a plain DynamicCache of DynamicLayers (sliding
     windows, ...): the caller then runs the padded forward."""
-    width, rows, logits = input_ids.shape[1], [], []
-    for ids, mask in zip(input_ids, attn):
+    (batch, width), keys, values, logits = input_ids.shape, [], [], []
+    for r, (ids, mask) in enumerate(zip(input_ids, attn)):
         out = model(input_ids=ids[mask.bool()][None], use_cache=True, logits_to_keep=1)
         cache = getattr(out, CACHE_KW)
         if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
             return None
-        pad = width - int(mask.sum())
-        rows.append([(F.pad(layer.keys, (0, 0, pad, 0)), F.pad(layer.values, (0, 0, pad, 0)))
-                     for layer in cache.layers])
+        if not keys:  # the batch cache, allocated once: each row's keys/values are copied in, left-padded
+            keys = [layer.keys.new_zeros((batch, layer.keys.shape[1], width, layer.keys.shape[3]))
+                    for layer in cache.layers]
+            values = [layer.values.new_zeros((batch, layer.values.shape[1], width, layer.values.shape[3]))
+                      for layer in cache.layers]
+        n = int(mask.sum())
+        for k, v, layer in zip(keys, values, cache.layers):
+            k[r, :, width - n:] = layer.keys[0]
+            v[r, :, width - n:] = layer.values[0]
         logits.append(out.logits[:, -1])
+        del out, cache  # this row's own cache: copied, free it before the next row
     merged = DynamicCache()
-    for layer_idx, kv in enumerate(zip(*rows)):
-        merged.update(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]), layer_idx)
+    for layer_idx in range(len(keys)):  # update() copies: drop each layer's buffers once copied
+        merged.update(keys[layer_idx], values[layer_idx], layer_idx)
+        keys[layer_idx] = values[layer_idx] = None
     return merged, torch.cat(logits)
