@@ -98,9 +98,23 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
 def save(model: torch.nn.Module, path: str | Path) -> None:
     """Merged safetensors in ``path`` (what ``load_lm``/``load_pm`` read), and under LoRA the adapter
     in ``path/adapter``. Written from CPU copies' point of view: the model stays where it is."""
-    merged(model).save_pretrained(path, safe_serialization=True)
+    save_pretrained_here(merged(model), path)
     if is_peft(model):
         model.save_pretrained(Path(path) / "adapter", safe_serialization=True)
+
+
+def save_pretrained_here(model, path: str | Path) -> None:
+    """``model.save_pretrained(path)`` (safetensors) written by this process whatever its rank.
+
+    Once torch.distributed is initialised, transformers 5 writes the weights and config only on rank 0
+    (``should_save_on_this_rank``) and silently nothing elsewhere; but a shared stage is built by
+    whichever process takes its file lock first, so a stage built on rank 1 had a record and a
+    tokenizer but no model."""
+    model.should_save_on_this_rank = lambda is_main_process: True  # this instance only, for this call
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> torch.nn.Module:

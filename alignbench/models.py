@@ -24,6 +24,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           Qwen2Config, Qwen2ForCausalLM)
 
 from alignbench.config import ConfigError, ModelConfig
+from alignbench.lora import save_pretrained_here
 from alignbench.stages.cache import build_stage
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def convert_gguf(cfg: ModelConfig, cache_dir: str | Path) -> Path:
 
     def build(out: Path) -> dict:
         tok, model = _dequantized_gguf(path, name)
-        model.save_pretrained(out, safe_serialization=True)
+        save_pretrained_here(model, out)
         tok.save_pretrained(out)
         return {"source": str(source), "params": count_params(model)}
 

@@ -124,7 +124,8 @@ def test_sampling_methods_train_on_two_processes(case, stage_cache, tmp_path):
     metrics, samples, _ = _read(run)
     assert metrics["hardware"]["processes"] == 2 and len(samples) == 24
     assert metrics["cost"]["pm_calls"] == pm_calls and metrics["cost"]["tokens_trained"] > 0
-    assert metrics["final"]["kl_k3"] > 0.05  # it trained
+    # it trained: π = π0 gives exactly 0 (equal log-probs); RRHF's 6 short steps moved it by 0.04-0.1
+    assert metrics["final"]["kl_k3"] > 0.01
     if case == "ppo":  # resume on 2 processes: drop the run's completion, keep its step-4 checkpoint
         assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
         (run / "DONE").unlink()
@@ -182,3 +183,26 @@ def test_bf16_supervised_loop_learns_like_fp32():
         assert r.losses[-1] < 0.8 * r.losses[0]  # both memorise the batch
     assert res["bf16"].losses != res["fp32"].losses  # autocast really changed the numerics
     assert abs(res["bf16"].losses[-1] - res["fp32"].losses[-1]) < 0.1 * res["fp32"].losses[0]
+
+
+def test_a_stage_built_on_rank_1_saves_its_model(monkeypatch, tmp_path):
+    """transformers 5 skips save_pretrained on a rank ≠ 0 once torch.distributed is initialised; a
+    shared stage is built by whichever process takes its lock, so the stages save regardless of rank
+    (a 2-process run once got a base stage with a record and no model)."""
+    import transformers.distributed.mixin as mixin
+    from alignbench.config import ModelConfig
+    from alignbench.lora import save_pretrained_here
+    from alignbench.models import load_lm, tiny_lm, train_tokenizer
+
+    tok = train_tokenizer(["Human: hi\n\nAssistant: hello there"] * 4, 300)
+    model = tiny_lm(ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                max_seq_len=32), tok, 0)
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    model.save_pretrained(tmp_path / "plain", safe_serialization=True)
+    assert not (tmp_path / "plain" / "config.json").exists()  # what rank 1 got before
+    save_pretrained_here(model, tmp_path / "here")
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "here").iterdir()}
+    assert not hasattr(model, "should_save_on_this_rank") or "should_save_on_this_rank" not in vars(model)
+    reloaded = load_lm(tmp_path / "here")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))

@@ -87,7 +87,7 @@ def build_base(cfg: Config) -> Artifact:
         heldout = dialogue_corpus(data.eval)[:512]
         nll = mean_nll(model, tok, heldout, max_len, device, fmt=fmt)
         metrics.update(heldout_nll=nll, heldout_ppl=math.exp(min(nll, 50)))
-        model.to("cpu").save_pretrained(out, safe_serialization=True)
+        lora.save_pretrained_here(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "data_counts": {"train_texts": len(corpus), "heldout_texts": len(heldout)},
                 "data_stats": data.stats, "max_len": max_len}
