@@ -35,7 +35,7 @@ from alignbench.bench_core import PeakMemory, Setup, Side, copy_model, lm_sequen
     sampled_tokens, steps, sync, work
 from alignbench import formats
 from alignbench.models import count_params, pm_from_lm
-from alignbench.sampling import STOP
+from alignbench.sampling import STOP, left_pad
 from alignbench.train import autocast, pad_batch
 
 
@@ -150,12 +150,8 @@ def generate_hf(setup: Setup, args) -> Side:
         t0 = time.perf_counter()
         for s, chunk in enumerate(steps(work(setup, args, "prompts").items, args.batch_size)):
             ids = [p_ids for _, p_ids in chunk]
-            width = max(map(len, ids))
-            input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-            attn = torch.zeros_like(input_ids)
-            for r, seq in enumerate(ids):  # left padding, as generate() expects for decoder-only models
-                input_ids[r, width - len(seq):] = torch.tensor(seq)
-                attn[r, width - len(seq):] = 1
+            input_ids, attn = left_pad(ids, tok.pad_token_id)  # as generate() expects for decoder-only models
+            width = input_ids.shape[1]
             torch.manual_seed(args.seed + s)
             t = time.perf_counter()
             with autocast(precision(dev), dev):

@@ -128,7 +128,7 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
             before_batch()
         chunk = order[start:start + batch_size]
         ids = [windows[expanded[r]] for r in chunk]
-        input_ids, attn = _left_pad(ids, tokenizer.pad_token_id)
+        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)
         new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new=max_new_tokens,
                            temperature=temperature, eos_id=end_id, gen=gen, greedy=greedy, stop_ids=stop_ids,
                            kv_cache=kv_cache)
@@ -148,7 +148,7 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     return out
 
 
-def _left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every row's last prompt token in the last column."""
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)

@@ -186,9 +186,9 @@ def test_ended_rows_leave_the_batch_and_the_prefill_keeps_one_position(tok, lm):
 
 
 def test_prompts_prefilled_alone_give_the_padded_batch_cache(tok, lm):
-    from alignbench.sampling import _left_pad, _prefill_rows
+    from alignbench.sampling import left_pad, _prefill_rows
     windows = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    input_ids, attn = _left_pad(windows, tok.pad_token_id)
+    input_ids, attn = left_pad(windows, tok.pad_token_id)
     with torch.no_grad():
         padded = lm(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0))
         cache, logits = _prefill_rows(lm, input_ids, attn)
