@@ -132,7 +132,7 @@ def test_html_is_self_contained_and_escaped(sweep, tmp_path):
     assert "<script" not in page.lower()
     assert "&lt;b&gt;Hi&lt;/b&gt; &amp; hello" in page and "<b>Hi</b>" not in page
     assert "CUDA out of memory &lt;oops&gt;" in page
-    assert page.count("data:image/png;base64,") == 7
+    assert page.count("data:image/png;base64,") == 8  # with reward_hist.png: the samples' reward histograms
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
     md = (tmp_path / "r" / "report.md").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; done" in md  # escaped, renders as the text

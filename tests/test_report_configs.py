@@ -149,8 +149,9 @@ def test_report_md_escapes_data_text(tmp_path):
     md = build_report(sweep, tmp_path / "out", n_boot=100).read_text()
     assert "<img" not in md
     # outside the <pre> blocks (raw HTML to Markdown: no link, emphasis or code forms inside) no
-    # unescaped "](" can open a link but the report's own figures
-    outside = re.sub(r"<pre>\n.*?\n</pre>|^!\[[^\]]*\]\(\w+\.png\)$", "", md, flags=re.S | re.M)
+    # unescaped "](" can open a link but the report's own figures and its contents' links to its anchors
+    outside = re.sub(r"<pre>\n.*?\n</pre>|^!\[[^\]]*\]\(\w+\.png\)$|^ *- \[(?:\\.|[^\]\\])*\]\(#[a-z0-9-]+\)$", "", md,
+                     flags=re.S | re.M)
     assert not re.search(r"(?<!\\)\]\(", outside)
     # still readable: the sample shows as its text (HTML-escaped inside a <pre> block) ...
     assert "<pre>\n[judge 1.000] &lt;img src=x onerror=alert(1)&gt; [click](javascript:alert(1)) | `code` *bold*\n" \

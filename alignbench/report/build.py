@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import plots, tables, walltime
+from alignbench.report import plots, tables, views, walltime
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -77,6 +77,15 @@ def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot
     return pd.DataFrame(rows + _as_config_rows(sweep, by_config), columns=list(COLUMNS))
 
 
+def _view_rows(sweep: Sweep, samples: pd.DataFrame, scores: dict, prompt_ids: list[int], baseline: str, n_boot: int,
+               seed: int) -> list[dict]:
+    """Win rates against the dataset's chosen response, overall and per sampling temperature."""
+    ident = dict(sweep=sweep.name, run="")
+    chosen = views.chosen_scores(samples, prompt_ids)
+    rows = views.vs_chosen_rows(scores, chosen, n_boot=n_boot, seed=seed, **ident) if chosen is not None else []
+    return rows + views.temperature_rows(views.temperature_frame(sweep), baseline, n_boot=n_boot, seed=seed, **ident)
+
+
 def _as_config_rows(sweep: Sweep, rows: list[dict]) -> list[dict]:
     """Rows computed per configuration name (in ``method``): ``config`` gets that name and ``method``
     the configuration's method."""
@@ -118,6 +127,38 @@ def _sample_block(samples: pd.DataFrame, prompt_ids: list[int], methods: list[st
             Samples(methods, items)]
 
 
+def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, samples: pd.DataFrame, points: list[dict],
+                 baseline: str) -> list:
+    """Temperature and diversity, reward distributions and PM robustness (alignbench.report.views)."""
+    no_temps = "no run has samples_by_temperature.jsonl (eval.temperatures empty, or runs from before it)"
+    div = views.diversity_frame(agg)
+    rob = views.robustness_frame(points)
+    no_rob = "no train_log point records proxy_judge_agreement or proxy_judge_spearman (runs from before them)"
+    return [Heading("Temperature and diversity"),
+            Para("Win rates use sample 0 of each prompt, seeds averaged per prompt, bootstrap over prompts. "
+                 "Diversity: distinct-n = distinct n-grams / n-grams over a prompt's k samples; self-BLEU = BLEU "
+                 "of each sample against the prompt's other samples (higher: samples more alike, less diverse); "
+                 "intervals over seeds."),
+            *_table(views.temperature_table(derived, baseline), no_temps),
+            *_figure(out_dir, "temperature.png", lambda p: views.temperature_plot(derived, baseline, p),
+                     "Win rate against the baseline and against the chosen response per temperature", no_temps),
+            *_table(views.diversity_table(div), "no diversity rows (eval.temperatures empty, or runs from before it)"),
+            *(Para(f) for f in views.diversity_findings(div, baseline)),
+            *_figure(out_dir, "diversity.png", lambda p: views.diversity_plot(div, p),
+                     "Distinct-1, distinct-2 and self-BLEU against temperature", "no diversity rows"),
+            Heading("Reward distributions"),
+            *_table(views.reward_table(views.reward_summary(samples)), "no judged samples"),
+            *_figure(out_dir, "reward_hist.png", lambda p: views.reward_hist_plot(samples, p),
+                     "Judge and proxy reward of the final samples per configuration (seeds pooled)", "no judged samples"),
+            Heading("PM robustness"),
+            Para("Agreement: share of eval prompts (judge not tied) where proxy and judge prefer the same of this "
+                 "point's sample and π0's; Spearman ρ: rank correlation of proxy and judge reward over the point's "
+                 "samples. Seed means per log point."),
+            *_table(views.robustness_table(rob), no_rob),
+            *_figure(out_dir, "pm_robustness.png", lambda p: views.robustness_plot(rob, p),
+                     "Proxy–judge agreement and rank correlation against sqrt(KL)", no_rob)]
+
+
 def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 2000, seed: int = 0) -> Path:
     """Build the report of ``sweep_dir`` into ``out_dir``; returns the path of ``report.md``."""
     sweep, out_dir = load_sweep(sweep_dir), Path(out_dir)
@@ -138,6 +179,10 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
     meta = prompt_meta(sweep, samples)
     derived = _derived_rows(sweep, scores, proxy, baseline=win_base, n_boot=n_boot, seed=seed,
                             texts=response_texts(samples, scores, prompt_ids), prompt_ids=prompt_ids, meta=meta)
+    derived = pd.concat([derived, pd.DataFrame(_as_config_rows(sweep, _view_rows(sweep, samples, scores, prompt_ids,
+                                                                                baseline=win_base, n_boot=n_boot,
+                                                                                seed=seed)),
+                                               columns=list(COLUMNS))], ignore_index=True)
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
@@ -174,6 +219,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               Heading("Win rates and Elo"),
               *_table(tables.win_table(derived), "fewer than two configurations with usable samples"),
               *_table(tables.elo_table(derived), "fewer than two configurations with usable samples"),
+              *_table(views.vs_chosen_table(derived, win_base),
+                      "no win rate against the chosen response (the samples record no chosen_judge_reward)"),
               *_figure(out_dir, "win_rates.png", lambda p: plots.win_matrix(derived, p),
                        "Win-rate matrix and Elo", "fewer than two configurations with usable samples"),
               Heading("Reward vs sqrt(KL)"),
@@ -181,6 +228,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               *_bon_block(tables.bon_kl_table(derived)),
               *_figure(out_dir, "reward_vs_kl.png", lambda p: plots.reward_vs_kl(points, p),
                        "Proxy and judge reward vs sqrt(KL) with fitted curves", "no train_log points with KL"),
+              *_view_blocks(out_dir, derived, agg, samples, points=train_points(sweep), baseline=win_base),
               Heading("NLP task regressions"),
               *_table(tables.nlp_table(deltas, base), f"no nlp_tasks acc rows for {base} and another configuration"),
               *_figure(out_dir, "nlp_deltas.png", lambda p: plots.nlp_deltas(deltas, base, p),

@@ -26,6 +26,7 @@ class RunRecord:
     rows: pd.DataFrame | None = None
     train_log: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
+    temperature_samples: list[dict] = field(default_factory=list)  # samples_by_temperature.jsonl; none in older runs
     metrics: dict = field(default_factory=dict)
 
     @property
@@ -91,6 +92,7 @@ def _load_files(run: RunRecord) -> None:
         run.rows = _read(run.dir, "results.csv")
         run.train_log = _read(run.dir, "train_log.jsonl")
         run.samples = _read(run.dir, "samples.jsonl")
+        run.temperature_samples = _read(run.dir, "samples_by_temperature.jsonl")
         run.metrics = _read(run.dir, "metrics.json")
         if isinstance(run.metrics, dict) and run.metrics.get("config"):
             run.config = str(run.metrics["config"])

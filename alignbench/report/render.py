@@ -6,7 +6,9 @@ HTML through ``html.escape``; Markdown headings, paragraphs, notes and table cel
 code or emphasis or split a table cell (``\ ` * [ ] |``); free text (prompts, responses) as
 ``html.escape``d text in a ``<pre>`` block, which Markdown passes through as HTML, so it shows
 verbatim and nothing in it is markup. The HTML has no script and no external resource: images are
-base64 data URIs.
+base64 data URIs, and a Content-Security-Policy meta forbids scripts, so a payload that escaped the
+escaping still could not run. Every heading below the title gets a stable, unique anchor (``slugs``)
+and both renderers open with a table of contents linking to them.
 """
 from __future__ import annotations
 
@@ -60,7 +62,40 @@ Block = Heading | Para | Note | Table | Image | Samples
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}.note{background:#fff6dd;border-left:4px solid #e0b000;padding:4px 8px}
-img{max-width:100%}pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:90%}"""
+img{max-width:100%}pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:90%}
+nav ul{list-style:none;padding-left:0}nav .toc3{padding-left:1.5em}"""
+
+
+# No script, no fetch: only inline styles and data-URI images may load.
+CSP = "default-src 'none'; script-src 'none'; img-src data:; style-src 'unsafe-inline'"
+TOC_ID = "contents"  # the table of contents' own anchor, never a heading's
+_SLUG_DROP = re.compile(r"[^a-z0-9]+")
+
+
+def slug(text: str) -> str:
+    """A heading's anchor: lower case, every run of other characters than a-z and 0-9 one "-"."""
+    return _SLUG_DROP.sub("-", str(text).lower()).strip("-") or "section"
+
+
+def slugs(blocks: list) -> dict[int, str]:
+    """{index of each heading block below level 1: its anchor}, unique in the document: a repeated
+    slug gets "-2", "-3", ... in order of appearance, so earlier anchors never change."""
+    seen, out = {TOC_ID}, {}
+    for i, b in enumerate(blocks):
+        if isinstance(b, Heading) and b.level > 1:
+            base = candidate = slug(b.text)
+            k = 1
+            while candidate in seen:
+                k += 1
+                candidate = f"{base}-{k}"
+            seen.add(candidate)
+            out[i] = candidate
+    return out
+
+
+def _toc_entries(blocks: list, anchors: dict[int, str]) -> list[tuple[int, str, str]]:
+    """(level, text, anchor) of each anchored heading."""
+    return [(blocks[i].level, blocks[i].text, a) for i, a in anchors.items()]
 
 
 _MD_SPECIAL = re.compile(r"([\\`*\[\]|])")
@@ -77,11 +112,20 @@ def _pre(text: str) -> str:
     return "<pre>\n" + "\n".join(lines) + "\n</pre>"
 
 
+def _md_toc(blocks: list[Block], anchors: dict[int, str]) -> str:
+    return "**Contents**\n\n" + "\n".join(f"{'  ' * (level - 2)}- [{_md_text(text)}](#{a})"
+                                           for level, text, a in _toc_entries(blocks, anchors))
+
+
 def to_markdown(blocks: list[Block]) -> str:
-    out = []
-    for b in blocks:
+    out, anchors = [], slugs(blocks)
+    for i, b in enumerate(blocks):
         if isinstance(b, Heading):
+            if i in anchors:  # an explicit anchor: renderers differ in the ids they derive themselves
+                out.append(f'<a id="{anchors[i]}"></a>')
             out.append("#" * b.level + " " + _md_text(b.text))
+            if b.level == 1 and anchors:
+                out.append(_md_toc(blocks, anchors))
         elif isinstance(b, Para):
             out.append(_md_text(b.text))
         elif isinstance(b, Note):
@@ -114,11 +158,20 @@ def _html_table(header, rows, cell=_h) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _html_toc(blocks: list[Block], anchors: dict[int, str]) -> str:
+    items = "".join(f'<li class="toc{level}"><a href="#{a}">{_h(text)}</a></li>'
+                    for level, text, a in _toc_entries(blocks, anchors))
+    return f'<nav id="{TOC_ID}"><b>Contents</b><ul>{items}</ul></nav>'
+
+
 def to_html(blocks: list[Block], title: str) -> str:
-    out = []
-    for b in blocks:
+    out, anchors = [], slugs(blocks)
+    for i, b in enumerate(blocks):
         if isinstance(b, Heading):
-            out.append(f"<h{b.level}>{_h(b.text)}</h{b.level}>")
+            anchor = f' id="{anchors[i]}"' if i in anchors else ""
+            out.append(f"<h{b.level}{anchor}>{_h(b.text)}</h{b.level}>")
+            if b.level == 1 and anchors:
+                out.append(_html_toc(blocks, anchors))
         elif isinstance(b, Para):
             out.append(f"<p>{_h(b.text)}</p>")
         elif isinstance(b, Note):
@@ -132,5 +185,6 @@ def to_html(blocks: list[Block], title: str) -> str:
             rows = [[f"{item['prompt_id']}: {item['prompt']}", *(item["responses"].get(m, "(none)") for m in b.methods)]
                     for item in b.items]
             out.append(_html_table(["prompt", *b.methods], rows, cell=lambda c: f"<pre>{_h(c)}</pre>"))
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title>'
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>{_h(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
