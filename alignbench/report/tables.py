@@ -172,7 +172,7 @@ def win_table(derived: pd.DataFrame) -> Table | None:
     part = select(derived, "win_rate")
     if part.empty:
         return None
-    wide = part[part["metric"] != "elo"].set_index(["config", "slice", "metric"])
+    wide = part[~part["metric"].isin(["elo", "win_rate_vs_chosen"])].set_index(["config", "slice", "metric"])
     rows = []
     for (method, vs), g in wide.groupby(level=[0, 1], sort=True):
         g = g.droplevel([0, 1])
