@@ -67,8 +67,13 @@ def write_run(sweep, method, seed, new_fields=True):
                                                   "cost": {"wall_s": 1.0}}))
     rows = []
     if new_fields:
-        (run / "samples_by_temperature.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in _temperature_samples(method, seed)))
+        temps = _temperature_samples(method, seed)
+        (run / "samples_by_temperature.jsonl").write_text("".join(json.dumps(r) + "\n" for r in temps))
+        rows += [make_row(sweep=sweep.name, run=run_id, method=method, seed=seed, evaluator="temperature",
+                          metric="judge_reward", slice=f"T={t:g}", n=N_PROMPTS,
+                          value=float(np.mean([r["judge_reward"] for r in temps if r["temperature"] == t
+                                               and r["sample"] == 0])))
+                 for t in (0.5, 1.0)]
         for (config, t), per_seed in DIVERSITY.items():
             if config == method:
                 rows += [make_row(sweep=sweep.name, run=run_id, method=method, seed=seed, evaluator="diversity",
@@ -184,7 +189,9 @@ def test_report_shows_every_view_on_a_sweep_with_the_new_fields(tmp_path):
     assert f"At T=1: less diverse than {BASE} (self-BLEU higher or distinct-2 lower, intervals apart): none;" in md
     # the final samples: dpo beats π0 on 3 prompts and ties on 1 (0.875), beside 3 of 4 against chosen
     assert re.search(rf"\| {DPO} \| 0\.875 [^|]* \| 0\.750 [^|]* \| 4 \|", md)
-    assert re.search(rf"\| {DPO} \| 0\.5 \| 0\.750 [^|]* \| 0\.750 [^|]* \| 4 \|", md)
+    # at T=0.5: judge reward 0.75 over the seeds' means 1, 0.5, 0.75; both win rates 3 of 4
+    assert re.search(rf"\| {DPO} \| 0\.5 \| 0\.750 [^|]* \| 0\.750 [^|]* \| 0\.750 [^|]* \| 4 \|", md)
+    assert "| temperature | judge_reward |" not in md and "| diversity |" not in md  # not again in Other results
     assert "| proxy–judge agreement vs π0 (real HH: proxy PM vs test PM) | dpo | 0.800 (√KL 0.100) | " \
            "0.500 (√KL 0.200) | -0.300 | 2 |" in md
     assert "| judge_reward | dpo | 12 | 0.750 | 0.452 |" in md

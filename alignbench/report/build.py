@@ -139,7 +139,7 @@ def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, sample
                  "Diversity: distinct-n = distinct n-grams / n-grams over a prompt's k samples; self-BLEU = BLEU "
                  "of each sample against the prompt's other samples (higher: samples more alike, less diverse); "
                  "intervals over seeds."),
-            *_table(views.temperature_table(derived, baseline), no_temps),
+            *_table(views.temperature_table(derived, agg, baseline), no_temps),
             *_figure(out_dir, "temperature.png", lambda p: views.temperature_plot(derived, baseline, p),
                      "Win rate against the baseline and against the chosen response per temperature", no_temps),
             *_table(views.diversity_table(div), "no diversity rows (eval.temperatures empty, or runs from before it)"),
@@ -192,7 +192,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                                                   ignore_index=True))
 
     shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc")) | \
-        ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate"))
+        ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate")) | (agg["evaluator"] == "diversity") | \
+        ((agg["evaluator"] == "temperature") & (agg["metric"] == "judge_reward"))
     ok = len(sweep.ok_runs)
     blocks = [Heading(f"alignbench report: {sweep.name}", 1),
               Para(f"{ok} of {len(sweep.runs)} runs usable. Runs marked otherwise are left out of every number. "

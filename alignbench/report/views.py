@@ -115,19 +115,24 @@ def vs_chosen_table(derived: pd.DataFrame, baseline: str) -> Table | None:
                   "prompts (vs chosen)"], rows)
 
 
-def temperature_table(derived: pd.DataFrame, baseline: str) -> Table | None:
+def temperature_table(derived: pd.DataFrame, agg: pd.DataFrame, baseline: str) -> Table | None:
+    """Per configuration and T: the win rates (``temperature_rows``) and the mean judge reward at T
+    (the runs' "temperature" rows, combined over seeds by ``aggregate_seeds``)."""
     part = select(derived, TEMP_EVAL)
-    if part.empty:
+    judge = select(agg, "temperature", "judge_reward")
+    if part.empty and judge.empty:
         return None
-    part = part.assign(t=_temperature_of(part["slice"]))
+    cells = pd.concat([part[["config", "metric", "slice", "value", "ci_low", "ci_high", "n"]],
+                       judge[["config", "metric", "slice", "value", "ci_low", "ci_high", "n"]]], ignore_index=True)
+    cells = cells.assign(t=_temperature_of(cells["slice"])).dropna(subset=["t"])
     rows = []
-    for (config, t), g in part.groupby(["config", "t"], sort=True):
-        by = g.set_index("metric")
-        cells = [fmt_ci(*by.loc[m, ["value", "ci_low", "ci_high"]]) if m in by.index else "–"
-                 for m in ("win_rate", "win_rate_vs_chosen")]
-        rows.append([config, f"{t:g}", *cells, fmt_n(g["n"].max())])
-    return Table(["configuration", "T", f"win rate vs {baseline} at T [95% CI]", "win rate vs chosen [95% CI]",
-                  "prompts"], rows)
+    for (config, t), g in cells.groupby(["config", "t"], sort=True):
+        by = g.drop_duplicates("metric").set_index("metric")
+        rows.append([config, f"{t:g}", *(fmt_ci(*by.loc[m, ["value", "ci_low", "ci_high"]]) if m in by.index else "–"
+                                         for m in ("judge_reward", "win_rate", "win_rate_vs_chosen")),
+                     fmt_n(part.loc[(part["config"] == config) & (_temperature_of(part["slice"]) == t), "n"].max())])
+    return Table(["configuration", "T", "judge reward at T (over seeds) [95% CI]",
+                  f"win rate vs {baseline} at T [95% CI]", "win rate vs chosen [95% CI]", "prompts"], rows)
 
 
 def _errorbars(ax, part: pd.DataFrame, x: str, offset_step: float) -> None:
