@@ -160,7 +160,7 @@ def test_report_section_numbers_shares_and_escaping(tmp_path):
     assert "<script" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;\\|\\[x\\](http://evil)" in md
     page = (out / "index.html").read_text()
     assert "<script" not in page.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;|[x](http://evil)" in page
-    assert "<h2>Where the time goes</h2>" in page and "wall_time.png" not in page  # embedded, not linked
+    assert '<h2 id="where-the-time-goes">Where the time goes</h2>' in page and "wall_time.png" not in page  # embedded
     assert page.count("data:image/png;base64,") == len(list(out.glob("*.png"))) >= 1  # every figure embedded
     rows = read_rows(out / "results.csv")
     stage_rows = rows[(rows["evaluator"] == "wall_time") & (rows["metric"] == "build_s")].set_index("method")
