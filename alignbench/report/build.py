@@ -149,7 +149,8 @@ def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, sample
             Heading("Reward distributions"),
             *_table(views.reward_table(views.reward_summary(samples)), "no judged samples"),
             *_figure(out_dir, "reward_hist.png", lambda p: views.reward_hist_plot(samples, p),
-                     "Judge and proxy reward of the final samples per configuration (seeds pooled)", "no judged samples"),
+                     "Judge and proxy reward of the final samples per configuration (seeds pooled)",
+                     "no judged samples"),
             Heading("PM robustness"),
             Para("Agreement: share of eval prompts (judge not tied) where proxy and judge prefer the same of this "
                  "point's sample and π0's; Spearman ρ: rank correlation of proxy and judge reward over the point's "

@@ -115,6 +115,13 @@ def vs_chosen_table(derived: pd.DataFrame, baseline: str) -> Table | None:
                   "prompts (vs chosen)"], rows)
 
 
+def _cell(by_metric: pd.DataFrame, metric: str) -> str:
+    """"value [lo, hi]" of the row of ``metric`` (the index), "–" when there is none."""
+    if metric not in by_metric.index:
+        return "–"
+    return fmt_ci(*by_metric.loc[metric, ["value", "ci_low", "ci_high"]])
+
+
 def temperature_table(derived: pd.DataFrame, agg: pd.DataFrame, baseline: str) -> Table | None:
     """Per configuration and T: the win rates (``temperature_rows``) and the mean judge reward at T
     (the runs' "temperature" rows, combined over seeds by ``aggregate_seeds``)."""
@@ -128,8 +135,7 @@ def temperature_table(derived: pd.DataFrame, agg: pd.DataFrame, baseline: str) -
     rows = []
     for (config, t), g in cells.groupby(["config", "t"], sort=True):
         by = g.drop_duplicates("metric").set_index("metric")
-        rows.append([config, f"{t:g}", *(fmt_ci(*by.loc[m, ["value", "ci_low", "ci_high"]]) if m in by.index else "–"
-                                         for m in ("judge_reward", "win_rate", "win_rate_vs_chosen")),
+        rows.append([config, f"{t:g}", *(_cell(by, m) for m in ("judge_reward", "win_rate", "win_rate_vs_chosen")),
                      fmt_n(part.loc[(part["config"] == config) & (_temperature_of(part["slice"]) == t), "n"].max())])
     return Table(["configuration", "T", "judge reward at T (over seeds) [95% CI]",
                   f"win rate vs {baseline} at T [95% CI]", "win rate vs chosen [95% CI]", "prompts"], rows)
@@ -176,7 +182,7 @@ def diversity_table(div: pd.DataFrame) -> Table | None:
     rows = []
     for (config, t), g in div.groupby(["config", "t"], sort=True):
         by = g.set_index("metric")
-        cells = [fmt_ci(*by.loc[m, ["value", "ci_low", "ci_high"]]) if m in by.index else "–" for m in DIVERSITY_METRICS]
+        cells = [_cell(by, m) for m in DIVERSITY_METRICS]
         rows.append([config, f"{t:g}", *cells, f"{int(g['n_seeds'].max())} ({g['interval'].iloc[0]})"])
     return Table(["configuration", "T", "distinct-1 [95% CI]", "distinct-2 [95% CI]", "self-BLEU [95% CI]",
                   "runs (interval)"], rows)
@@ -247,7 +253,8 @@ def reward_summary(samples: pd.DataFrame, columns=("judge_reward", "proxy_reward
             out.append(dict(config=config, reward=col, n=x.size, mean=x.mean(),
                             sd=x.std(ddof=1) if x.size > 1 else float("nan"),
                             **{f"q{round(q * 100)}": float(np.quantile(x, q)) for q in QUANTILES}))
-    return pd.DataFrame(out, columns=["config", "reward", "n", "mean", "sd", *(f"q{round(q * 100)}" for q in QUANTILES)])
+    quantiles = [f"q{round(q * 100)}" for q in QUANTILES]
+    return pd.DataFrame(out, columns=["config", "reward", "n", "mean", "sd", *quantiles])
 
 
 def reward_table(summary: pd.DataFrame) -> Table | None:
@@ -306,7 +313,9 @@ def robustness_table(rob: pd.DataFrame) -> Table | None:
             first, last = g.iloc[0], g.iloc[-1]
             rows.append([name, config, f"{fmt(first[key])} (√KL {fmt(first['d'])})",
                          f"{fmt(last[key])} (√KL {fmt(last['d'])})", fmt(last[key] - first[key]), str(len(g))])
-    return Table(["measure", "configuration", "first point", "last point", "last − first", "points"], rows) if rows else None
+    if not rows:
+        return None
+    return Table(["measure", "configuration", "first point", "last point", "last − first", "points"], rows)
 
 
 def robustness_plot(rob: pd.DataFrame, path: Path) -> Path | None:
