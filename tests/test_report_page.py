@@ -15,6 +15,7 @@ from alignbench.report.build import build_report
 from tests.test_report_views import make_sweep
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install -e '.[dev]')")
+chrome_service = pytest.importorskip("selenium.webdriver.chrome.service")
 
 # Each payload would mark <html data-pwned> if the browser ran it.
 PAYLOADS = ["<script>document.documentElement.dataset.pwned='script'</script>",
@@ -38,7 +39,7 @@ def browser():
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
         options.add_argument(arg)
-    with webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver)) as b:
+    with webdriver.Chrome(options=options, service=chrome_service.Service(executable_path=driver)) as b:
         yield b
 
 
