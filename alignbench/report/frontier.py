@@ -97,6 +97,9 @@ def frontier_data(sweep: Sweep, samples: pd.DataFrame, n_boot: int = 2000, seed:
     points = points_frame(raw) if raw else pd.DataFrame(columns=["family", "config", "d", "step", "label",
                                                                   *REWARD_KEYS])
     keys = ["family", "config", "step", "label"]
+    for key in ("step", "label"):
+        if key not in points:  # a log from before the field: its points still average by what they have
+            points[key] = None
     means = (points.dropna(subset=["d"]).assign(step=points["step"].fillna(-1), label=points["label"].fillna(""))
              .groupby(keys, as_index=False)[["d", *REWARD_KEYS]].mean()) if len(points) else points
     data = FrontierData(points=points, means=means, configs=config_frame(runs) if len(runs) else pd.DataFrame())
