@@ -101,14 +101,15 @@ def _fit(form: str, d, r, offset: float = 0.0, offset_estimated: bool = False) -
     d, y = d[keep], r[keep] - offset
     names, design = _FEATURES[form]
     p, distinct = n_params(form, offset_estimated), int(np.unique(d).size)
-    coef = _lstsq(form, d, y) if distinct >= p + 2 else None
+    coef = _lstsq(form, d, y) if distinct >= min_points(form, offset_estimated) else None
     if coef is None:
-        return Fit(form, dict.fromkeys(names, float("nan")), float("nan"), int(d.size), offset,
-                   np.full(len(names), np.nan), distinct, p)
+        return Fit(form=form, params=dict.fromkeys(names, float("nan")), r2=float("nan"), n=int(d.size),
+                   offset=offset, _coef=np.full(len(names), np.nan), n_distinct=distinct, p=p)
     ss_res = float(np.sum((y - design(d) @ coef) ** 2))
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-    return Fit(form, {k: float(v) for k, v in zip(names, coef)}, r2, int(d.size), offset, coef, distinct, p)
+    return Fit(form=form, params={k: float(v) for k, v in zip(names, coef)}, r2=r2, n=int(d.size), offset=offset,
+               _coef=coef, n_distinct=distinct, p=p)
 
 
 def fit_linear(d, r) -> Fit:
