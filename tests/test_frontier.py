@@ -13,6 +13,7 @@ import pytest
 from alignbench.eval import frontier, kl_reward
 from alignbench.eval.stats import read_rows
 from alignbench.report.build import build_report
+from alignbench.report.frontier import ranking_blocks
 
 
 def _rl(d, alpha, beta):
@@ -132,8 +133,8 @@ def _log(config, method, final_d, seed):
         steps = [0.0, final_d]
     else:  # RL form α = 1, β = 0.5: d* = e ≈ 2.72, past the measured range
         steps = np.linspace(0, final_d, 9).tolist()
-    pts = [dict(step=i, label="pi0" if i == 0 else "train", kl_k3=x * x, judge_reward=float(0.1 + _rl(np.array(x), 1, 0.5)
-                                                                                             + 0.01 * seed),
+    pts = [dict(step=i, label="pi0" if i == 0 else "train", kl_k3=x * x,
+                judge_reward=float(0.1 + _rl(np.array(x), 1, 0.5) + 0.01 * seed),
                 proxy_reward=float(0.1 + 1.5 * x)) for i, x in enumerate(steps)]
     return pts + [dict(pts[-1], step=-1, label="final")]
 
@@ -151,7 +152,8 @@ def _write_sweep(root):
                 json.dumps(dict(prompt_id=i, prompt=f"prompt {i}", response=f"{config} {seed} {i}", proxy_reward=0.0,
                                 judge_reward=float(g), judge="gold")) + "\n" for i, g in enumerate(gold)))
             (run / "train_log.jsonl").write_text("".join(
-                json.dumps(dict(p, method=method, seed=seed, judge="gold")) + "\n" for p in _log(config, method, final_d, seed)))
+                json.dumps(dict(p, method=method, seed=seed, judge="gold")) + "\n"
+                for p in _log(config, method, final_d, seed)))
             metrics = {"method": method, "seed": seed, "run_id": run_id, "config": config, "final": {}}
             if family:
                 metrics["family"] = family
@@ -204,3 +206,17 @@ def test_report_frontier_section_on_multi_family_sweep(tmp_path):
     family_fit = res[(res["evaluator"] == "kl_reward") & (res["config"] == "family:ppo")
                      & (res["slice"] == "judge_reward")].set_index("metric")
     assert family_fit.loc["rl.alpha", "ci_low"] <= 1.0 <= family_fit.loc["rl.alpha", "ci_high"]
+
+
+def test_ranking_of_one_family_says_there_is_nothing_to_rank():
+    samples = pd.DataFrame(dict(config="dpo_a", seed=[0, 0, 1, 1], prompt_id=[0, 1, 0, 1],
+                                judge_reward=[1.0, 2.0, 3.0, 4.0]))
+    chosen = pd.DataFrame(dict(family=["dpo"], config=["dpo_a"], final_d=[0.5], selected_on=[frontier.SELECTED_EVAL]))
+    rows = pd.DataFrame(frontier.ranking_rows(samples, chosen, 0.5, n_boot=50))
+    gold = rows[rows["metric"] == "matched_gold_reward"].iloc[0]
+    assert gold["value"] == 2.5 and gold["n"] == 2  # prompt means over seeds: 2.0 and 3.0
+    seeds = rows[rows["metric"] == "matched_gold_reward_seeds"].iloc[0]
+    assert seeds["value"] == 2.5 and seeds["n"] == 2  # seed means 1.5 and 3.5
+    text = ranking_blocks(rows)[-1].text
+    assert text.startswith("Ranking at matched sqrt KL ≤ 0.500 by test gold reward: (1) dpo.")
+    assert "nothing to rank it against" in text

@@ -256,9 +256,9 @@ def fit_rows(fit: Fit, d, r, units=None, n_boot: int = 1000, boot_seed: int = 0,
 def kl_reward_rows(points, kl_key: str = "kl_k3", by: str = "config", n_boot: int = 1000, boot_seed: int = 0,
                    **ident) -> list[dict]:
     """Fit rows per group (``by``: "config", the points' configuration, else their method; or
-    "family", then ``config`` and ``method`` of the rows are the family) and reward key (metric
-    "<form>.<param>", see ``fit_rows``; slice = reward key; a family's rows have config
-    "family:<family>" so they never collide with a configuration named like its method), plus, per configuration, measured KL
+    "family", the points' ``family``: then ``method`` is the family and ``config`` "family:<family>",
+    so they never collide with a configuration named like its method) and reward key (metric
+    "<form>.<param>", see ``fit_rows``; slice = reward key), plus, per configuration, measured KL
     against its upper bound for best-of-n points (label "n=<N>"). Points of all seeds of a group are
     pooled, never those of different groups; the bootstrap resamples (configuration, seed) point
     sets when there are several; ``seed`` is filled only when the points share one. ``ident``:

@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 
 from alignbench.eval.frontier import (EVALUATOR, SELECTED_EVAL, SELECTED_TEST, choose_configs, family_of,
                                       matched_level, ranking_rows, separates, upper_envelope)
-from alignbench.eval.kl_reward import EVALUATOR as KL_EVAL, REWARD_KEYS, fit_peak, fits_for, kl_reward_rows, points_frame
+from alignbench.eval.kl_reward import (EVALUATOR as KL_EVAL, REWARD_KEYS, fit_peak, fits_for, kl_reward_rows,
+                                      points_frame)
 from alignbench.report.aggregate import train_points
 from alignbench.report.load import Sweep
 from alignbench.report.plots import _save
@@ -24,15 +25,15 @@ FAMILY_FORM = {"best_of_n": "bon"}  # Gao et al.'s best-of-n form for best-of-n;
 PARAM_NAMES = {"linear": ("slope", "intercept"), "bon": ("alpha", "beta"), "rl": ("alpha", "beta")}
 
 FITS_TEXT = (
-    "Fits: least squares of R(d) = offset + d(α − βd) (best-of-n form, for best-of-n) or offset + d(α − β log d) "
-    "(RL form, for every other family), d = sqrt(KL(π‖π0)); the offset is π0's mean reward (points at d = 0) and "
-    "then counts as a parameter (p = 3). A fit is made only from at least p + 2 distinct d; below that the table "
-    "says \"too few points\" and no curve is drawn. A family's fit pools the points of all its configurations "
-    "and seeds. Coefficient intervals: percentile bootstrap that resamples whole (configuration, seed) point "
-    "sets when there are several, else the points (π0's and the others separately). Peak (β > 0): best-of-n "
-    "d* = α/(2β), R* = offset + α²/(4β); RL d* = exp(α/β − 1), R* = offset + βd*; reported only when d* lies "
-    "inside the measured d range. A bootstrap resample without an interior maximum counts as d* = ∞, so an "
-    "unstable peak has an open interval.")
+    "Fits: least squares of R(d) = offset + d(α − βd) (best-of-n form, for best-of-n) or offset + d(α − β"
+    " log d) (RL form, for every other family), d = sqrt(KL(π‖π0)); the offset is π0's mean reward "
+    "(points at d = 0) and then counts as a parameter (p = 3). A fit is made only from at least p + 2 "
+    "distinct d; below that the table says \"too few points\" and no curve is drawn. A family's fit pools "
+    "the points of all its configurations and seeds. Coefficient intervals: percentile bootstrap that "
+    "resamples whole (configuration, seed) point sets when there are several, else the points (π0's and "
+    "the others separately). Peak (β > 0): best-of-n d* = α/(2β), R* = offset + α²/(4β); RL d* = exp(α/β "
+    "− 1), R* = offset + βd*; reported only when d* lies inside the measured d range. A bootstrap "
+    "resample without an interior maximum counts as d* = ∞, so an unstable peak has an open interval.")
 
 
 def form_of(family: str) -> str:
@@ -79,8 +80,8 @@ def config_frame(runs: pd.DataFrame) -> pd.DataFrame:
     selection gold when every run of its family has one, else the reported prompts' gold."""
     runs = runs.astype({"selection": float, "test": float})
     on_eval = runs.groupby("family")["selection"].apply(lambda s: bool(s.notna().all()))
-    out = runs.groupby(["family", "config"], as_index=False).agg(final_d=("final_d", "mean"),
-                                                                  selection=("selection", "mean"), test=("test", "mean"))
+    out = runs.groupby(["family", "config"], as_index=False).agg(
+        final_d=("final_d", "mean"), selection=("selection", "mean"), test=("test", "mean"))
     use_eval = out["family"].map(on_eval).astype(bool)
     out["select"] = np.where(use_eval, out["selection"], out["test"])
     out["selected_on"] = np.where(use_eval, SELECTED_EVAL, SELECTED_TEST)
@@ -244,8 +245,9 @@ def ranking_blocks(front: pd.DataFrame) -> list:
             unseparated.append(f"{d.config} vs {other}")
     order = ", ".join(f"({i}) {f}" for i, f in enumerate(gold["config"], 1))
     sentence = (f"Ranking at matched sqrt KL ≤ {fmt(level['value'].iloc[0])} by test gold reward: {order}. "
-                + ("Every pair separates (paired 95% interval excludes 0)." if not unseparated else
-                   f"Pairs it cannot separate (paired 95% interval contains 0): {'; '.join(unseparated)}."))
+                + ("Only one family has a configuration at or below the level: there is nothing to rank it against."
+                   if len(gold) < 2 else "Every pair separates (paired 95% interval excludes 0)." if not unseparated
+                   else f"Pairs it cannot separate (paired 95% interval contains 0): {'; '.join(unseparated)}."))
     how = ("The matched level is the largest sqrt KL every family with a nonzero KL reaches at the end of some "
            "configuration's run (min over families of their largest final sqrt KL). Per family, the configuration "
            "with final sqrt KL ≤ that level and the highest gold reward on the selection prompts (EVAL split, "
