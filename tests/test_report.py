@@ -110,7 +110,7 @@ def test_report_marks_bad_runs_and_gets_numbers_right(sweep, tmp_path):
     elo = results[(results["metric"] == "elo")].set_index("method")["value"]
     assert elo["context_distilled"] == 0 and elo["dpo"] > 0
 
-    kl = results[(results["evaluator"] == "kl_reward") & (results["method"] == "dpo")
+    kl = results[(results["evaluator"] == "kl_reward") & (results["config"] == "dpo")
                  & (results["slice"] == "proxy_reward")].set_index("metric")["value"]
     assert (kl["rl.alpha"], kl["rl.beta"], kl["rl.r2"], kl["offset"]) == pytest.approx((2.0, 0.5, 1.0, 0.5))
 
@@ -119,7 +119,7 @@ def test_report_marks_bad_runs_and_gets_numbers_right(sweep, tmp_path):
     assert re.search(r"\| dpo \| arc_easy \| 0\.450 \| 0\.500 \| -0\.050 \\\[-0\.1\d\d, 0\.0\d\d\\\] \|", md)
     assert re.search(r"\| dpo \| nlp_tasks \| acc_norm \| arc_easy \| 0\.405 \\\[.*\\\] \| 2000 \| "
                      r"2 \(t\(n=2\)\), range 0\.396–0\.414 \|", md)
-    for png in ("pm_accuracy_by_turn", "pm_calibration", "pm_threshold", "win_rates", "reward_vs_kl",
+    for png in ("pm_accuracy_by_turn", "pm_calibration", "pm_threshold", "win_rates", "reward_vs_kl", "frontier",
                 "nlp_deltas", "cost_quality"):
         assert (out / f"{png}.png").exists() and f"]({png}.png)" in md
     assert "Clopper-Pearson" in md and "bootstrap" in md
@@ -132,7 +132,7 @@ def test_html_is_self_contained_and_escaped(sweep, tmp_path):
     assert "<script" not in page.lower()
     assert "&lt;b&gt;Hi&lt;/b&gt; &amp; hello" in page and "<b>Hi</b>" not in page
     assert "CUDA out of memory &lt;oops&gt;" in page
-    assert page.count("data:image/png;base64,") == 8  # with reward_hist.png: the samples' reward histograms
+    assert page.count("data:image/png;base64,") == 9  # with reward_hist.png and frontier.png
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from elsewhere
     md = (tmp_path / "r" / "report.md").read_text()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; done" in md  # escaped, renders as the text

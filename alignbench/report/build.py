@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import plots, tables, views, walltime
+from alignbench.report import frontier, plots, tables, views, walltime
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -64,7 +64,7 @@ def _derived_rows(sweep: Sweep, scores: dict, proxy: dict, baseline: str, n_boot
     win rates, Elo, gains, and judge reward and win rate per subset of the evaluation prompts."""
     ident = dict(sweep=sweep.name, run="")
     texts = texts or None
-    rows = kl_reward_rows(train_points(sweep), **ident)
+    rows = kl_reward_rows(train_points(sweep), n_boot=n_boot, boot_seed=seed, **ident)
     by_config = []  # rows whose ``method`` is a configuration's name (the keys of ``scores``)
     if len(scores) >= 2:
         by_config += win_rates(scores, baseline, n_boot=n_boot, seed=seed, texts=texts, **ident)
@@ -184,6 +184,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                                                                                 baseline=win_base, n_boot=n_boot,
                                                                                 seed=seed)),
                                                columns=list(COLUMNS))], ignore_index=True)
+    front = frontier.frontier_data(sweep, samples, n_boot=n_boot, seed=seed)
+    derived = pd.concat([derived, pd.DataFrame(front.rows, columns=list(COLUMNS))], ignore_index=True)
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
@@ -225,11 +227,12 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                       "no win rate against the chosen response (the samples record no chosen_judge_reward)"),
               *_figure(out_dir, "win_rates.png", lambda p: plots.win_matrix(derived, p),
                        "Win-rate matrix and Elo", "fewer than two configurations with usable samples"),
-              Heading("Reward vs sqrt(KL)"),
-              *_table(tables.kl_fit_table(derived), "no train_log points"),
+              Heading("Reward–KL frontier"),
+              *frontier.frontier_blocks(front, derived, out_dir, _figure),
               *_bon_block(tables.bon_kl_table(derived)),
               *_figure(out_dir, "reward_vs_kl.png", lambda p: plots.reward_vs_kl(points, p),
-                       "Proxy and judge reward vs sqrt(KL) with fitted curves", "no train_log points with KL"),
+                       "Proxy and judge reward vs sqrt(KL) per configuration, with fitted curves where there are enough "
+                       "points (p + 2 distinct d)", "no train_log points with KL"),
               *_view_blocks(out_dir, derived, agg, samples, points=train_points(sweep), baseline=win_base),
               Heading("NLP task regressions"),
               *_table(tables.nlp_table(deltas, base), f"no nlp_tasks acc rows for {base} and another configuration"),

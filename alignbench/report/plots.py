@@ -98,7 +98,7 @@ def curve_form(g: pd.DataFrame) -> str:
 
 def reward_vs_kl(points: pd.DataFrame, path: Path) -> Path | None:
     """Proxy and judge reward vs sqrt(KL) per configuration (one panel each, its seeds pooled), with
-    fitted curves (R² in the legend)."""
+    fitted curves (R² and points in the legend) only where the fit has p + 2 distinct d."""
     if points.empty or points["d"].isna().all():
         return None
     points = points.assign(config=points["config"].fillna(points["method"]) if "config" in points else points["method"])
@@ -119,8 +119,8 @@ def reward_vs_kl(points: pd.DataFrame, path: Path) -> Path | None:
                 else "judge"
             fit = fits_for(valid["d"].to_numpy(), valid[key].to_numpy())[form]
             ax.scatter(valid["d"], valid[key], s=12, color=color, alpha=0.6, label=name)
-            if np.isfinite(fit.r2):
-                ax.plot(grid, fit(grid), color=color, label=f"{name} {form} fit, R²={fit.r2:.3f}")
+            if fit.ok:  # only with p + 2 distinct d: fewer make any curve fit exactly
+                ax.plot(grid, fit(grid), color=color, label=f"{name} {form} fit, R²={fit.r2:.3f} (n={fit.n})")
         ax.set(title=method, xlabel="sqrt(KL(π‖π0))", ylabel="reward")
         ax.legend(fontsize=7)
     return _save(fig, path)

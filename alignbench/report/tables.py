@@ -193,20 +193,6 @@ def elo_table(derived: pd.DataFrame) -> Table | None:
     return Table(["configuration", "Elo [bootstrap 95% CI]", "prompts"], rows)
 
 
-def kl_fit_table(derived: pd.DataFrame) -> Table | None:
-    part = select(derived, "kl_reward")
-    part = part[part["metric"].str.contains(".", regex=False)]
-    if part.empty:
-        return None
-    part = part.assign(form=part["metric"].str.split(".").str[0], param=part["metric"].str.split(".").str[1])
-    rows = []
-    for (config, reward, form), g in part.groupby(["config", "slice", "form"], sort=True):
-        values = dict(zip(g["param"], g["value"]))
-        params = ", ".join(f"{k}={fmt(v)}" for k, v in values.items() if k != "r2")
-        rows.append([config, reward, form, params, fmt(values.get("r2")), fmt_n(g["n"].iloc[0])])
-    return Table(["configuration", "reward", "form", "parameters", "R²", "points"], rows)
-
-
 def bon_kl_table(derived: pd.DataFrame) -> Table | None:
     part = select(derived, "kl_reward")
     if not (part["metric"] == "kl_best_of_n").any():
