@@ -11,7 +11,7 @@ from alignbench.config import ConfigError, to_config
 from alignbench.eval.diversity import distinct_n, self_bleu, tokens
 from alignbench.eval.robustness import pairwise_agreement, rank_correlation
 from alignbench.methods import log_steps, point_steps
-from alignbench.runner import run_job, validate
+from alignbench.runner import config_id_for, run_id_for, run_job, validate
 
 
 def _read_jsonl(path):
@@ -76,10 +76,19 @@ def test_bad_values_fail_naming_the_key(override, key):
         to_config(compose(["eval.n_prompts=128", *extra, override]))
 
 
-def test_frontier_synth_preset_composes_every_configuration():
-    cfg = to_config(compose(["experiment=frontier_synth", "+frontier=dpo_b0.1"]))
-    assert cfg.eval.selection_prompts == 128 and cfg.eval.temperatures and cfg.data.name == "hh_synth"
-    validate(compose(["experiment=frontier_synth", "+frontier=dpo_b0.1"]))
+def test_frontier_synth_preset_composes_every_configuration_with_a_readable_id():
+    want = {"pi0": ("context_distilled", "context_distilled_pi0"), "beta0.05": ("dpo", "dpo_beta0.05"),
+            "kl0.1": ("ppo", "ppo_kl0.1"), "n16": ("rejection_sampling", "rejection_sampling_n16"),
+            "rounds4": ("rejection_sampling", "rejection_sampling_rounds4")}
+    for name, (method, config_id) in want.items():
+        overrides = [f"frontier={name}", "seed=2"]
+        cfg, mcfg, _ = validate(compose(["experiment=frontier_synth", *overrides]))
+        assert cfg.method["name"] == method and config_id_for(cfg, overrides) == config_id
+        assert run_id_for(cfg, overrides) == config_id.replace(f"{method}_", f"{method}_s2_", 1)
+        assert cfg.eval.selection_prompts == 128 and cfg.eval.temperatures == [0.25, 0.5, 0.75, 1.0]
+    assert validate(compose(["experiment=frontier_synth", "frontier=n4"]))[1].mode == "best_of_n"
+    assert validate(compose(["experiment=frontier_synth", "frontier=rounds2"]))[1].rounds == 2
+    assert validate(compose(["experiment=frontier_synth", "frontier=beta0.1"]))[1].beta == 0.1
 
 
 # --------------------------------------------------------------------------- end to end
