@@ -119,7 +119,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     if ctx.eval_chosen:
         rows.append(win_rate_row(judge, chosen_judge, n_boot=cfg.eval.bootstrap, boot_seed=cfg.seed,
                                  evaluator="policy", slice="vs:chosen", **ident))
-        rows += temperature_rows(ctx, artifact, model, chosen_judge, config_id, ident)
+        rows += temperature_rows(ctx, artifact, model=model, chosen_judge=chosen_judge, config_id=config_id,
+                                 ident=ident)
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)

@@ -85,13 +85,15 @@ def temperature_rows(ctx: RunContext, artifact: PolicyArtifact, model, chosen_ju
     prompts, rows = ctx.eval_prompts[:n_p], []
     with open(ctx.out_dir / "samples_by_temperature.jsonl", "w") as f:
         for t in temps:
-            out = draw(ctx, artifact, model, prompts, k, t, ctx.seed + TEMPERATURE_SEED_OFFSET)
+            out = draw(ctx, artifact, model, prompts=prompts, n=k, temperature=t,
+                       seed=ctx.seed + TEMPERATURE_SEED_OFFSET)
             if out is None:
                 log.info("temperature evaluation: %s's sampler takes no temperature; skipped", config_id)
                 return []
             known = isinstance(out, SampleBatch)
             texts = out.responses if known else list(out)
-            proxy, judge = ctx.score_free(out) if known else ctx.score_free([p for p in prompts for _ in range(k)], texts)
+            repeated = [p for p in prompts for _ in range(k)]  # prompt-major, like the samples
+            proxy, judge = ctx.score_free(out) if known else ctx.score_free(repeated, texts)
             for r, (text, s, j) in enumerate(zip(texts, proxy, judge)):
                 i = r // k
                 f.write(json.dumps({"prompt_id": i, "config": config_id, "seed": cfg.seed, "temperature": t,
