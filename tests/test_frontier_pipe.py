@@ -152,3 +152,34 @@ def test_runs_log_eight_points_and_write_temperature_diversity_chosen_and_select
         d = div.set_index(["metric", "slice"]).value
         assert d["distinct_2", "T=0.25"] < d["distinct_2", "T=1"], name
         assert d["self_bleu", "T=0.25"] > d["self_bleu", "T=1"], name
+
+
+def test_plugin_samplers_without_temperature_are_recognised():
+    from alignbench.evaluate_samples import method_family, takes_temperature
+    assert not takes_temperature(lambda prompts, seed: prompts)
+    assert takes_temperature(lambda prompts, seed, temperature=None: prompts)
+    assert takes_temperature(lambda prompts, seed, **kw: prompts)
+
+    class Mode:
+        mode = "finetune"
+    assert method_family("rejection_sampling", Mode()) == "rs_finetune"
+    Mode.mode = "best_of_n"
+    assert method_family("rejection_sampling", Mode()) == "best_of_n" and method_family("dpo", Mode()) == "dpo"
+
+
+def test_chosen_responses_come_from_the_eval_split_and_never_from_training(tiny_config):
+    from alignbench.data import load_data
+    from alignbench.stages.access import chosen_responses, eval_prompts, method_pairs, selection_prompts
+    data = load_data(tiny_config.data)
+    prompts, _ = eval_prompts(tiny_config, data)
+    chosen = chosen_responses(tiny_config, data, prompts)
+    first = {}
+    for p in data.splits["test"]:
+        first.setdefault(p.prompt, p)
+    assert chosen == [first[q].chosen for q in prompts]
+    trained = {(p.prompt, p.chosen) for p in method_pairs(tiny_config, data)}
+    assert not trained & set(zip(prompts, chosen))
+    assert selection_prompts(tiny_config, data) == []  # eval.selection_prompts = 0: off
+    tiny_config.eval.selection_prompts = 10
+    sel = selection_prompts(tiny_config, data)
+    assert len(sel) == 10 and set(sel) <= {p.prompt for p in data.splits["eval"]}
