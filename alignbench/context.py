@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,12 @@ def kl_estimates(policy, reference, samples: SampleBatch, pad_id: int, device, b
         k1 += (-log_ratio).sum(-1).tolist()
         k3 += ((log_ratio.exp() - 1 - log_ratio) * mask).sum(-1).tolist()
     return {"kl_k1": sum(k1) / len(k1), "kl_k3": sum(k3) / len(k3)}
+
+
+def _defined(value: float) -> Optional[float]:
+    """None (JSON null) for an undefined statistic (NaN: e.g. the judge ties on every prompt), so
+    train_log.jsonl stays strict JSON and its numbers finite."""
+    return None if math.isnan(value) else value
 
 
 Responses = Union[SampleBatch, list[str]]  # samples with their ids, or bare texts (inference-time policies)
@@ -335,12 +342,12 @@ class RunContext:
         texts = responses.responses if isinstance(responses, SampleBatch) else responses
         point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
                  "judge": self.judge_name, "mean_response_chars": sum(map(len, texts)) / len(texts),
-                 "proxy_judge_spearman": rank_correlation(proxy, judge)}
+                 "proxy_judge_spearman": _defined(rank_correlation(proxy, judge))}
         if label == "pi0":
             self._pi0_scores = (list(proxy), list(judge))
         elif self._pi0_scores is not None and len(self._pi0_scores[0]) == len(proxy):
             # same prompts, same eval seed: each pair is this policy's sample vs π0's for one prompt
-            point["proxy_judge_agreement"] = pairwise_agreement(proxy, judge, *self._pi0_scores)
+            point["proxy_judge_agreement"] = _defined(pairwise_agreement(proxy, judge, *self._pi0_scores))
         if isinstance(responses, SampleBatch):
             point["truncation_rate"] = responses.truncation_rate
         if model is not None:
