@@ -201,6 +201,9 @@ class TrainConfig:
     packing: bool = True
     # experiment trackers (alignbench.tracking): tensorboard, wandb, trackio, mlflow; [] = none
     report_to: List[str] = opt(factory=lambda: ["tensorboard"])
+    # (KL, reward) points each training method logs, spread evenly over its planned optimiser steps
+    # (alignbench.methods.log_steps), besides π0's point and the end; method.eval_every overrides
+    log_points: int = opt(8, ge=2)
 
     def validate(self, prefix: str) -> None:
         for name in self.report_to:
@@ -231,6 +234,21 @@ class EvalConfig:
     nlp_tasks: List[str] = opt(factory=list)
     nlp_limit: Optional[int] = opt(None, gt=0)
     nlp_data_dir: Optional[str] = None
+    # sampling temperatures of the temperature/diversity evaluation ([] = off; each in (0, 2])
+    temperatures: List[float] = opt(factory=list)
+    diversity_samples: int = opt(4, ge=2)  # k samples per prompt and temperature (self-BLEU needs 2)
+    temperature_prompts: int = opt(64, gt=0)  # the first this many eval prompts (≤ n_prompts)
+    # prompts of the eval split on which the final evaluation also measures the policy, so that a
+    # report picks a family's best configuration without looking at the test prompts (0 = off)
+    selection_prompts: int = opt(0, ge=0)
+
+    def validate(self, prefix: str) -> None:
+        bad = [t for t in self.temperatures if not 0 < t <= 2]
+        if bad:
+            raise ConfigError(f"{prefix}.temperatures: each must be in (0, 2], got {bad}")
+        if self.temperatures and self.temperature_prompts > self.n_prompts:
+            raise ConfigError(f"{prefix}.temperature_prompts: {self.temperature_prompts} exceeds "
+                              f"{prefix}.n_prompts={self.n_prompts} (they are the first eval prompts)")
 
 
 @dataclass

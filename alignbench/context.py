@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from alignbench import lora
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
+from alignbench.eval.robustness import pairwise_agreement, rank_correlation
 from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
+from alignbench.methods import point_steps
 from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
@@ -50,6 +53,12 @@ def kl_estimates(policy, reference, samples: SampleBatch, pad_id: int, device, b
     return {"kl_k1": sum(k1) / len(k1), "kl_k3": sum(k3) / len(k3)}
 
 
+def _defined(value: float) -> Optional[float]:
+    """None (JSON null) for an undefined statistic (NaN: e.g. the judge ties on every prompt), so
+    train_log.jsonl stays strict JSON and its numbers finite."""
+    return None if math.isnan(value) else value
+
+
 Responses = Union[SampleBatch, list[str]]  # samples with their ids, or bare texts (inference-time policies)
 
 
@@ -78,6 +87,8 @@ class RunContext:
     cost: Cost = field(default_factory=Cost)
     dist: Dist = field(default_factory=Dist)  # this process's rank when launched multi-process
     eval_meta: list = field(default_factory=list)  # {"subset", "n_turns"} per eval prompt
+    eval_chosen: list = field(default_factory=list)  # the dataset's chosen response per eval prompt
+    selection_prompts: list = field(default_factory=list)  # eval-split prompts (eval.selection_prompts)
     tracker: Optional[Tracker] = None  # train.report_to (alignbench.tracking); the main process's only
     _reference: Any = None
     _sample_pm: Any = None  # the PM reading SampleBatches by their ids (built on first use)
@@ -85,6 +96,7 @@ class RunContext:
     _n_params: Any = field(default_factory=weakref.WeakKeyDictionary)  # model -> N, counted once
     _policy_params: Optional[int] = None  # N of the policy copies ctx.policy() hands out
     _policy_ref: Any = None  # weakref to the last LoRA policy (model.peft=lora): the reference's weights
+    _pi0_scores: Optional[tuple] = None  # (proxy, judge) of π0's eval samples, kept from its "pi0" point
 
     # ---- models
     @property
@@ -189,6 +201,11 @@ class RunContext:
             lora.save(policy, path)
             self.tokenizer.save_pretrained(path)
         return path
+
+    def log_steps(self, planned_steps: int) -> set[int]:
+        """The optimiser steps (1-based) at which a method of ``planned_steps`` logs a point:
+        method.eval_every when set, else train.log_points spread evenly (methods.point_steps)."""
+        return point_steps(self.method_cfg, planned_steps, self.cfg.train.log_points)
 
     # ---- charged operations (each checks the budget first; see check_budget)
     def sample(self, model, prompts: list[str], n: int = 1, temperature: Optional[float] = None,
@@ -324,7 +341,13 @@ class RunContext:
         proxy, judge = scores or self.score_free(responses)
         texts = responses.responses if isinstance(responses, SampleBatch) else responses
         point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
-                 "judge": self.judge_name, "mean_response_chars": sum(map(len, texts)) / len(texts)}
+                 "judge": self.judge_name, "mean_response_chars": sum(map(len, texts)) / len(texts),
+                 "proxy_judge_spearman": _defined(rank_correlation(proxy, judge))}
+        if label == "pi0":
+            self._pi0_scores = (list(proxy), list(judge))
+        elif self._pi0_scores is not None and len(self._pi0_scores[0]) == len(proxy):
+            # same prompts, same eval seed: each pair is this policy's sample vs π0's for one prompt
+            point["proxy_judge_agreement"] = _defined(pairwise_agreement(proxy, judge, *self._pi0_scores))
         if isinstance(responses, SampleBatch):
             point["truncation_rate"] = responses.truncation_rate
         if model is not None:

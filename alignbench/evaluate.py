@@ -23,12 +23,14 @@ from alignbench.data.splits import prompt_mix
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
+from alignbench.evaluate_samples import chosen_scores, method_family, selection, temperature_rows, win_rate_row
 from alignbench.formats import check_format
 from alignbench.cost import Budget
 from alignbench.methods import PolicyArtifact
 from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import SampleBatch
-from alignbench.stages.access import eval_prompts, judge_kind, method_pairs, method_prompts
+from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind, method_pairs, method_prompts,
+                                     selection_prompts)
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer
 from alignbench.tracking import Tracker
@@ -68,6 +70,7 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=tokenizer, device=device,
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
+        eval_chosen=chosen_responses(cfg, data, prompts), selection_prompts=selection_prompts(cfg, data),
         pairs=method_pairs(cfg, data), judge=judge, judge_name=judge_name, out_dir=run_dir, budget=budget, dist=dist,
         pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"], fmt=cfg.data.format),
         tracker=Tracker(run_dir / "tb", cfg.train.report_to, run_dir.name, OmegaConf.to_container(
@@ -92,11 +95,14 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     proxy, judge = ctx.score_free(samples) if known else ctx.score_free(prompts, responses)
     point = ctx.log_point(-1, model=model, responses=samples, label="final", scores=(proxy, judge),
                           **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
+    # a context built by hand may lack the chosen responses: their fields are then left out
+    chosen_proxy, chosen_judge = chosen_scores(ctx) if ctx.eval_chosen else ([None] * len(prompts),) * 2
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
         meta = ctx.eval_meta or [{}] * len(prompts)  # a context built without it (by hand) still writes rows
         for i, (p, r, s, j, m) in enumerate(zip(prompts, responses, proxy, judge, meta)):
             row = {"prompt_id": i, "config": config_id, "prompt": p, "response": r, "proxy_reward": s,
-                   "judge_reward": j, "judge": ctx.judge_name, **m}
+                   "judge_reward": j, "judge": ctx.judge_name, **m,
+                   "chosen_judge_reward": chosen_judge[i], "chosen_proxy_reward": chosen_proxy[i]}
             if known:
                 row["finished"] = samples.finished[i]
             f.write(json.dumps(row) + "\n")
@@ -110,16 +116,25 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     for k in ("kl_k1", "kl_k3", "kl_bound", "kl_estimate", "truncation_rate"):
         if point.get(k) is not None:
             rows.append(make_row(evaluator="policy", metric=k, slice="heldout", value=point[k], n=len(prompts), **ident))
+    if ctx.eval_chosen:
+        rows.append(win_rate_row(judge, chosen_judge, n_boot=cfg.eval.bootstrap, boot_seed=cfg.seed,
+                                 evaluator="policy", slice="vs:chosen", **ident))
+        rows += temperature_rows(ctx, artifact, model=model, chosen_judge=chosen_judge, config_id=config_id,
+                                 ident=ident)
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)
-    metrics = {"method": cfg.method["name"], "config": config_id, "seed": cfg.seed, "run_id": ctx.out_dir.name,
+    metrics = {"method": cfg.method["name"], "family": method_family(cfg.method["name"], ctx.method_cfg),
+               "config": config_id, "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
                                               "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
+    picked = selection(ctx, artifact, model)
+    if picked is not None:
+        metrics["selection"] = picked
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -42,7 +43,9 @@ class MethodConfig:
     name: str = ""
     lr: Optional[float] = opt(None, gt=0)  # None: the shared default train.lr
     batch_size: Optional[int] = opt(None, gt=0)  # None: train.batch_size
-    eval_every: int = opt(25, gt=0)  # steps between (KL, reward) points for the sqrt-KL analysis
+    # optimiser steps between (KL, reward) points; None: train.log_points points spread evenly over
+    # the planned steps (``log_steps``)
+    eval_every: Optional[int] = opt(None, gt=0)
 
     def global_batches(self, train) -> dict[str, int]:
         """The batches a multi-process run splits over its processes, by config key (each must
@@ -55,7 +58,9 @@ class MethodConfig:
 class PolicyArtifact:
     """A trained policy (``path``: a save_pretrained directory) or an inference-time policy
     (``sampler``: (prompts, seed) -> responses, e.g. best-of-n over π0; a SampleBatch, so that they
-    are scored by their sampled ids and their truncation rate is known, or bare texts)."""
+    are scored by their sampled ids and their truncation rate is known, or bare texts). A sampler
+    that also takes ``temperature=`` (a measurement draw at that temperature, not charged) takes part
+    in the temperature, diversity and selection evaluations; one without it is skipped there."""
     path: Optional[Path] = None
     sampler: Optional[Callable[[list[str], int], Any]] = None
     info: dict = field(default_factory=dict)  # method-specific facts for metrics.json (e.g. analytic KL)
@@ -70,6 +75,25 @@ class Method:
 
     def train(self, ctx: "RunContext") -> PolicyArtifact:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def log_steps(planned_steps: int, n_points: int) -> set[int]:
+    """The 1-based optimiser steps at which a run of ``planned_steps`` logs ``n_points`` evenly spread
+    (KL, reward) points: s_i = ceil(i·S/n) for i = 1..n (S = planned_steps), so the last is S itself;
+    every step when S ≤ n. Spacing over the PLANNED steps keeps the points where the run would put
+    them even when a budget stops it early."""
+    if planned_steps <= 0:
+        return set()
+    return {math.ceil(i * planned_steps / n_points) for i in range(1, n_points + 1)}
+
+
+def point_steps(method_cfg: Any, planned_steps: int, n_points: int) -> set[int]:
+    """Where a method logs: every ``method.eval_every`` steps when that is set (an explicit choice is
+    honoured), else ``log_steps(planned_steps, n_points)`` (train.log_points)."""
+    every = getattr(method_cfg, "eval_every", None)
+    if every:
+        return set(range(every, planned_steps + 1, every))
+    return log_steps(planned_steps, n_points)
 
 
 # --------------------------------------------------------------------------- registry

@@ -38,8 +38,10 @@ def _id_parts(cfg: Config, overrides: Optional[list[str]]) -> tuple[list[str], s
     """The method's own overrides (sorted) and a hash suffix for any other override (paths and the
     experiment preset, which already name the sweep directory, excepted; the seed is not here)."""
     rest = [o.lstrip("+~") for o in (overrides or []) if not re.match(r"^[+~]*(method|seed|experiment|paths\.[\w.]+)=", o)]
-    own = sorted(o for o in rest if o.startswith("method."))
-    other = sorted(o for o in rest if not o.startswith("method."))
+    # a named configuration (conf/frontier/<name>.yaml) is the run's own: its name, not a hash
+    own = sorted(o.split("=", 1)[1] if o.startswith("frontier=") else o for o in rest
+                 if o.startswith(("method.", "frontier=")))
+    other = sorted(o for o in rest if not o.startswith(("method.", "frontier=")))
     return own, ("_cfg-" + hashlib.sha256("\n".join(other).encode()).hexdigest()[:8]) if other else ""
 
 

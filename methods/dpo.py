@@ -250,7 +250,7 @@ class DPO(Method):
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         window: list[dict] = saved.get("window", [])  # training-batch stats since the last logged point
         initial = saved.get("initial", initial)
-        stopped, step = None, start
+        stopped, step, log_at = None, start, ctx.log_steps(len(schedule))
         bar = tqdm(schedule[start:], desc="dpo", leave=False, mininterval=2, initial=start, total=len(schedule))
         for step, idx in enumerate(bar, start=start + 1):
             try:  # before the step's forwards: a stop leaves at most the previous step's cost over the cap
@@ -269,7 +269,7 @@ class DPO(Method):
             ctx.log_step(step, lr=lr, **window[-1])
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{window[-1]['loss']:.3f}", acc=f"{window[-1]['reward_accuracy']:.2f}")
-            if step % cfg.eval_every == 0:
+            if step in log_at:
                 self._log(ctx, step, policy, encoded, ref, probe_idx, cfg, window)
                 window = []
             ctx.save_checkpoint(step - 1, {"policy": policy}, opt, sched, window=window, initial=initial)

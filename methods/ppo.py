@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
-from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact, log_steps
 from alignbench.train import (encode_dialogue, encode_samples, last_token_index, learning_rate, lm_loss,
                               make_optimizer, optimizer_step, pad_batch, selected_logprobs)
 
@@ -48,7 +48,9 @@ class PPOConfig(MethodConfig):
     # past 4 rollouts of 128 the demo's policy over-optimises the PM (gold falls, proxy climbs).
     lr: Optional[float] = opt(None, gt=0)  # None: the shared train.lr
     batch_size: Optional[int] = opt(None, gt=0)  # PPO minibatch; None: train.batch_size (capped at the rollout)
-    eval_every: int = opt(1, gt=0)  # PPO steps between train_log points
+    # PPO steps (rollouts) between train_log points; None: train.log_points points over the planned
+    # optimiser steps, logged inside rollouts when there are fewer rollouts than points
+    eval_every: Optional[int] = opt(None, gt=0)
     steps: int = opt(4, gt=0)  # rollout batches (PPO iterations)
     rollout_batch_size: int = opt(128, gt=0)  # prompts per rollout, one response each
     ppo_epochs: int = opt(4, ge=1)  # passes over each rollout batch
@@ -340,6 +342,10 @@ class PPO(Method):
                 kl_ctl.value = kl_coef
         stopped, done, last_logged, extra = None, start, saved.get("last_logged", 0), saved.get("extra", {})
         partial = 0  # optimiser steps taken on the rollout that a budget stop interrupted
+        # log points: every eval_every rollouts, or train.log_points over the planned optimiser steps;
+        # a point inside a rollout has the fractional step (rollout − 1 + share of its updates done)
+        per_rollout = cfg.ppo_epochs * n_minibatches
+        log_at = set() if cfg.eval_every else log_steps(cfg.steps * per_rollout, ctx.cfg.train.log_points)
         bar = tqdm(range(start + 1, cfg.steps + 1), desc="ppo", leave=False, mininterval=2, initial=start, total=cfg.steps)
         for step in bar:
             # 1. rollout
@@ -378,6 +384,10 @@ class PPO(Method):
                         ctx.log_step(scheduler.last_epoch, loss=loss.item(), lr=lr, **s)  # optimiser steps so far
                         for k, v in s.items():
                             stats.setdefault(k, []).append(v)
+                        inside = scheduler.last_epoch - (step - 1) * per_rollout  # this rollout's updates so far
+                        if scheduler.last_epoch in log_at and inside < per_rollout:  # the rollout's end: below
+                            ctx.log_point(round(step - 1 + inside / per_rollout, 4), model=policy,
+                                          optimizer_step=scheduler.last_epoch)
             except BudgetExceeded as e:
                 stopped, partial = str(e), len(stats.get("policy_loss", []))
                 break
@@ -393,8 +403,8 @@ class PPO(Method):
                      **{k: sum(v) / len(v) for k, v in stats.items()}}
             bar.set_postfix(score=f"{extra['rollout_score']:.2f}", kl=f"{rollout_kl:.2f}")
             done = step
-            if step % cfg.eval_every == 0:
-                ctx.log_point(step, model=policy, **extra)
+            if (step % cfg.eval_every == 0) if cfg.eval_every else (step * per_rollout in log_at):
+                ctx.log_point(step, model=policy, optimizer_step=scheduler.last_epoch, **extra)
                 last_logged = step
             ctx.save_checkpoint(step - 1, modules, optimizer, scheduler, tensors={"shuffle": shuffle.get_state()},
                                 rng=py_state_to_list(rng.getstate()), kl_coef=kl_coef, last_logged=last_logged,

@@ -141,7 +141,6 @@ class RejectionSamplingConfig(MethodConfig):
     prompts_per_round: int = opt(512, gt=0)  # finetune: training prompts sampled each round
     epochs: float = opt(1.0, gt=0)  # finetune: passes over each round's selected responses
     lr: Optional[float] = opt(5e-4, gt=0)  # finetune: None = train.lr
-    eval_every: int = opt(16, gt=0)  # finetune: optimiser steps between (KL, reward) points
 
     def global_batches(self, train) -> dict[str, int]:
         if self.mode == "best_of_n":  # asked only under a multi-process launch
@@ -236,7 +235,15 @@ def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     if n != cfg.k:
         log.info("best-of-n: serving n=%d instead of %d (%s)", n, cfg.k, why)
 
-    def sampler(prompts: list[str], seed: int):
+    def sampler(prompts: list[str], seed: int, temperature: Optional[float] = None):
+        """Best-of-n of each prompt. ``temperature`` None: serving the evaluation prompts at
+        eval.temperature, charged; a value: a measurement draw at that temperature (the
+        temperature and selection evaluations), free."""
+        if temperature is not None:
+            with ctx.cost.measuring():
+                out = ctx.sample_free(pi0, prompts, n=n, temperature=temperature, seed=seed)
+                return out if n == 1 else out.select(best_rows(ctx.pm_score_free(out).view(len(prompts), n),
+                                                                out.responses))
         # the planned spend is charged in full without mid-way checks, even inside the final
         # evaluation's measurement: serving is this policy's cost
         with ctx.cost.charging():
@@ -302,6 +309,9 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     saved = ctx.checkpoint_state() or {}
     step = saved["step"] + 1 if saved else 0
     last_logged, rounds, stopped = saved.get("last_logged", -1), saved.get("rounds", []), None
+    # each round trains on one selected response per prompt: its step count is known before sampling
+    round_steps = len(batch_schedule(cfg.prompts_per_round, ctx.batch_size, cfg.epochs, seed=0))
+    log_at = ctx.log_steps(cfg.rounds * round_steps)
     for rnd in range(saved.get("round", 0), cfg.rounds):
         start = rnd * cfg.prompts_per_round
         prompts = [ctx.train_prompts[order[(start + i) % len(order)]] for i in range(cfg.prompts_per_round)]
@@ -333,7 +343,7 @@ def rs_finetune(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
             losses.append(loss.item())
             step += 1
             ctx.log_step(step, loss=losses[-1], lr=lr)
-            if step % cfg.eval_every == 0:
+            if step in log_at:
                 ctx.log_point(step, model=policy, label=f"round {rnd + 1}")
                 last_logged = step
             bar.update()

@@ -66,7 +66,6 @@ class RRHFConfig(MethodConfig):
     prompts_per_step: int = opt(8, gt=0)  # prompts (preference pairs) per step; k responses each
     temperature: Optional[float] = opt(None, gt=0)  # sampling temperature; None: train.temperature
     lr: Optional[float] = opt(None, gt=0)  # None: train.lr
-    eval_every: int = opt(2, gt=0)  # steps between (KL, reward) points
 
     @property
     def k(self) -> int:
@@ -103,7 +102,7 @@ class RRHF(Method):
         start, saved = ctx.resume({"policy": policy}, opt, sched)
         train_model = ctx.for_training(policy)  # DDP under a multi-process launch
         history, last_logged = saved.get("history", []), saved.get("last_logged", -1)
-        stopped, step = None, start
+        stopped, step, log_at = None, start, ctx.log_steps(len(schedule))
         bar = tqdm(total=len(schedule), initial=start, desc="RRHF", leave=False, mininterval=2)
         for step_idx, idx in enumerate(schedule[start:], start=start):
             seed = ctx.dist.seed(ctx.seed * 100_003 + step_idx)
@@ -125,7 +124,7 @@ class RRHF(Method):
             ctx.log_step(step, loss=loss.item(), lr=lr, **parts)
             history.append({"step": step, "loss": loss.item(), **parts,
                             "sample_reward": rewards[:, :cfg.k_samples].mean().item() if cfg.k_samples else None})
-            if step % cfg.eval_every == 0:
+            if step in log_at:
                 ctx.log_point(step, model=policy, **{k: v for k, v in history[-1].items() if k != "step"})
                 last_logged = step
             bar.update()

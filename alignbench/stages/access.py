@@ -69,3 +69,21 @@ def eval_prompts(cfg: Config, data) -> tuple[list[str], list[dict]]:
     drawn from ``eval.split``, stratified by subset and seeded by ``data.seed`` (not the run's seed,
     so every method and seed is measured on the same prompts)."""
     return stratified_sample(data.splits[cfg.eval.split], cfg.eval.n_prompts, cfg.data.seed)
+
+
+def chosen_responses(cfg: Config, data, prompts: list[str], split: Optional[str] = None) -> list[str]:
+    """The dataset's chosen response to each of ``prompts`` in ``split`` (default ``eval.split``),
+    from the prompt's first pair there (the pair ``stratified_sample`` files the prompt under). The
+    win rate against it is the DPO paper's HH metric; the eval and test splits are never trained on."""
+    first: dict[str, str] = {}
+    for p in data.splits[split or cfg.eval.split]:
+        first.setdefault(p.prompt, p.chosen)
+    return [first[q] for q in prompts]
+
+
+def selection_prompts(cfg: Config, data) -> list[str]:
+    """``eval.selection_prompts`` prompts of the EVAL split, stratified and seeded like ``eval_prompts``:
+    where a report chooses a family's best configuration, never on the test prompts it reports."""
+    if cfg.eval.selection_prompts <= 0:
+        return []
+    return stratified_sample(data.splits["eval"], cfg.eval.selection_prompts, cfg.data.seed)[0]
