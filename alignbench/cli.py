@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def cmd_run(argv: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from alignbench.runner import run_job
+    from alignbench.runner import COMMAND_ENV, run_job
 
     _register()
     bad_jobs: list[Exception] = []
@@ -99,6 +100,9 @@ def cmd_run(argv: list[str]) -> int:
             raise
 
     sys.argv = [sys.argv[0]] + argv
+    # the sweep's index.json records the command that made it (the report prints it at its top);
+    # an environment variable reaches the launcher's worker processes too
+    os.environ[COMMAND_ENV] = "alignbench run " + shlex.join(argv)
     try:
         task()
     except _BadInput as e:
@@ -147,7 +151,8 @@ def cmd_report(argv: list[str]) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: reports/<sweep name>)")
     args = ap.parse_args(argv)
     out = Path(args.out or Path("reports") / Path(args.sweep_dir).resolve().name)
-    print(build_report(Path(args.sweep_dir), out))
+    command = f"alignbench report {shlex.quote(args.sweep_dir)} --out {shlex.quote(str(out))}"
+    print(build_report(Path(args.sweep_dir), out, command=command))
     return 0
 
 

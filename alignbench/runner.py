@@ -189,6 +189,10 @@ def _record_times(run_dir: Path, metrics: dict, times: RunTimes) -> dict:
     return metrics
 
 
+# ``alignbench run`` puts its command line here; index.json keeps it (the report prints it at its top)
+COMMAND_ENV = "ALIGNBENCH_COMMAND"
+
+
 def _update_index(cfg: Config) -> None:
     """Rebuild <sweep>/index.json from the run directories (under a lock: jobs run in parallel)."""
     from filelock import FileLock
@@ -206,7 +210,16 @@ def _update_index(cfg: Config) -> None:
             meta = _run_meta(d)
             runs.append({"run_id": d.name, "dir": f"runs/{d.name}", **meta, "config": st.get("config"),
                          "status": st.get("status"), "error": st.get("error")})
-        write_json_atomic(sweep / "index.json", {"sweep": sweep.name, "runs": runs})
+        command = os.environ.get(COMMAND_ENV) or _read_index(sweep).get("command")
+        write_json_atomic(sweep / "index.json", {"sweep": sweep.name, **({"command": command} if command else {}),
+                                                 "runs": runs})
+
+
+def _read_index(sweep: Path) -> dict:
+    try:
+        return json.loads((sweep / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _run_meta(d: Path) -> dict:

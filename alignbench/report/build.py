@@ -160,8 +160,10 @@ def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, sample
                      "Proxy–judge agreement and rank correlation against sqrt(KL)", no_rob)]
 
 
-def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 2000, seed: int = 0) -> Path:
-    """Build the report of ``sweep_dir`` into ``out_dir``; returns the path of ``report.md``."""
+def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 2000, seed: int = 0,
+                 command: str = "") -> Path:
+    """Build the report of ``sweep_dir`` into ``out_dir``; returns the path of ``report.md``.
+    ``command``: the report command, printed at the top after the sweep's own (index.json)."""
     sweep, out_dir = load_sweep(sweep_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes = list(sweep.notes)
@@ -198,7 +200,9 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
         ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate")) | (agg["evaluator"] == "diversity") | \
         ((agg["evaluator"] == "temperature") & (agg["metric"] == "judge_reward"))
     ok = len(sweep.ok_runs)
+    made_by = " && ".join(c for c in (sweep.command, command) if c)
     blocks = [Heading(f"alignbench report: {sweep.name}", 1),
+              *([Para(f"Made by: {made_by}")] if made_by else []),
               Para(f"{ok} of {len(sweep.runs)} runs usable. Runs marked otherwise are left out of every number. "
                    "A configuration is a method with its own overrides; its runs differ only by seed, and only "
                    "they are combined. All rows are in results.csv."),

@@ -46,6 +46,7 @@ class Sweep:
     dir: Path
     runs: list[RunRecord]
     notes: list[str] = field(default_factory=list)
+    command: str = ""  # the ``alignbench run`` command that made the sweep (index.json), when recorded
 
     @property
     def ok_runs(self) -> list[RunRecord]:
@@ -134,4 +135,4 @@ def load_sweep(sweep_dir) -> Sweep:
     listed = {r.dir.resolve() for r in runs}
     notes = [f"run directory {p.name} is not listed in index.json and was ignored"
              for p in sorted((sweep_dir / "runs").glob("*")) if p.is_dir() and p.resolve() not in listed]
-    return Sweep(str(index.get("sweep") or sweep_dir.name), sweep_dir, runs, notes)
+    return Sweep(str(index.get("sweep") or sweep_dir.name), sweep_dir, runs, notes, str(index.get("command") or ""))
