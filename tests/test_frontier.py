@@ -93,9 +93,9 @@ def test_matched_level_and_choice():
         final_d=[1.0, 2.0, 0.7, 1.5, 0.0], select=[0.5, 0.9, 0.4, 0.8, 0.0],
         selected_on=[frontier.SELECTED_EVAL] * 5))
     level = frontier.matched_level(configs)
-    assert level == 1.5  # min(ppo 2.0, dpo 1.5); π0's family (KL 0) does not set it
+    assert level == 1.0  # max(ppo's smallest 1.0, dpo's smallest 0.7); π0's family (KL 0) does not set it
     chosen = frontier.choose_configs(configs, level).set_index("family")["config"].to_dict()
-    assert chosen == {"context_distilled": "cd", "dpo": "d2", "ppo": "p1"}  # p2 (d = 2.0) is past the level
+    assert chosen == {"context_distilled": "cd", "dpo": "d1", "ppo": "p1"}  # p2, d2 (d = 2.0, 1.5) are past it
     assert frontier.family_of("rejection_sampling", {}, ["pi0", "n=4"]) == "best_of_n"
     assert frontier.family_of("rejection_sampling", None, ["pi0", "round 1"]) == "rs_finetune"
     assert frontier.family_of("rejection_sampling", {"family": "rs_finetune"}, ["n=4"]) == "rs_finetune"
@@ -112,7 +112,7 @@ OWN -= OWN.mean()  # so dpo_b0.1's mean is exactly 0.02 below ppo_a's: their dif
 BON_KL = {4: kl_reward.best_of_n_kl_bound(4), 16: kl_reward.best_of_n_kl_bound(16)}
 # config: (method, family in metrics.json, final sqrt KL, selection gold or None, test gold level, extra noise)
 CONFIGS = {
-    "ppo_a": ("ppo", "ppo", 1.0, 0.5, 1.0, 0.0), "ppo_b": ("ppo", "ppo", 2.0, 0.9, 1.2, 0.0),
+    "ppo_a": ("ppo", "ppo", 1.4, 0.5, 1.0, 0.0), "ppo_b": ("ppo", "ppo", 2.0, 0.9, 1.2, 0.0),
     "dpo_b0.1": ("dpo", "dpo", 0.7, 0.4, 0.98, 1.0), "dpo_b0.5": ("dpo", "dpo", 1.5, 0.1, 0.1, 0.0),
     # best-of-n: no family in metrics.json (inferred from the n=<k> labels); selection prefers n=4
     # although n=16 has the higher gold on the reported prompts
@@ -181,7 +181,7 @@ def test_report_frontier_section_on_multi_family_sweep(tmp_path):
     assert "| best_of_n | bon | 1.250 " in md  # d* = α/(2β) = 1.25 inside [0, 1.355]
     assert "| dpo | rl | no fit: too few points (n &lt; p+2) |" in md
 
-    level = math.sqrt(BON_KL[16])  # min over families of their largest final sqrt KL: best-of-n's 1.355
+    level = 1.4  # max over families of their smallest final sqrt KL: ppo_a's 1.4 (best-of-16's 1.355 is within)
     assert (f"Ranking at matched sqrt KL ≤ {level:.3f} by test gold reward: (1) ppo, (2) dpo, "
             "(3) best_of_n, (4) context_distilled.") in md
     assert "Pairs it cannot separate (paired 95% interval contains 0): ppo vs dpo." in md

@@ -5,10 +5,10 @@ the method name, except rejection sampling, which is best-of-n (an inference-tim
 labelled "n=<k>") or RS fine-tuning. Its configurations (method plus overrides) are the points a
 family sweeps out; seeds of one configuration are averaged, configurations never are.
 
-Ranking at matched KL: the matched level L is the largest sqrt(KL(π‖π0)) that every family with a
-nonzero KL reaches at the end of some configuration's run (the minimum over those families of
-their largest final sqrt KL). Each family's best configuration among those whose final sqrt KL is
-≤ L is chosen by its gold reward on the selection prompts (the EVAL split, never the reported
+Ranking at matched KL: the matched level L is a KL budget, the smallest sqrt(KL(π‖π0)) at which
+every family with a nonzero KL has a configuration whose run ends at or below it (the maximum over
+those families of their smallest final sqrt KL), so that no family drops out of the ranking. Each
+family's best configuration among those whose final sqrt KL is ≤ L is chosen by its gold reward on the selection prompts (the EVAL split, never the reported
 test prompts) when every run of the family records one; otherwise by the reported prompts, which
 is optimistic and labelled so.
 """
@@ -53,12 +53,13 @@ def upper_envelope(d, r) -> tuple[np.ndarray, np.ndarray]:
 
 
 def matched_level(final_d: pd.DataFrame) -> float:
-    """L = min over families of max final sqrt KL over the family's configurations, among families
-    whose largest final sqrt KL is > 0 (π0's own family, at KL 0, reaches every level trivially).
-    ``final_d``: columns family, final_d. NaN when no family has a nonzero KL."""
-    reach = final_d.groupby("family")["final_d"].max()
-    reach = reach[reach > 0]
-    return float(reach.min()) if len(reach) else float("nan")
+    """L = max over families of min final sqrt KL over the family's configurations, among families
+    whose smallest final sqrt KL is > 0 (π0's own family, at KL 0, is within every budget): the
+    smallest budget at which every family has a configuration. ``final_d``: columns family, final_d.
+    NaN when no family has a nonzero KL."""
+    least = final_d.groupby("family")["final_d"].min()
+    least = least[least > 0]
+    return float(least.max()) if len(least) else float("nan")
 
 
 def choose_configs(configs: pd.DataFrame, level: float) -> pd.DataFrame:

@@ -248,8 +248,9 @@ def ranking_blocks(front: pd.DataFrame) -> list:
                 + ("Only one family has a configuration at or below the level: there is nothing to rank it against."
                    if len(gold) < 2 else "Every pair separates (paired 95% interval excludes 0)." if not unseparated
                    else f"Pairs it cannot separate (paired 95% interval contains 0): {'; '.join(unseparated)}."))
-    how = ("The matched level is the largest sqrt KL every family with a nonzero KL reaches at the end of some "
-           "configuration's run (min over families of their largest final sqrt KL). Per family, the configuration "
+    how = ("The matched level is a KL budget: the smallest sqrt KL at which every family with a nonzero KL has a "
+           "configuration whose run ends at or below it (max over families of their smallest final sqrt KL), so no "
+           "family drops out. Per family, the configuration "
            "with final sqrt KL ≤ that level and the highest gold reward on the selection prompts (EVAL split, "
            f"never the reported prompts) is chosen; a family without selection rows is marked \"{SELECTED_TEST}\". "
            "Test gold: the seed-mean reward per prompt, percentile bootstrap over prompts; beside it the mean over "
