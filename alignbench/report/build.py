@@ -136,7 +136,8 @@ def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, sample
     no_rob = "no train_log point records proxy_judge_agreement or proxy_judge_spearman (runs from before them)"
     return [Heading("Temperature and diversity"),
             Para("Win rates use sample 0 of each prompt, seeds averaged per prompt, bootstrap over prompts. "
-                 "Diversity: distinct-n = distinct n-grams / n-grams over all samples at that T (k per prompt, sacrebleu 13a tokens); self-BLEU = BLEU "
+                 "Diversity: distinct-n = distinct n-grams / n-grams over all samples at that T (k per prompt, "
+                 "sacrebleu 13a tokens); self-BLEU = BLEU "
                  "of each sample against the prompt's other samples (higher: samples more alike, less diverse); "
                  "intervals over seeds."),
             *_table(views.temperature_table(derived, agg, baseline), no_temps),
