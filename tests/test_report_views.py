@@ -155,6 +155,11 @@ def test_robustness_frame_means_seeds_per_log_point():
     assert table.rows == [[views.ROBUSTNESS_KEYS["proxy_judge_agreement"], DPO, "0.800 (√KL 0.200)",
                            "0.500 (√KL 0.400)", "-0.300", "2"]]
     assert views.robustness_frame([dict(config=DPO, step=0, kl_k3=0.0)]).empty  # older points: nothing to show
+    # the final evaluation's point (step -1) is the last point, not the first
+    final = [dict(config=DPO, seed=s, step=-1, label="final", kl_k3=0.36, proxy_judge_agreement=0.3) for s in (0, 1)]
+    rob = views.robustness_frame(points + final)
+    assert rob["step"].tolist() == [1, 2, -1]
+    assert views.robustness_table(rob).rows[0][2:5] == ["0.800 (√KL 0.200)", "0.300 (√KL 0.600)", "-0.500"]
 
 
 def test_slugs_are_stable_and_unique():

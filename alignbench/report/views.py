@@ -297,7 +297,10 @@ def robustness_frame(points: list[dict]) -> pd.DataFrame:
         df[k] = pd.to_numeric(df[k], errors="coerce") if k in df else np.nan
     df = df.assign(label=df["label"].fillna("") if "label" in df else "")
     mean = df.groupby(["config", "step", "label"], sort=True)[["d", *keys]].mean().reset_index()
-    return mean.dropna(subset=keys, how="all").sort_values(["config", "step"])
+    # the final evaluation's point (step -1) comes after every training step
+    order = mean["step"].where(mean["step"] >= 0, np.inf)
+    return mean.assign(_order=order).dropna(subset=keys, how="all").sort_values(["config", "_order"]).drop(
+        columns="_order")
 
 
 def robustness_table(rob: pd.DataFrame) -> Table | None:
