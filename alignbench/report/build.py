@@ -201,7 +201,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
         ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate")) | (agg["evaluator"] == "diversity") | \
         ((agg["evaluator"] == "temperature") & (agg["metric"] == "judge_reward"))
     ok = len(sweep.ok_runs)
-    made_by = " && ".join(c for c in (sweep.command, command) if c)
+    made_by = ", then ".join(c for c in (sweep.command, command) if c)
     blocks = [Heading(f"alignbench report: {sweep.name}", 1),
               *([Para(f"Made by: {made_by}")] if made_by else []),
               Para(f"{ok} of {len(sweep.runs)} runs usable. Runs marked otherwise are left out of every number. "
