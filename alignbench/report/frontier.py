@@ -18,7 +18,7 @@ from alignbench.eval.kl_reward import (EVALUATOR as KL_EVAL, REWARD_KEYS, fit_pe
 from alignbench.report.aggregate import train_points
 from alignbench.report.load import Sweep
 from alignbench.report.plots import _save
-from alignbench.report.render import Image, Note, Para, Table
+from alignbench.report.render import Note, Para, Table
 from alignbench.report.tables import fmt, fmt_ci, fmt_n
 
 FAMILY_FORM = {"best_of_n": "bon"}  # Gao et al.'s best-of-n form for best-of-n; the RL form for the rest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,14 +142,30 @@ def temperature_table(derived: pd.DataFrame, agg: pd.DataFrame, baseline: str) -
                   f"win rate vs {baseline} at T [95% CI]", "win rate vs chosen [95% CI]", "prompts"], rows)
 
 
+def config_colors(configs) -> dict:
+    """One colour per configuration, distinct for up to 20 (a sweep's configurations in one panel;
+    matplotlib's default cycle repeats after 10)."""
+    names = sorted({str(c) for c in configs})
+    cmap = matplotlib.colormaps["tab20" if len(names) > 10 else "tab10"]
+    return {c: cmap(i % cmap.N) for i, c in enumerate(names)}
+
+
+def legend_outside(fig: Figure, ax) -> None:
+    """One legend for the figure, right of the panels: a sweep's many configurations would cover the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+
+
 def _errorbars(ax, part: pd.DataFrame, x: str, offset_step: float) -> None:
     """One line with interval bars per configuration, slightly offset in x so bars do not hide."""
     configs = sorted(part["config"].unique())
+    colors = config_colors(configs)
     for i, (config, g) in enumerate((c, part[part["config"] == c].sort_values(x)) for c in configs):
         lo = (g["value"] - g["ci_low"]).fillna(0).clip(lower=0)
         hi = (g["ci_high"] - g["value"]).fillna(0).clip(lower=0)
         ax.errorbar(g[x] + (i - (len(configs) - 1) / 2) * offset_step, g["value"], yerr=np.vstack([lo, hi]),
-                    marker="o", capsize=3, label=config)
+                    marker="o", capsize=3, label=config, color=colors[config])
 
 
 def temperature_plot(derived: pd.DataFrame, baseline: str, path: Path) -> Path | None:
@@ -163,8 +180,7 @@ def temperature_plot(derived: pd.DataFrame, baseline: str, path: Path) -> Path |
         _errorbars(ax, part[part["metric"] == metric], "t", 0.01)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="sampling temperature T", title=f"Win rate {title} (95% CI)")
-        if ax.has_data():
-            ax.legend(fontsize=8)
+    legend_outside(fig, axes[1])  # the baseline has no row against itself: the chosen panel has every config
     axes[0].set_ylabel("win rate (ties ½)")
     return _save(fig, path)
 
@@ -233,8 +249,7 @@ def diversity_plot(div: pd.DataFrame, path: Path) -> Path | None:
     for ax, metric in zip(axes, DIVERSITY_METRICS):
         _errorbars(ax, div[div["metric"] == metric], "t", 0.01)
         ax.set(xlabel="sampling temperature T", ylabel=metric.replace("_", "-"), title=f"{metric} (95% CI over seeds)")
-        if ax.has_data():
-            ax.legend(fontsize=8)
+    legend_outside(fig, axes[0])
     return _save(fig, path)
 
 
@@ -275,13 +290,15 @@ def reward_hist_plot(samples: pd.DataFrame, path: Path, bins: int = 20) -> Path 
         return None
     fig = Figure(figsize=(6 * len(cols), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(cols)))
+    colors = config_colors(samples["config"])
     for ax, col in zip(axes, cols):
         values = pd.to_numeric(samples[col], errors="coerce")
         edges = np.histogram_bin_edges(values.dropna().to_numpy(float), bins=bins)
         for config, x in values.groupby(samples["config"], sort=True):
-            ax.hist(x.dropna().to_numpy(float), bins=edges, density=True, histtype="step", lw=1.5, label=config)
+            ax.hist(x.dropna().to_numpy(float), bins=edges, density=True, histtype="step", lw=1.5, label=config,
+                    color=colors[str(config)])
         ax.set(xlabel=col.replace("_", " "), ylabel="density", title=f"{col.replace('_', ' ')} of final samples")
-        ax.legend(fontsize=8)
+    legend_outside(fig, axes[0])
     return _save(fig, path)
 
 
@@ -327,10 +344,11 @@ def robustness_plot(rob: pd.DataFrame, path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(6 * len(keys), 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    colors = config_colors(rob["config"])
     for ax, key in zip(axes, keys):
         for config, g in rob.dropna(subset=[key]).groupby("config", sort=True):
             g = g.sort_values("d")
-            ax.plot(g["d"], g[key], marker="o", label=config)
+            ax.plot(g["d"], g[key], marker="o", label=config, color=colors[str(config)])
         ax.set(xlabel="sqrt(KL(π‖π0))", ylabel=key, title=ROBUSTNESS_KEYS[key] + ", seed means")
-        ax.legend(fontsize=8)
+    legend_outside(fig, axes[-1])  # the Spearman panel (if any) has π0's own point too
     return _save(fig, path)
