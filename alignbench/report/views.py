@@ -8,6 +8,7 @@ combined by ``aggregate_seeds`` (diversity rows), configurations never are.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -349,6 +350,7 @@ def robustness_plot(rob: pd.DataFrame, path: Path) -> Path | None:
         for config, g in rob.dropna(subset=[key]).groupby("config", sort=True):
             g = g.sort_values("d")
             ax.plot(g["d"], g[key], marker="o", label=config, color=colors[str(config)])
-        ax.set(xlabel="sqrt(KL(π‖π0))", ylabel=key, title=ROBUSTNESS_KEYS[key] + ", seed means")
+        ax.set(xlabel="sqrt(KL(π‖π0))", ylabel=key)
+        ax.set_title(textwrap.fill(ROBUSTNESS_KEYS[key] + ", seed means", 48), fontsize=9)  # two panels' titles met
     legend_outside(fig, axes[-1])  # the Spearman panel (if any) has π0's own point too
     return _save(fig, path)
