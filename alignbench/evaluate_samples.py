@@ -23,7 +23,7 @@ import numpy as np
 from alignbench.context import RunContext, kl_estimates
 from alignbench.eval.diversity import distinct_n, self_bleu
 from alignbench.eval.stats import bootstrap_ci, make_row
-from alignbench.eval.win_rate import _outcomes as win_outcomes  # 1 win, 0.5 tie, 0 loss per prompt
+from alignbench.eval.win_rate import outcomes as win_outcomes  # 1 win, 0.5 tie, 0 loss per prompt
 from alignbench.methods import PolicyArtifact
 from alignbench.sampling import SampleBatch
 

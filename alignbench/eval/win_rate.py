@@ -29,7 +29,7 @@ EVALUATOR = "win_rate"
 ELO_SCALE = 400.0 / np.log(10.0)
 
 
-def _outcomes(a: np.ndarray, b: np.ndarray, tie_eps: float, same_text: np.ndarray | None = None) -> np.ndarray:
+def outcomes(a: np.ndarray, b: np.ndarray, tie_eps: float, same_text: np.ndarray | None = None) -> np.ndarray:
     """Per prompt: 1 (a wins), 0.5 (tie), 0 (b wins), NaN (a score is missing). ``same_text``
     (bool per prompt): the two responses are the same text, a tie whatever the scores."""
     diff = a - b
@@ -82,7 +82,7 @@ def win_rates(judge_scores: dict, baseline: str, tie_eps: float = 0.0, n_boot: i
     idx = _boot_indices(n_prompts, n_boot, seed)
     rows = []
     for a, b in itertools.permutations(scores, 2):
-        out = _outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
+        out = outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
         valid = ~np.isnan(out)
         n = int(valid.sum())
         wins, ties = int((out == 1).sum()), int((out == 0.5).sum())
@@ -111,7 +111,7 @@ def pairwise_counts(judge_scores: dict, tie_eps: float = 0.0,
     texts = _as_texts(texts, scores)
     counts = []
     for a, b in itertools.combinations(scores, 2):
-        out = _outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
+        out = outcomes(scores[a], scores[b], tie_eps, _same_text(texts, a, b))
         counts.append((a, b, int((out == 1).sum()), int((out == 0).sum()), int((out == 0.5).sum())))
     return counts
 

@@ -151,6 +151,12 @@ def config_colors(configs) -> dict:
     return {c: cmap(i % cmap.N) for i, c in enumerate(names)}
 
 
+def panel_row(n: int) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n`` panels side by side, 6 inches wide each."""
+    fig = Figure(figsize=(6 * n, 4), layout="constrained")
+    return fig, np.atleast_1d(fig.subplots(1, n))
+
+
 def legend_outside(fig: Figure, ax) -> None:
     """One legend for the figure, right of the panels: a sweep's many configurations would cover the data."""
     handles, labels = ax.get_legend_handles_labels()
@@ -289,8 +295,7 @@ def reward_hist_plot(samples: pd.DataFrame, path: Path, bins: int = 20) -> Path 
             and pd.to_numeric(samples[c], errors="coerce").notna().any()]
     if not cols:
         return None
-    fig = Figure(figsize=(6 * len(cols), 4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(cols)))
+    fig, axes = panel_row(len(cols))
     colors = config_colors(samples["config"])
     for ax, col in zip(axes, cols):
         values = pd.to_numeric(samples[col], errors="coerce")
@@ -343,8 +348,7 @@ def robustness_plot(rob: pd.DataFrame, path: Path) -> Path | None:
     keys = [k for k in ROBUSTNESS_KEYS if k in rob and rob[k].notna().any()]
     if not keys:
         return None
-    fig = Figure(figsize=(6 * len(keys), 4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(keys)))
+    fig, axes = panel_row(len(keys))
     colors = config_colors(rob["config"])
     for ax, key in zip(axes, keys):
         for config, g in rob.dropna(subset=[key]).groupby("config", sort=True):
