@@ -17,7 +17,7 @@ from alignbench.eval.kl_reward import (EVALUATOR as KL_EVAL, REWARD_KEYS, fit_pe
                                       points_frame)
 from alignbench.report.aggregate import train_points
 from alignbench.report.load import Sweep
-from alignbench.report.plots import _save
+from alignbench.report.plots import save_figure
 from alignbench.report.render import Note, Para, Table
 from alignbench.report.tables import fmt, fmt_ci, fmt_n
 
@@ -150,7 +150,7 @@ def frontier_plot(data: FrontierData, path: Path) -> Path | None:
         name = f"judge reward ({judge})" if key == "judge_reward" else "proxy reward"
         ax.set(xlabel="sqrt(KL(π‖π0))", ylabel=name, title=f"{name} vs sqrt KL, every configuration")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------- tables

@@ -15,7 +15,8 @@ from alignbench.eval.kl_reward import REWARD_KEYS, fits_for
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL, TURN_BUCKETS
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` with the Agg backend (no display needed) into ``path`` at the report's dpi."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100)
     return path
@@ -53,7 +54,7 @@ def accuracy_by_turn(agg: pd.DataFrame, path: Path) -> Path | None:
     ax.set(xlabel="Human turns in the conversation", ylabel="PM accuracy", title="PM accuracy by turn (95% CI)")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def calibration(agg: pd.DataFrame, path: Path) -> Path | None:
@@ -72,7 +73,7 @@ def calibration(agg: pd.DataFrame, path: Path) -> Path | None:
     ax.set(xlabel="predicted P(higher-scored is chosen) = σ(|Δ|)", ylabel="observed frequency",
            title="PM calibration by score gap (95% CI)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def accuracy_vs_threshold(agg: pd.DataFrame, path: Path) -> Path | None:
@@ -86,7 +87,7 @@ def accuracy_vs_threshold(agg: pd.DataFrame, path: Path) -> Path | None:
     ax.set(xlabel="threshold both PM scores must exceed", ylabel="PM accuracy",
            title="PM accuracy vs score threshold (95% CI)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curve_form(g: pd.DataFrame) -> str:
@@ -123,7 +124,7 @@ def reward_vs_kl(points: pd.DataFrame, path: Path) -> Path | None:
                 ax.plot(grid, fit(grid), color=color, label=f"{name} {form} fit, R²={fit.r2:.3f} (n={fit.n})")
         ax.set(title=method, xlabel="sqrt(KL(π‖π0))", ylabel="reward")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def win_matrix(derived: pd.DataFrame, path: Path) -> Path | None:
@@ -149,7 +150,7 @@ def win_matrix(derived: pd.DataFrame, path: Path) -> Path | None:
         bx = fig.add_subplot(1, 2, 2)
         bx.barh(elo["config"], elo["value"], xerr=_yerr(elo), capsize=3, color="tab:gray")
         bx.set(xlabel="Elo (Bradley-Terry, 95% bootstrap CI)", title="Elo")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def nlp_deltas(deltas: pd.DataFrame, baseline: str, path: Path) -> Path | None:
@@ -168,7 +169,7 @@ def nlp_deltas(deltas: pd.DataFrame, baseline: str, path: Path) -> Path | None:
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20, ha="right")
     ax.set(ylabel=f"accuracy − accuracy of {baseline}", title="NLP task regressions (95% CI)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cost_vs_quality(cost: pd.DataFrame, path: Path, keys=("wall_s", "tokens_generated")) -> Path | None:
@@ -191,4 +192,4 @@ def cost_vs_quality(cost: pd.DataFrame, path: Path, keys=("wall_s", "tokens_gene
             ax.set_xscale("symlog", linthresh=float(positive.min()) / 10)
         ax.set(xlabel=name, ylabel="mean judge reward (95% CI)", title=f"quality vs {name}")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

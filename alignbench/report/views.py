@@ -14,13 +14,13 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alignbench.eval.kl_reward import points_frame
 from alignbench.eval.win_rate import win_rates
 from alignbench.report.aggregate import judge_scores, response_texts
 from alignbench.report.load import Sweep
+from alignbench.report.plots import save_figure
 from alignbench.report.render import Table
 from alignbench.report.tables import fmt, fmt_ci, fmt_n, select
 
@@ -30,12 +30,6 @@ DIVERSITY_METRICS = ("distinct_1", "distinct_2", "self_bleu")
 ROBUSTNESS_KEYS = {"proxy_judge_agreement": "proxy–judge agreement vs π0 (real HH: proxy PM vs test PM)",
                    "proxy_judge_spearman": "proxy–judge Spearman ρ (hh_synth: proxy vs gold)"}
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
 
 
 # --------------------------------------------------------------------------- win rate vs chosen
@@ -189,7 +183,7 @@ def temperature_plot(derived: pd.DataFrame, baseline: str, path: Path) -> Path |
         ax.set(xlabel="sampling temperature T", title=f"Win rate {title} (95% CI)")
     legend_outside(fig, axes[1])  # the baseline has no row against itself: the chosen panel has every config
     axes[0].set_ylabel("win rate (ties ½)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- diversity
@@ -257,7 +251,7 @@ def diversity_plot(div: pd.DataFrame, path: Path) -> Path | None:
         _errorbars(ax, div[div["metric"] == metric], "t", 0.01)
         ax.set(xlabel="sampling temperature T", ylabel=metric.replace("_", "-"), title=f"{metric} (95% CI over seeds)")
     legend_outside(fig, axes[0])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- reward distributions
@@ -305,7 +299,7 @@ def reward_hist_plot(samples: pd.DataFrame, path: Path, bins: int = 20) -> Path 
                     color=colors[str(config)])
         ax.set(xlabel=col.replace("_", " "), ylabel="density", title=f"{col.replace('_', ' ')} of final samples")
     legend_outside(fig, axes[0])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- PM robustness
@@ -357,4 +351,4 @@ def robustness_plot(rob: pd.DataFrame, path: Path) -> Path | None:
         ax.set(xlabel="sqrt(KL(π‖π0))", ylabel=key)
         ax.set_title(textwrap.fill(ROBUSTNESS_KEYS[key] + ", seed means", 48), fontsize=9)  # two panels' titles met
     legend_outside(fig, axes[-1])  # the Spearman panel (if any) has π0's own point too
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from alignbench.eval.stats import make_row
 from alignbench.report.load import Sweep
+from alignbench.report.plots import save_figure
 from alignbench.report.render import Note, Para, Table
 
 RUN_PHASES = {"setup_s": "setup", "train_s": "train", "measure_s": "measurement", "eval_s": "evaluation"}
@@ -181,9 +181,7 @@ def time_plot(stages: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path | No
     ax.set_yticks(y, labels, fontsize=8)
     ax.set(xlabel="seconds", title="Where the time goes")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 def time_blocks(sweep: Sweep, stages: pd.DataFrame, runs: pd.DataFrame) -> list:
