@@ -220,6 +220,8 @@ class BudgetConfig:
     generated_tokens: Optional[int] = opt(None, gt=0)
     wall_seconds: Optional[float] = opt(None, gt=0)  # the method's own seconds, measurement excluded
     flops: Optional[float] = opt(None, gt=0)  # estimated training compute (alignbench.cost)
+    # preference labels a method may buy from the (simulated) annotator: iterated online RLHF
+    annotations: Optional[int] = opt(None, gt=0)
 
 
 @dataclass

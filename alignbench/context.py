@@ -6,6 +6,7 @@ judge reward, KL(π‖π0) by the k1 and k3 estimators, on the same held-out pro
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
 from alignbench.eval.robustness import pairwise_agreement, rank_correlation
-from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
+from alignbench.cost import (ANNOTATE_USES, SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost,
+                             forward_flops, train_flops)
 from alignbench.methods import point_steps
 from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
@@ -59,6 +61,14 @@ def _defined(value: float) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
+def _offset(step: float, offset: float) -> float:
+    """A sub-run's step on its parent's axis; the final evaluation's step (−1) stays −1."""
+    if step < 0 or not offset:
+        return step
+    total = step + offset
+    return int(total) if float(total).is_integer() else round(total, 4)
+
+
 Responses = Union[SampleBatch, list[str]]  # samples with their ids, or bare texts (inference-time policies)
 
 
@@ -90,7 +100,20 @@ class RunContext:
     eval_chosen: list = field(default_factory=list)  # the dataset's chosen response per eval prompt
     selection_prompts: list = field(default_factory=list)  # eval-split prompts (eval.selection_prompts)
     tracker: Optional[Tracker] = None  # train.report_to (alignbench.tracking); the main process's only
+    # Where the policy starts and what it is anchored to (a chain's later stage, an iterated-RLHF round):
+    # None is π0 for both. Measurement's KL is always against π0 (``pi0``); a point also gets
+    # kl_k1_start / kl_k3_start against ``start_path`` when that is set.
+    start_path: Optional[Path] = None
+    reference_path: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None  # None: out_dir/checkpoint (a sub-run has its own: alignbench.subruns)
+    policy_dir: Optional[Path] = None  # where save_policy writes; None: out_dir/policy
+    step_offset: float = 0.0  # added to every logged point's step (a sub-run continues its parent's steps)
+    point_extra: dict = field(default_factory=dict)  # merged into every log point (e.g. {"round": 2})
+    # measurement hooks: hook(ctx, model, samples) -> dict merged into every log point (free, like the point)
+    point_hooks: list = field(default_factory=list)
     _reference: Any = None
+    _pi0: Any = None  # π0 for measurement when the training reference is another policy
+    _start: Any = None  # the start policy for kl_*_start
     _sample_pm: Any = None  # the PM reading SampleBatches by their ids (built on first use)
     _synced: tuple = (0, 0, 0.0)  # (tokens_generated, pm_calls, flops) already merged over processes
     _n_params: Any = field(default_factory=weakref.WeakKeyDictionary)  # model -> N, counted once
@@ -121,11 +144,11 @@ class RunContext:
         return self.method_cfg.batch_size or self.cfg.train.batch_size
 
     def policy(self) -> torch.nn.Module:
-        """A fresh trainable copy of π0 (every method starts here); under model.peft=lora, π0 with
-        a fresh LoRA adapter (only the adapter trains). Gradient checkpointing per
+        """A fresh trainable copy of the start policy (π0, or ``start_path``); under model.peft=lora,
+        it with a fresh LoRA adapter (only the adapter trains). Gradient checkpointing per
         train.gradient_checkpointing."""
         torch.manual_seed(self.seed)
-        policy = self.load(self.stages.pi0.path)
+        policy = self.load(self.start_path or self.stages.pi0.path)
         if lora.enabled(self.cfg.model):
             policy = lora.wrap(policy, self.cfg.model, seed=self.seed)
             self._reference = None  # from now on π0 is this policy with its adapter disabled: one copy
@@ -135,15 +158,44 @@ class RunContext:
         return policy
 
     def reference(self) -> torch.nn.Module:
-        """π0, frozen (the KL anchor and DPO's reference). Under model.peft=lora, once a policy was
-        handed out, the last one with its adapter disabled (``lora.AdapterDisabled``: no second copy
-        in memory, and exactly π0's weights); otherwise π0 loaded once."""
+        """The frozen training anchor (PPO's KL penalty, DPO's reference): π0, or ``reference_path``.
+        Under model.peft=lora, once a policy was handed out and its start is the reference, the last
+        policy with its adapter disabled (``lora.AdapterDisabled``: no second copy in memory, and
+        exactly the start's weights); otherwise loaded once."""
         policy = self._policy_ref() if self._policy_ref is not None else None
-        if policy is not None:
+        if policy is not None and (self.start_path or None) == (self.reference_path or None):
             return lora.AdapterDisabled(policy)
         if self._reference is None:
-            self._reference = self.load(self.stages.pi0.path).eval().requires_grad_(False)
+            path = self.reference_path or self.stages.pi0.path
+            self._reference = self.load(path).eval().requires_grad_(False)
         return self._reference
+
+    def pi0(self) -> torch.nn.Module:
+        """π0, frozen: what measurement's KL is taken against, whatever the training reference."""
+        if self.reference_path is None:  # the reference is π0 (under LoRA: the adapter disabled)
+            return self.reference()
+        if self._pi0 is None:
+            self._pi0 = self.load(self.stages.pi0.path).eval().requires_grad_(False)
+        return self._pi0
+
+    def _start_model(self) -> Optional[torch.nn.Module]:
+        """The start policy, frozen, for kl_*_start (None when the run starts at π0)."""
+        if self.start_path is None:
+            return None
+        if (self.reference_path or None) == self.start_path:
+            return self.reference()
+        if self._start is None:
+            self._start = self.load(self.start_path).eval().requires_grad_(False)
+        return self._start
+
+    def derive(self, **changes) -> "RunContext":
+        """A sub-context for a method run inside this one (a chain's stage, an iterated-RLHF round):
+        ``changes`` replace fields (method_cfg, pm, start_path, reference_path, checkpoint_dir,
+        policy_dir, step_offset, point_extra, point_hooks, ...). It shares this run's cost, budget,
+        tracker, judge and train_log.jsonl; its models are loaded afresh."""
+        fresh = dict(_reference=None, _pi0=None, _start=None, _sample_pm=None, _policy_ref=None,
+                     _policy_params=None, _n_params=weakref.WeakKeyDictionary())
+        return dataclasses.replace(self, **{**fresh, **changes})
 
     def load(self, path) -> torch.nn.Module:
         """An LM on this run's device, under bf16 autocast when train.precision=bf16, with dropout
@@ -195,7 +247,7 @@ class RunContext:
     def save_policy(self, policy) -> Path:
         """The trained LM (safetensors) and tokenizer under <run>/policy: what final evaluation
         loads. A LoRA policy is saved merged (an ordinary model), its adapter in policy/adapter."""
-        path = self.out_dir / "policy"
+        path = self.policy_dir or self.out_dir / "policy"
         policy.eval()
         if self.dist.is_main:
             lora.save(policy, path)
@@ -256,6 +308,12 @@ class RunContext:
             self.check_budget()
         self.cost.flops += forward_flops(self.n_params(model), tokens)
 
+    def charge_annotations(self, n: int) -> None:
+        """Charge ``n`` preference labels bought from the annotator (iterated online RLHF): checks
+        budget.annotations (and the others a labelling spends) first, like every charged operation."""
+        self.check_budget(ANNOTATE_USES)
+        self.cost.annotations += n
+
     def check_budget(self, uses: tuple = STEP_USES) -> None:
         """Raise BudgetExceeded (the reason as its message) when an operation spending ``uses`` may
         not run (see Budget.exhausted). Every charged operation calls it before it runs; a method
@@ -277,7 +335,7 @@ class RunContext:
     # ---- checkpoints (resume after a kill or pre-emption; train.checkpoint_every steps)
     @property
     def _checkpointer(self) -> Checkpointer:
-        return Checkpointer(self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
+        return Checkpointer(self.checkpoint_dir or self.out_dir / "checkpoint", self.cfg.train.checkpoint_every)
 
     def save_checkpoint(self, step: int, modules: dict, optimizer=None, scheduler=None,
                         tensors: Optional[dict] = None, **state) -> None:
@@ -353,7 +411,14 @@ class RunContext:
         if model is not None:
             if not isinstance(responses, SampleBatch):
                 raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
-            point.update(kl_estimates(model, self.reference(), responses, self.tokenizer.pad_token_id, self.device))
+            pad = self.tokenizer.pad_token_id
+            point.update(kl_estimates(model, self.pi0(), responses, pad, self.device))
+            start = self._start_model()
+            if start is not None:
+                kl = kl_estimates(model, start, responses, pad, self.device)
+                point.update(kl_k1_start=kl["kl_k1"], kl_k3_start=kl["kl_k3"])
+        for hook in self.point_hooks:
+            point.update(hook(self, model, responses))
         return point
 
     def pm_score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> torch.Tensor:
@@ -387,8 +452,9 @@ class RunContext:
             return {}
         was_training = model.training if model is not None else False
         with self.cost.measuring():
-            point = {"method": self.cfg.method["name"], "seed": self.seed, "step": step,
-                     **self.measure(model, responses, label, scores), **self.cost.as_dict(), **extra}
+            point = {"method": self.cfg.method["name"], "seed": self.seed, "step": _offset(step, self.step_offset),
+                     **self.measure(model, responses, label, scores), **self.cost.as_dict(), **self.point_extra,
+                     **extra}
         if model is not None and was_training:
             model.train()
         with open(self.out_dir / "train_log.jsonl", "a") as f:

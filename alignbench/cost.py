@@ -43,6 +43,7 @@ class Cost:
     tokens_generated: int = 0
     pm_calls: int = 0
     flops: float = 0.0
+    annotations: int = 0  # preference labels bought from an annotator (iterated online RLHF)
     measure_s: float = 0.0  # seconds spent measuring, finished measurements only
     # the same seconds, this process's only: never restored from a checkpoint, so a resumed run's
     # wall-time breakdown (alignbench.walltime) covers this attempt, as its clock does
@@ -100,6 +101,7 @@ class Cost:
         written before FLOPs and measurement were recorded lacks those two and restarts them at 0."""
         self.tokens_trained, self.tokens_generated = saved["tokens_trained"], saved["tokens_generated"]
         self.pm_calls, self.flops = saved["pm_calls"], float(saved.get("flops", 0.0))
+        self.annotations = int(saved.get("annotations", 0))
         self.measure_s = float(saved.get("measure_s", 0.0))
         self.started = time.time() - saved["wall_s"] - self.measure_s
 
@@ -107,15 +109,16 @@ class Cost:
         now = time.time()
         return {"wall_s": round(self.wall_s(now), 3), "tokens_trained": self.tokens_trained,
                 "tokens_generated": self.tokens_generated, "pm_calls": self.pm_calls, "flops": self.flops,
-                "measure_s": round(self.measured_s(now), 3)}
+                "annotations": self.annotations, "measure_s": round(self.measured_s(now), 3)}
 
 
 # What each kind of charged operation spends, by Cost field name (see Budget.exhausted)
 SAMPLE_USES = ("tokens_generated", "flops", "wall_s")
 SCORE_USES = ("pm_calls", "flops", "wall_s")
 STEP_USES = ("flops", "wall_s")  # an optimiser step, or a no-grad forward run for training
+ANNOTATE_USES = ("annotations", "wall_s")  # labels bought from the (simulated) annotator
 CONFIG_KEYS = {"pm_calls": "pm_calls", "tokens_generated": "generated_tokens", "flops": "flops",
-               "wall_s": "wall_seconds"}  # Cost field -> budget.<key>
+               "wall_s": "wall_seconds", "annotations": "annotations"}  # Cost field -> budget.<key>
 
 
 @dataclass
@@ -126,12 +129,13 @@ class Budget:
     generated_tokens: Optional[int] = None
     wall_seconds: Optional[float] = None  # the method's own seconds: measurement excluded
     flops: Optional[float] = None
+    annotations: Optional[int] = None  # preference labels bought (iterated online RLHF)
 
     @property
     def caps(self) -> dict:
         """The set caps by Cost field name (what a planned spend must fit; see best-of-n)."""
         caps = {"pm_calls": self.pm_calls, "tokens_generated": self.generated_tokens, "flops": self.flops,
-                "wall_s": self.wall_seconds}
+                "wall_s": self.wall_seconds, "annotations": self.annotations}
         return {k: v for k, v in caps.items() if v}
 
     def exhausted(self, cost: Cost, uses: Optional[tuple] = None) -> Optional[str]:
@@ -142,7 +146,7 @@ class Budget:
         exactly two rollouts' PM calls trains on both rollouts, while one between two rollouts stops
         before any update on the second."""
         values = {"pm_calls": cost.pm_calls, "tokens_generated": cost.tokens_generated, "flops": cost.flops,
-                  "wall_s": cost.wall_s()}
+                  "wall_s": cost.wall_s(), "annotations": cost.annotations}
         for key, cap in self.caps.items():
             spends = uses is None or key in uses
             if values[key] > cap or (spends and values[key] >= cap):

@@ -66,7 +66,7 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
     prompts, meta = eval_prompts(cfg, data)
     b = cfg.budget
     budget = Budget(pm_calls=b.pm_calls, generated_tokens=b.generated_tokens, wall_seconds=b.wall_seconds,
-                    flops=b.flops)
+                    flops=b.flops, annotations=b.annotations)
     return RunContext(
         cfg=cfg, method_cfg=method_cfg, stages=stages, tokenizer=tokenizer, device=device,
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
@@ -128,7 +128,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                "config": config_id, "seed": cfg.seed, "run_id": ctx.out_dir.name,
                "final": {k: v for k, v in point.items() if isinstance(v, (int, float)) and k != "seed"},
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
-                                              "measure_s")},
+                                              "annotations", "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}

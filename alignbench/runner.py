@@ -29,6 +29,7 @@ from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.methods import PolicyArtifact, get_method, method_config
 from alignbench.models import set_threads
 from alignbench.stages.cache import write_json_atomic
+from alignbench.subruns import SUBRUNS_DIR
 from alignbench.walltime import RunClock, RunTimes, stage_times
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,18 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
             _update_index(cfg)
 
 
+# what a restart keeps of an earlier attempt: the mid-training checkpoint and finished sub-runs
+# (alignbench.subruns), both written atomically
+KEPT_ON_RESTART = ("checkpoint", SUBRUNS_DIR)
+
+
 def _clear_incomplete(run_dir: Path) -> None:
     """An earlier attempt died or failed: never trust its files, except a complete mid-training
-    checkpoint (written atomically), which the method resumes from."""
+    checkpoint and finished sub-runs (written atomically), which the method resumes from."""
     if not run_dir.exists():
         return
     for p in run_dir.iterdir():
-        if p.name != "checkpoint":
+        if p.name not in KEPT_ON_RESTART:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 

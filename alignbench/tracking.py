@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-COST_KEYS = ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops", "measure_s")
+COST_KEYS = ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops", "annotations", "measure_s")
 
 
 def scalars_of(values: dict) -> dict[str, float]:
