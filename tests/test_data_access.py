@@ -59,14 +59,14 @@ def real_hh(tmp_path_factory):
                         "stages.pm.max_steps=2", "stages.pm.batch_size=8",
                         f"paths.cache_dir={root / 'cache'}", f"paths.sweep_dir={root / 'sweep'}"]
     trained: dict[str, list] = {}
-    real_train = preference._train
+    real_train = preference.train_pm
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
-        trained[desc] = list(pairs)
-        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
+    def spy(model, tok, pairs, **kw):
+        trained[kw["desc"]] = list(pairs)
+        return real_train(model, tok, pairs, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(preference, "_train", spy)
+        mp.setattr(preference, "train_pm", spy)
         cfg = to_config(compose(overrides))
         ctx = build_context(cfg, None, root / "run")
     return {"cfg": cfg, "overrides": overrides, "ctx": ctx, "judge": trained["PM (b)"], "proxy": trained["PM (a)"],

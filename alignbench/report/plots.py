@@ -44,10 +44,10 @@ def accuracy_by_turn(agg: pd.DataFrame, path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    groups = list(acc.groupby(["method", "subset"], sort=True))
+    groups = list(acc.groupby(["config", "subset"], sort=True))
     for i, ((method, subset), g) in enumerate(groups):
         g = g.assign(x=g["turn"].map(TURN_BUCKETS.index)).sort_values("x")
-        label = subset if acc["method"].nunique() == 1 else f"{method}: {subset}"
+        label = subset if acc["config"].nunique() == 1 else f"{method}: {subset}"
         ax.errorbar(g["x"] + (i - len(groups) / 2) * 0.04, g["value"], yerr=_yerr(g), marker="o", capsize=3,
                     label=label, lw=2.5 if subset == "all" else 1)
     ax.set_xticks(range(len(TURN_BUCKETS)), TURN_BUCKETS)
@@ -61,12 +61,12 @@ def calibration(agg: pd.DataFrame, path: Path) -> Path | None:
     obs = _pm(agg, "calib_observed")
     if obs.empty:
         return None
-    pred = _pm(agg, "calib_predicted").set_index(["method", "slice"])["value"]
-    ece = _pm(agg, "ece").set_index("method")["value"]
+    pred = _pm(agg, "calib_predicted").set_index(["config", "slice"])["value"]
+    ece = _pm(agg, "ece").set_index("config")["value"]
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0.5, 1], [0.5, 1], color="grey", ls="--", label="perfect calibration")
-    for method, g in obs.groupby("method", sort=True):
+    for method, g in obs.groupby("config", sort=True):
         x = [pred.get((method, s), np.nan) for s in g["slice"]]
         ax.errorbar(x, g["value"], yerr=_yerr(g), marker="o", capsize=3,
                     label=f"{method} (ECE {ece.get(method, np.nan):.3f})")
@@ -82,7 +82,7 @@ def accuracy_vs_threshold(agg: pd.DataFrame, path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
-    for method, g in acc.assign(t=acc["slice"].astype(float)).sort_values("t").groupby("method", sort=True):
+    for method, g in acc.assign(t=acc["slice"].astype(float)).sort_values("t").groupby("config", sort=True):
         ax.errorbar(g["t"], g["value"], yerr=_yerr(g), marker="o", capsize=3, label=method)
     ax.set(xlabel="threshold both PM scores must exceed", ylabel="PM accuracy",
            title="PM accuracy vs score threshold (95% CI)")
