@@ -278,3 +278,12 @@ def test_report_section_needs_two_pm_variants(tmp_path):
     (root / "index.json").write_text(json.dumps({"runs": [dict(run_id=run, method="context_distilled", seed=0,
                                                                 status="done", dir=f"runs/{run}")]}))
     assert "## PM objectives" not in build_report(root, tmp_path / "out", n_boot=200).read_text()
+
+
+def test_too_many_judgements_fail_before_any_stage_trains(tmp_path):
+    from alignbench.stages.graph import build_shared_stages
+    cfg = to_config(compose(["data.synth.n_pairs=100", "stages.pm.judgements=5000",
+                             f"paths.cache_dir={tmp_path / 'cache'}"]))
+    with pytest.raises(ConfigError, match=r"^stages.pm.judgements: 5000 exceeds the \d+ training comparisons"):
+        build_shared_stages(cfg)
+    assert not (tmp_path / "cache").exists()

@@ -69,7 +69,9 @@ def _cell(r) -> str:
 
 
 def efficiency_table(acc: pd.DataFrame) -> Table | None:
-    part = acc[acc["group"] == "all"].sort_values(["harmless_weight", "objective", "rank_k", "judgements"])
+    part = acc[acc["group"] == "all"]
+    part = part.assign(other_weight=part["harmless_weight"] != 1.0).sort_values(
+        ["other_weight", "objective", "rank_k", "judgements", "harmless_weight"])
     if part.empty:
         return None
     rows = [[r.objective, fmt_n(r.rank_k), f"{r.harmless_weight:g}", fmt_n(r.judgements), r.against, _cell(r),
@@ -99,18 +101,27 @@ def efficiency_findings(acc: pd.DataFrame) -> list[str]:
 
 
 def efficiency_plot(acc: pd.DataFrame, path: Path) -> Path | None:
-    """Held-out accuracy against judgements, a line per (objective, K) at λ = 1."""
+    """Held-out accuracy against judgements, a line per trained (objective, K) at λ = 1 (slightly
+    offset so the intervals stay apart); untrained PMs (lm: no judgements) as a level with its band."""
     part = acc[(acc["group"] == "all") & (acc["harmless_weight"] == 1.0)].dropna(subset=["judgements", "value"])
     if part.empty:
         return None
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.add_subplot()
-    for (objective, k), g in part.groupby(["objective", "rank_k"], sort=True):
+    trained, untrained = part[part["judgements"] > 0], part[part["judgements"] <= 0]
+    lines = list(trained.groupby(["objective", "rank_k"], sort=True))
+    for i, ((objective, k), g) in enumerate(lines):
         g = g.sort_values("judgements")
         yerr = np.vstack([(g["value"] - g["ci_low"]).clip(lower=0), (g["ci_high"] - g["value"]).clip(lower=0)])
-        ax.errorbar(g["judgements"], g["value"], yerr=np.nan_to_num(yerr), marker="o", capsize=3,
-                    label=f"{objective}, K={k}")
+        x = g["judgements"].astype(float) * 1.03 ** (i - (len(lines) - 1) / 2)
+        ax.errorbar(x, g["value"], yerr=np.nan_to_num(yerr), marker="o", capsize=3, label=f"{objective}, K={k}")
+    for r in untrained.itertuples():
+        ax.axhline(r.value, color="grey", ls="--", lw=1, label=f"{r.objective} (no judgements)")
+        ax.axhspan(r.ci_low, r.ci_high, color="grey", alpha=0.15)
     ax.set_xscale("log")
+    ticks = sorted(trained["judgements"].unique())
+    ax.set_xticks(ticks, [fmt_n(t) for t in ticks])
+    ax.minorticks_off()
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="human judgements (prompts labelled)", ylabel=f"held-out accuracy vs {part['against'].iloc[0]}",
            title="PM label efficiency (95% CI)")

@@ -15,7 +15,6 @@ helpful ones 1, and L = (1/B) Σ_g w_g ℓ_g = L_helpful + λ·L_harmless, both 
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,8 +24,6 @@ import torch.nn.functional as F
 
 from alignbench.data.types import PreferencePair, harm_group
 from alignbench.train import encode_responses, pad_batch
-
-OBJECTIVES = ("pairwise", "ranking", "classifier", "lm")
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,3 @@ def score_matrix(scores: torch.Tensor, batch: dict, fill: float = 0.0) -> tuple[
     valid[batch["group"], batch["position"]] = True
     return out, valid
 
-
-def n_pairs(k: int) -> int:
-    """C(k, 2): the comparisons a ranking of k holds."""
-    return math.comb(k, 2)

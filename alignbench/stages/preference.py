@@ -1,7 +1,11 @@
 """Stage 3, the preference model (PM): the LM with a scalar head read at the end-of-context token
 (the last attended position; EOS is appended to every dataset response), trained on comparisons with L = −log σ(r_chosen − r_rejected),
 one epoch by default (Bai et al. 2022 §2; more epochs overfit). Optional preference-model
-pretraining (PMP) on another comparison set first.
+pretraining (PMP) on another comparison set first. ``stages.pm.objective`` swaps the loss
+(InstructGPT's ranking loss, a pointwise classifier, or no training: the LM score, ``LMScorer``),
+``harmless_weight`` weighs harmless comparisons by λ and ``judgements`` keeps the first N labels
+(``alignbench.stages.pm_objectives``). Every PM is scored on the same held-out comparisons: the
+pairwise test split (``heldout_scores.jsonl``, ``heldout_*accuracy*`` in the record).
 
 ``part`` selects which half of the training comparisons the PM sees: "all", or "a"/"b" for the HH
 paper's train-PM / test-PM split, where the test PM judges policies trained against the train PM
@@ -27,7 +31,7 @@ from alignbench.data.types import harm_group
 from alignbench.eval import pm_accuracy
 from alignbench.formats import end_of_turn_id
 from alignbench.models import load_lm, load_pm, load_tokenizer, pick_device, pm_from_lm
-from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
+from alignbench.stages.access import ACCESS_RULES, pm_pairs, pm_parts, pmp_pairs
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.pm_objectives import (Ranked, classifier_loss, element_weights, first_judgements,
                                              pairwise_loss, ranked_batch, ranking_loss, score_matrix,
@@ -228,6 +232,16 @@ def _key_settings(sc: PMStageConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(sc).items() if k not in VARIANT_DEFAULTS or v != VARIANT_DEFAULTS[k]}
 
 
+def check_judgements(cfg: Config) -> None:
+    """``stages.pm.judgements`` must not exceed the proxy PM's training comparisons: checked before
+    any stage trains (``graph.build_shared_stages``)."""
+    n, part = cfg.stages.pm.judgements, pm_parts(cfg)[0]
+    have = len(pm_pairs(cfg, load_data(cfg.data), part)) if n is not None else 0
+    if n is not None and n > have:
+        raise ConfigError(f"stages.pm.judgements: {n} exceeds the {have} training comparisons of the PM "
+                          f"(part {part!r})")
+
+
 def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     data = load_data(cfg.data)
     sc = pm_settings(cfg, part)
@@ -241,10 +255,8 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
         train = pm_pairs(cfg, data, part)
-        if sc.judgements is not None and sc.judgements > len(train):
-            raise ConfigError(f"stages.pm.judgements: {sc.judgements} exceeds the {len(train)} training "
-                              f"comparisons of PM part {part!r}")
-        train = first_judgements(train, sc.judgements, cfg.stages.seed)
+        # the LM score reads no label: no judgements
+        train = [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
         variant = {"objective": sc.objective, "harmless_weight": sc.harmless_weight, "judgements": len(train),
                    "rank_k": key.get("rank_k")}
         metrics: dict = {}
