@@ -162,6 +162,14 @@ class PMStageConfig(OptimConfig):
     pmp_path: Optional[str] = None  # optional preference-model pretraining data (HH layout dir)
     pmp_epochs: float = opt(1.0, gt=0)
     lr: float = opt(1e-3, gt=0)
+    # the PM's training loss (alignbench.stages.pm_objectives): pairwise −log σ(r_c − r_r); ranking
+    # (InstructGPT: all C(K,2) pairs of a prompt in one element); classifier (pointwise good/bad);
+    # lm (no training: summed log p of the response under the init LM, π0 by default)
+    objective: str = opt("pairwise", choices=["pairwise", "ranking", "classifier", "lm"])
+    harmless_weight: float = opt(1.0, ge=0)  # λ in L = L_helpful + λ·L_harmless (1 = unweighted)
+    # human judgements the PM trains on (one = one prompt labelled: a pair, or a ranking of K);
+    # null = all, N = the first N of a seeded order of its training comparisons
+    judgements: Optional[int] = opt(None, gt=0)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from alignbench.sampling import SampleBatch
 from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind, method_pairs, method_prompts,
                                      selection_prompts)
 from alignbench.stages.graph import SharedStages, build_shared_stages
-from alignbench.stages.preference import PMScorer, SampleScorer
+from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant, stage_scorer
 from alignbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
         eval_chosen=chosen_responses(cfg, data, prompts), selection_prompts=selection_prompts(cfg, data),
         pairs=method_pairs(cfg, data), judge=judge, judge_name=judge_name, out_dir=run_dir, budget=budget, dist=dist,
-        pm=PMScorer(stages.pm.path, device, stages.pm.record["max_len"], fmt=cfg.data.format),
+        pm=stage_scorer(stages.pm, device, fmt=cfg.data.format),  # a trained PM, or objective=lm's LM
         tracker=Tracker(run_dir / "tb", cfg.train.report_to, run_dir.name, OmegaConf.to_container(
             OmegaConf.structured(cfg), resolve=True)) if dist.is_main else None)
 
@@ -130,6 +130,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
                                               "annotations", "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
+               "pm": pm_record(ctx),
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     picked = selection(ctx, artifact, model)
@@ -147,8 +148,11 @@ def pm_rows(ctx: RunContext) -> list[dict]:
         return []
     sc = np.array([r["score_chosen"] for r in recs])
     sr = np.array([r["score_rejected"] for r in recs])
-    ident = dict(sweep=Path(ctx.cfg.paths.sweep_dir).name, run=f"pm-{pm.key}", method="pm", seed=ctx.cfg.stages.seed)
-    rows = pm_accuracy.accuracy_by_turn(sc, sr, [r["n_turns"] for r in recs], [r["subset"] for r in recs], **ident)
+    ident = dict(sweep=Path(ctx.cfg.paths.sweep_dir).name, run=f"pm-{pm.key}", method="pm", config=pm_label(ctx.cfg),
+                 seed=ctx.cfg.stages.seed)
+    rows = pm_accuracy.heldout_rows(heldout_credits(recs), n_boot=ctx.cfg.eval.bootstrap,
+                                    boot_seed=ctx.cfg.stages.seed, **ident)
+    rows += pm_accuracy.accuracy_by_turn(sc, sr, [r["n_turns"] for r in recs], [r["subset"] for r in recs], **ident)
     calib, _ = pm_accuracy.calibration(sc, sr, **ident)
     rows += calib
     both = np.concatenate([sc, sr])
@@ -157,6 +161,14 @@ def pm_rows(ctx: RunContext) -> list[dict]:
         rows += pm_accuracy.gold_agreement(sc, sr, [r["gold_chosen"] for r in recs],
                                            [r["gold_rejected"] for r in recs], **ident)
     return rows
+
+
+def pm_record(ctx: RunContext) -> dict:
+    """The proxy PM's identity for the report (``alignbench.report.pm_objectives``): its name in
+    the rows, stage key, variant settings and the human judgements it trained on."""
+    pm = ctx.stages.pm
+    return {"label": pm_label(ctx.cfg), "key": pm.key, **pm_variant(ctx.cfg),
+            "judgements_used": pm.record.get("data_counts", {}).get("judgements")}
 
 
 def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> list[dict]:

@@ -59,14 +59,14 @@ def real_hh(tmp_path_factory):
                         "stages.pm.max_steps=2", "stages.pm.batch_size=8",
                         f"paths.cache_dir={root / 'cache'}", f"paths.sweep_dir={root / 'sweep'}"]
     trained: dict[str, list] = {}
-    real_train = preference._train
+    real_train = preference.train_pm
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
-        trained[desc] = list(pairs)
-        return real_train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
+    def spy(model, tok, pairs, **kw):
+        trained[kw["desc"]] = list(pairs)
+        return real_train(model, tok, pairs, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(preference, "_train", spy)
+        mp.setattr(preference, "train_pm", spy)
         cfg = to_config(compose(overrides))
         ctx = build_context(cfg, None, root / "run")
     return {"cfg": cfg, "overrides": overrides, "ctx": ctx, "judge": trained["PM (b)"], "proxy": trained["PM (a)"],
@@ -124,11 +124,11 @@ def test_pm_pretraining_drops_comparisons_from_the_rest_of_the_data(real_hh, mon
             os.symlink(hh / subset / "test.jsonl.gz", tmp_path / subset / f"{split}.jsonl.gz")
     trained: dict[str, list] = {}
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):  # record; training is not the point
-        trained[desc] = list(pairs)
+    def spy(model, tok, pairs, **kw):  # record; training is not the point
+        trained[kw["desc"]] = list(pairs)
         return {"pairs": len(pairs)}
 
-    monkeypatch.setattr(preference, "_train", spy)
+    monkeypatch.setattr(preference, "train_pm", spy)
     cfg = to_config(compose(real_hh["overrides"] + [f"stages.pm.pmp_path={tmp_path}"]))
     art = preference.build_pm(cfg, build_shared_stages(real_hh["cfg"]).base, "a")
     pmp, data = trained["PM pretraining"], real_hh["data"]

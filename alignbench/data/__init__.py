@@ -5,13 +5,14 @@ of it through the run context (``alignbench.stages.access`` decides who sees wha
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
 
 from alignbench.data.types import BAD_ROW_REASONS, DataError, PreferencePair, RejectedRow
 
-__all__ = ["DataBundle", "load_data", "PreferencePair", "RejectedRow", "DataError", "BAD_ROW_REASONS"]
+__all__ = ["DataBundle", "load_data", "pairwise_config", "PreferencePair", "RejectedRow", "DataError", "BAD_ROW_REASONS"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,14 @@ def _load(cfg_json: str) -> DataBundle:
     return DataBundle(splits, tuple(rejected), stats)
 
 
+def pairwise_config(cfg):
+    """``cfg`` (a DataConfig) with hh_synth's ``rank_k`` unset: the pairwise data on the same prompts
+    and splits, which the base LM, π0 and every PM's held-out evaluation read."""
+    if getattr(cfg.synth, "rank_k", None) is None:
+        return cfg
+    return dataclasses.replace(cfg, synth=dataclasses.replace(cfg.synth, rank_k=None))
+
+
 def _rows_read(kept_by_subset: dict, rejected) -> dict:
     """Rows in the files per subset: kept pairs plus rejected rows (subset = the file's folder)."""
     from pathlib import Path
@@ -75,8 +84,6 @@ def _rows_read(kept_by_subset: dict, rejected) -> dict:
 
 
 def _as_dict(cfg) -> dict:
-    import dataclasses
-
     from omegaconf import OmegaConf
     if dataclasses.is_dataclass(cfg):
         return dataclasses.asdict(cfg)

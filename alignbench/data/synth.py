@@ -27,6 +27,10 @@ The pieces:
   harmful) or ``hh_synth/helpful`` (everything else, edgy requests included), source
   ``hh_synth:<i>`` and ``meta = {"gold_chosen", "gold_rejected", "task"}``.
 
+- ``rank_k = K`` (InstructGPT's ranking data): each prompt gets K distinct responses ranked by the
+  same annotator model, a Plackett–Luce draw (``gumbel_ranking``), so every pair inside a ranking
+  is ordered by the Bradley-Terry probability above; the prompt is the pairwise data's prompt ``i``.
+
 Generation is deterministic: pair ``i`` of seed ``s`` is drawn from its own
 ``random.Random("hh_synth:<s>:<i>")``, so a smaller ``n_pairs`` gives a prefix of a larger one and
 nothing depends on global random state or on string hashing.
@@ -53,6 +57,7 @@ __all__ = [
     "SynthConfig",
     "generate_hh_synth",
     "gold_reward",
+    "gumbel_ranking",
     "label_gold_agreement",
     "parse_task",
     "spurious_count",
@@ -545,6 +550,10 @@ class GoldReward:
 # --------------------------------------------------------------------------------------------
 
 
+# K of a ranked dataset (data.synth.rank_k): InstructGPT's labellers ranked 4 to 9 responses.
+RANK_K_MIN, RANK_K_MAX = 4, 9
+
+
 @dataclass
 class SynthConfig:
     """Config of the embedded ``hh_synth`` dataset (Hydra group ``data.synth``)."""
@@ -559,6 +568,9 @@ class SynthConfig:
     max_turns: int = 3
     edgy_fraction: float = 0.2  # share of helpful dialogues whose last turn is an edgy request
     dependent_fraction: float = 0.5  # chance that a turn refers back to the previous one
+    # K responses per prompt ranked by the annotator model (InstructGPT's ranking data), or None for
+    # pairs; ranked data keeps chosen/rejected = best/worst and the ranking in meta (``_make_ranking``)
+    rank_k: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_pairs", "seed", "max_turns"):
@@ -582,6 +594,10 @@ class SynthConfig:
         for key in ("harmless_fraction", "edgy_fraction", "dependent_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.synth.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.rank_k is not None and (isinstance(self.rank_k, bool) or not isinstance(self.rank_k, int)
+                                        or not RANK_K_MIN <= self.rank_k <= RANK_K_MAX):
+            raise ValueError(f"data.synth.rank_k: must be null (pairs) or an integer in [{RANK_K_MIN}, {RANK_K_MAX}] "
+                             f"(InstructGPT's K), got {self.rank_k!r}")
 
 
 @dataclass
@@ -828,9 +844,55 @@ def _make_pair(rng: random.Random, cfg: SynthConfig, index: int) -> PreferencePa
                           meta={"gold_chosen": gold_a, "gold_rejected": gold_b, "task": turn.task})
 
 
+def _distinct_responses(rng: random.Random, turn: _Turn, group: str, k: int) -> list[str]:
+    """``k`` different response texts to ``turn``: styles drawn by weight without replacement while
+    any is left, then a style again with another rendering (edgy requests have 6 styles, K up to 9)."""
+    pool = dict(_STYLE_WEIGHTS[group])
+    texts: list[str] = []
+    for _ in range(100 * k):  # 16+ distinct renderings exist per group, far more than K
+        if len(texts) == k:
+            return texts
+        styles = pool or dict(_STYLE_WEIGHTS[group])
+        style = rng.choices(list(styles), weights=list(styles.values()))[0]
+        text = _render(rng, turn, style)
+        if text not in texts:
+            texts.append(text)
+            pool.pop(style, None)
+    raise RuntimeError(f"hh_synth: fewer than {k} distinct responses for a {group} turn")
+
+
+def gumbel_ranking(utilities: list[float], temperature: float, rng: random.Random) -> list[int]:
+    """Indices best→worst of a Plackett–Luce draw with weights exp(u_i / T): sort by u_i + T·G_i,
+    G_i = −log(−log U_i) standard Gumbel. Any two items i, j are ordered with
+    P(i above j) = σ((u_i − u_j) / T), the Bradley–Terry label of a pair (a difference of two
+    Gumbels is logistic), whatever the other items."""
+    keys = [u - temperature * math.log(-math.log(rng.random() or 1e-300)) for u in utilities]
+    return sorted(range(len(utilities)), key=keys.__getitem__, reverse=True)
+
+
+def _make_ranking(rng: random.Random, cfg: SynthConfig, index: int) -> PreferencePair:
+    """A ranked prompt: the same dialogue as pair ``index`` of the pairwise data (drawn first), K
+    distinct responses ranked by the annotator model (``gumbel_ranking`` on u = gold + s·phrases);
+    chosen/rejected = best/worst, ``meta["ranked"]`` / ``meta["gold_ranked"]`` best→worst."""
+    prompt, turn = _dialogue(rng, cfg)
+    group = turn.family if turn.family in ("harmful", "edgy") else "answer"
+    texts = _distinct_responses(rng, turn, group, cfg.rank_k)
+    gold = [gold_reward(prompt, t) for t in texts]
+    utility = [g + cfg.spurious_strength * spurious_count(t) for g, t in zip(gold, texts)]
+    order = gumbel_ranking(utility, cfg.noise_temperature, rng)
+    ranked, gold_ranked = [texts[i] for i in order], [gold[i] for i in order]
+    subset = "hh_synth/harmless" if turn.family == "harmful" else "hh_synth/helpful"
+    return PreferencePair(prompt=prompt, chosen=ranked[0], rejected=ranked[-1], subset=subset,
+                          n_turns=prompt.count(HUMAN_TAG), source=f"hh_synth:{index}",
+                          meta={"gold_chosen": gold_ranked[0], "gold_rejected": gold_ranked[-1], "task": turn.task,
+                                "ranked": ranked, "gold_ranked": gold_ranked})
+
+
 def generate_hh_synth(cfg: SynthConfig) -> list[PreferencePair]:
-    """``cfg.n_pairs`` preference pairs; pair ``i`` depends only on ``(cfg, i)``."""
-    return [_make_pair(random.Random(f"hh_synth:{cfg.seed}:{i}"), cfg, i) for i in range(cfg.n_pairs)]
+    """``cfg.n_pairs`` preference pairs (or rankings of ``cfg.rank_k`` responses, on the same
+    prompts); pair ``i`` depends only on ``(cfg, i)``."""
+    make = _make_pair if cfg.rank_k is None else _make_ranking
+    return [make(random.Random(f"hh_synth:{cfg.seed}:{i}"), cfg, i) for i in range(cfg.n_pairs)]
 
 
 def label_gold_agreement(pairs: list[PreferencePair]) -> float:

@@ -38,3 +38,13 @@ BAD_ROW_REASONS = (
 
 class DataError(ValueError):
     """Bad input data. The message always names the file and line."""
+
+
+# Subsets whose comparisons are about harmlessness (stages.pm.harmless_weight weighs them; the PM
+# report splits accuracy by them): hh_synth's harmful requests, real HH's red-teaming data.
+HARMLESS_SUBSETS = ("hh_synth/harmless", "harmless-base")
+
+
+def harm_group(subset: str) -> str:
+    """"harmless" for a subset in ``HARMLESS_SUBSETS``, else "helpful"."""
+    return "harmless" if subset in HARMLESS_SUBSETS else "helpful"

@@ -23,13 +23,15 @@ ece                   "all"                        expected calibration error
 accuracy_above        "<threshold>"                accuracy where both scores > threshold
 gold_accuracy         "all"                        PM agrees with the gold ordering
 label_gold_agreement  "all"                        labels agree with the gold ordering
+heldout_accuracy      "all", "helpful", "harmless"  accuracy against the labels (bootstrap CI)
+heldout_gold_accuracy "all", "helpful", "harmless"  accuracy against gold (bootstrap CI)
 ====================  ===========================  ==========================================
 """
 from __future__ import annotations
 
 import numpy as np
 
-from alignbench.eval.stats import make_row, proportion_row
+from alignbench.eval.stats import bootstrap_ci, make_row, proportion_row
 
 EVALUATOR = "pm_accuracy"
 TURN_BUCKETS = ("1", "2", "3", "4+")
@@ -115,9 +117,44 @@ def gold_agreement(score_chosen, score_rejected, gold_chosen, gold_rejected, **i
     gold_delta = np.asarray(gold_chosen, float) - np.asarray(gold_rejected, float)
     ordered = gold_delta != 0
     n = int(ordered.sum())
-    pm_credit = _credit(score_chosen, score_rejected)[ordered]
+    pm_agrees = gold_credit(score_chosen, score_rejected, gold_chosen, gold_rejected)[ordered]
     gold_says_chosen = gold_delta[ordered] > 0
-    pm_agrees = np.where(pm_credit == 0.5, 0.5, (pm_credit == 1.0) == gold_says_chosen)
     common = dict(evaluator=EVALUATOR, slice="all", **ident)
     return [proportion_row(float(pm_agrees.sum()), n, metric="gold_accuracy", **common),
             proportion_row(float(gold_says_chosen.sum()), n, metric="label_gold_agreement", **common)]
+
+
+def gold_credit(score_chosen, score_rejected, gold_chosen, gold_rejected) -> np.ndarray:
+    """Per pair: 1 where the PM orders the two responses as the gold reward does, 0 where it
+    reverses them, 0.5 on a PM tie, NaN where gold ties (no gold order)."""
+    gold_delta = np.asarray(gold_chosen, float) - np.asarray(gold_rejected, float)
+    pm_credit = _credit(score_chosen, score_rejected)
+    agrees = np.where(pm_credit == 0.5, 0.5, (pm_credit == 1.0) == (gold_delta > 0)).astype(float)
+    return np.where(gold_delta == 0, np.nan, agrees)
+
+
+def heldout_credit(score_chosen, score_rejected, groups, gold_chosen=None, gold_rejected=None) -> dict:
+    """Per-pair credit on a held-out set, by (metric, group): ``heldout_accuracy`` against the
+    labels and, given gold rewards, ``heldout_gold_accuracy`` against gold (gold ties dropped); group
+    "all" and each value of ``groups`` (e.g. helpful / harmless)."""
+    groups = np.asarray(groups, dtype=str)
+    credits = {"heldout_accuracy": _credit(score_chosen, score_rejected)}
+    if gold_chosen is not None:
+        credits["heldout_gold_accuracy"] = gold_credit(score_chosen, score_rejected, gold_chosen, gold_rejected)
+    out = {}
+    for metric, credit in credits.items():
+        for group in ["all", *sorted(set(groups))]:
+            part = credit if group == "all" else credit[groups == group]
+            out[(metric, group)] = part[~np.isnan(part)]
+    return out
+
+
+def heldout_rows(credits: dict, n_boot: int, boot_seed: int, **ident) -> list[dict]:
+    """One row per ``heldout_credit`` entry: the mean credit with a seeded percentile bootstrap over
+    pairs (slice = the group)."""
+    rows = []
+    for (metric, group), credit in credits.items():
+        value, lo, hi = bootstrap_ci(credit, n_boot=n_boot, seed=boot_seed)
+        rows.append(make_row(evaluator=EVALUATOR, metric=metric, slice=group, value=value, ci_low=lo, ci_high=hi,
+                             n=int(credit.size), **ident))
+    return rows

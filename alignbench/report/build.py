@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import frontier, plots, tables, views, walltime
+from alignbench.report import frontier, plots, pm_objectives, tables, views, walltime
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -225,6 +225,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               *_figure(out_dir, "pm_threshold.png", lambda p: plots.accuracy_vs_threshold(agg, p),
                        "PM accuracy when both scores exceed a threshold", "no PM threshold rows"),
               *_table(tables.gold_table(agg), "no gold-agreement rows (only on hh_synth)"),
+              *pm_objectives.pm_objective_blocks(sweep, agg, out_dir, _figure),
               Heading("Win rates and Elo"),
               *_table(tables.win_table(derived), "fewer than two configurations with usable samples"),
               *_table(tables.elo_table(derived), "fewer than two configurations with usable samples"),

@@ -22,6 +22,21 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+def legend_outside(fig: Figure, ax) -> None:
+    """One legend for the figure, right of the panels: a sweep's many configurations would cover the data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+
+
+def _pm_legend(fig: Figure, ax, n_pms: int) -> None:
+    """Inside the axes for one PM; outside, right, for a sweep of PM variants."""
+    if n_pms > 1:
+        legend_outside(fig, ax)
+    else:
+        ax.legend(fontsize=8)
+
+
 def _yerr(df: pd.DataFrame) -> np.ndarray:
     """Asymmetric error bars from ci_low/ci_high (zero where the interval is missing)."""
     lo = (df["value"] - df["ci_low"]).fillna(0).clip(lower=0)
@@ -42,18 +57,21 @@ def accuracy_by_turn(agg: pd.DataFrame, path: Path) -> Path | None:
     acc = acc[acc["turn"].isin(TURN_BUCKETS)]
     if acc.empty:
         return None
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    n_pms = acc["config"].nunique()
+    if n_pms > 1:  # a sweep of PM variants: each PM's overall accuracy, its subsets are in the table
+        acc = acc[acc["subset"] == "all"]
+    fig = Figure(figsize=(7 + 3 * (n_pms > 1), 4), layout="constrained")
     ax = fig.add_subplot()
-    groups = list(acc.groupby(["method", "subset"], sort=True))
+    groups = list(acc.groupby(["config", "subset"], sort=True))
     for i, ((method, subset), g) in enumerate(groups):
         g = g.assign(x=g["turn"].map(TURN_BUCKETS.index)).sort_values("x")
-        label = subset if acc["method"].nunique() == 1 else f"{method}: {subset}"
+        label = subset if acc["config"].nunique() == 1 else f"{method}: {subset}"
         ax.errorbar(g["x"] + (i - len(groups) / 2) * 0.04, g["value"], yerr=_yerr(g), marker="o", capsize=3,
                     label=label, lw=2.5 if subset == "all" else 1)
     ax.set_xticks(range(len(TURN_BUCKETS)), TURN_BUCKETS)
     ax.set(xlabel="Human turns in the conversation", ylabel="PM accuracy", title="PM accuracy by turn (95% CI)")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.legend(fontsize=8)
+    _pm_legend(fig, ax, n_pms)
     return save_figure(fig, path)
 
 
@@ -61,18 +79,19 @@ def calibration(agg: pd.DataFrame, path: Path) -> Path | None:
     obs = _pm(agg, "calib_observed")
     if obs.empty:
         return None
-    pred = _pm(agg, "calib_predicted").set_index(["method", "slice"])["value"]
-    ece = _pm(agg, "ece").set_index("method")["value"]
-    fig = Figure(figsize=(5, 5), layout="constrained")
+    pred = _pm(agg, "calib_predicted").set_index(["config", "slice"])["value"]
+    ece = _pm(agg, "ece").set_index("config")["value"]
+    n_pms = obs["config"].nunique()
+    fig = Figure(figsize=(5 + 3 * (n_pms > 1), 5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0.5, 1], [0.5, 1], color="grey", ls="--", label="perfect calibration")
-    for method, g in obs.groupby("method", sort=True):
+    for method, g in obs.groupby("config", sort=True):
         x = [pred.get((method, s), np.nan) for s in g["slice"]]
         ax.errorbar(x, g["value"], yerr=_yerr(g), marker="o", capsize=3,
                     label=f"{method} (ECE {ece.get(method, np.nan):.3f})")
     ax.set(xlabel="predicted P(higher-scored is chosen) = σ(|Δ|)", ylabel="observed frequency",
            title="PM calibration by score gap (95% CI)")
-    ax.legend(fontsize=8)
+    _pm_legend(fig, ax, n_pms)
     return save_figure(fig, path)
 
 
@@ -80,13 +99,14 @@ def accuracy_vs_threshold(agg: pd.DataFrame, path: Path) -> Path | None:
     acc = _pm(agg, "accuracy_above").dropna(subset=["value"])
     if acc.empty:
         return None
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    n_pms = acc["config"].nunique()
+    fig = Figure(figsize=(6 + 3 * (n_pms > 1), 4), layout="constrained")
     ax = fig.add_subplot()
-    for method, g in acc.assign(t=acc["slice"].astype(float)).sort_values("t").groupby("method", sort=True):
+    for method, g in acc.assign(t=acc["slice"].astype(float)).sort_values("t").groupby("config", sort=True):
         ax.errorbar(g["t"], g["value"], yerr=_yerr(g), marker="o", capsize=3, label=method)
     ax.set(xlabel="threshold both PM scores must exceed", ylabel="PM accuracy",
            title="PM accuracy vs score threshold (95% CI)")
-    ax.legend(fontsize=8)
+    _pm_legend(fig, ax, n_pms)
     return save_figure(fig, path)
 
 

@@ -130,7 +130,7 @@ def pm_turn_table(agg: pd.DataFrame) -> Table | None:
     acc = acc.assign(subset=parts[0], turn=parts[2])
     turns = [*TURN_BUCKETS, "all"]
     rows = []
-    for (method, subset), g in acc.groupby(["method", "subset"], sort=True):
+    for (method, subset), g in acc.groupby(["config", "subset"], sort=True):
         cell = {r.turn: f"{fmt_ci(r.value, r.ci_low, r.ci_high)} n={fmt_n(r.n)}" for r in g.itertuples()}
         rows.append([method, subset, *(cell.get(t, "–") for t in turns)])
     rows.sort(key=lambda row: (row[0], row[1] != "all", row[1]))
@@ -142,11 +142,11 @@ def calibration_table(agg: pd.DataFrame) -> Table | None:
     obs = pm[pm["metric"] == "calib_observed"]
     if obs.empty:
         return None
-    other = pm.set_index(["method", "metric", "slice"])["value"]
-    ece = pm[pm["metric"] == "ece"].set_index("method")["value"]
-    rows = [[r.method, r.slice, fmt(other.get((r.method, "calib_gap", r.slice))),
-             fmt(other.get((r.method, "calib_predicted", r.slice))), fmt_ci(r.value, r.ci_low, r.ci_high),
-             fmt_n(r.n), fmt(ece.get(r.method))] for r in obs.sort_values(["method", "slice"]).itertuples()]
+    other = pm.set_index(["config", "metric", "slice"])["value"]
+    ece = pm[pm["metric"] == "ece"].set_index("config")["value"]
+    rows = [[r.config, r.slice, fmt(other.get((r.config, "calib_gap", r.slice))),
+             fmt(other.get((r.config, "calib_predicted", r.slice))), fmt_ci(r.value, r.ci_low, r.ci_high),
+             fmt_n(r.n), fmt(ece.get(r.config))] for r in obs.sort_values(["config", "slice"]).itertuples()]
     return Table(["PM", "bin", "mean |Δ|", "predicted σ(|Δ|)", "observed [95% CI]", "n", "ECE"], rows)
 
 
@@ -154,8 +154,8 @@ def threshold_table(agg: pd.DataFrame) -> Table | None:
     part = select(agg, PM_EVAL, "accuracy_above")
     if part.empty:
         return None
-    part = part.assign(t=part["slice"].astype(float)).sort_values(["method", "t"])
-    rows = [[r.method, r.slice, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n)] for r in part.itertuples()]
+    part = part.assign(t=part["slice"].astype(float)).sort_values(["config", "t"])
+    rows = [[r.config, r.slice, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n)] for r in part.itertuples()]
     return Table(["PM", "both scores >", "accuracy [95% CI]", "n"], rows)
 
 
@@ -164,7 +164,7 @@ def gold_table(agg: pd.DataFrame) -> Table | None:
     part = part[part["metric"].isin(["gold_accuracy", "label_gold_agreement"])]
     if part.empty:
         return None
-    rows = [[r.method, r.metric, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n)] for r in part.itertuples()]
+    rows = [[r.config, r.metric, fmt_ci(r.value, r.ci_low, r.ci_high), fmt_n(r.n)] for r in part.itertuples()]
     return Table(["PM", "metric", "agreement with gold [95% CI]", "n"], rows)
 
 

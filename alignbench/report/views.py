@@ -20,7 +20,7 @@ from alignbench.eval.kl_reward import points_frame
 from alignbench.eval.win_rate import win_rates
 from alignbench.report.aggregate import judge_scores, response_texts
 from alignbench.report.load import Sweep
-from alignbench.report.plots import save_figure
+from alignbench.report.plots import legend_outside, save_figure
 from alignbench.report.render import Table
 from alignbench.report.tables import fmt, fmt_ci, fmt_n, select
 
@@ -149,13 +149,6 @@ def panel_row(n: int) -> tuple[Figure, np.ndarray]:
     """A figure of ``n`` panels side by side, 6 inches wide each."""
     fig = Figure(figsize=(6 * n, 4), layout="constrained")
     return fig, np.atleast_1d(fig.subplots(1, n))
-
-
-def legend_outside(fig: Figure, ax) -> None:
-    """One legend for the figure, right of the panels: a sweep's many configurations would cover the data."""
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8)
 
 
 def _errorbars(ax, part: pd.DataFrame, x: str, offset_step: float) -> None:

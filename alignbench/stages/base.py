@@ -9,7 +9,7 @@ import torch
 
 from alignbench import lora
 from alignbench.config import Config
-from alignbench.data import load_data
+from alignbench.data import load_data, pairwise_config
 from alignbench.formats import check_format, set_chat_template
 from alignbench.models import PAD_IS_EOS, count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, precision_key
@@ -51,7 +51,7 @@ def model_key(mc) -> dict:
 
 
 def build_base(cfg: Config) -> Artifact:
-    data = load_data(cfg.data)
+    data = load_data(pairwise_config(cfg.data))  # ranked labels change only the PM
     sc, mc = cfg.stages.base, cfg.model
     key = {"model": model_key(mc), "base": dataclasses.asdict(sc), "hhh_prompt": hhh_prompt(cfg),
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg)}

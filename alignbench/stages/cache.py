@@ -78,8 +78,12 @@ def lora_key(cfg) -> dict:
 
 
 def data_key(cfg) -> dict:
-    """The data config as part of a stage key, without ``format`` (see ``format_key``)."""
-    return {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "format"}
+    """The data config as part of a stage key, without ``format`` (see ``format_key``) and without
+    ``synth.rank_k``: ranked labels change only the PM, whose key has it (the base LM and π0 read the
+    pairwise data, ``data.pairwise_config``)."""
+    out = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "format"}
+    out["synth"] = {k: v for k, v in out["synth"].items() if k != "rank_k"}
+    return out
 
 
 def format_key(cfg) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from alignbench import lora
 from alignbench.config import Config
-from alignbench.data import load_data
+from alignbench.data import load_data, pairwise_config
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
@@ -64,7 +64,7 @@ def distill_batch_loss(student, teacher, batch: dict, prefix: torch.Tensor, s0: 
 
 
 def build_pi0(cfg: Config, base: Artifact) -> Artifact:
-    data = load_data(cfg.data)
+    data = load_data(pairwise_config(cfg.data))  # ranked labels change only the PM
     sc = cfg.stages.pi0
     prompt = hhh_prompt(cfg)
     key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,

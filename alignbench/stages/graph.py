@@ -19,7 +19,7 @@ from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
-from alignbench.stages.preference import build_pm
+from alignbench.stages.preference import build_pm, check_judgements
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ __all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
 
 def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
+    check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     pi0 = build_pi0(cfg, base)

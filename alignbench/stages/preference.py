@@ -1,7 +1,11 @@
 """Stage 3, the preference model (PM): the LM with a scalar head read at the end-of-context token
 (the last attended position; EOS is appended to every dataset response), trained on comparisons with L = −log σ(r_chosen − r_rejected),
 one epoch by default (Bai et al. 2022 §2; more epochs overfit). Optional preference-model
-pretraining (PMP) on another comparison set first.
+pretraining (PMP) on another comparison set first. ``stages.pm.objective`` swaps the loss
+(InstructGPT's ranking loss, a pointwise classifier, or no training: the LM score, ``LMScorer``),
+``harmless_weight`` weighs harmless comparisons by λ and ``judgements`` keeps the first N labels
+(``alignbench.stages.pm_objectives``). Every PM is scored on the same held-out comparisons: the
+pairwise test split (``heldout_scores.jsonl``, ``heldout_*accuracy*`` in the record).
 
 ``part`` selects which half of the training comparisons the PM sees: "all", or "a"/"b" for the HH
 paper's train-PM / test-PM split, where the test PM judges policies trained against the train PM
@@ -21,24 +25,34 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from alignbench import lora, packing
-from alignbench.config import Config
-from alignbench.data import load_data
+from alignbench.config import Config, ConfigError, PMStageConfig
+from alignbench.data import load_data, pairwise_config
+from alignbench.data.types import harm_group
+from alignbench.eval import pm_accuracy
 from alignbench.formats import end_of_turn_id
-from alignbench.models import load_pm, load_tokenizer, pick_device, pm_from_lm
-from alignbench.stages.access import ACCESS_RULES, pm_pairs, pmp_pairs
+from alignbench.models import load_lm, load_pm, load_tokenizer, pick_device, pm_from_lm
+from alignbench.stages.access import ACCESS_RULES, pm_pairs, pm_parts, pmp_pairs
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
+from alignbench.stages.pm_objectives import (Ranked, classifier_loss, element_weights, first_judgements,
+                                             pairwise_loss, ranked_batch, ranking_loss, score_matrix,
+                                             training_elements)
 from alignbench.tracking import Tracker
 from alignbench.train import (Encoded, batch_schedule, encode, encode_ids, encode_pair, last_token_index, pad_batch,
-                              prompt_window, supervised_loop)
+                              prompt_window, response_logprobs, supervised_loop)
 
 log = logging.getLogger(__name__)
 
 
 def pair_batch(tok, pairs, idx, max_len, fmt: str = "raw"):
     """Chosen responses in the first half of the batch, rejected in the second; both sides of a
-    pair on the same prompt window (``encode_pair``)."""
-    encoded = [encode_pair(tok, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, max_len, fmt=fmt) for i in idx]
+    pair on the same prompt window (``encode_pair``). ``pairs``: PreferencePairs or two-response
+    ``pm_objectives.Ranked`` elements."""
+    encoded = [encode_pair(tok, pairs[i].prompt, *_better_worse(pairs[i]), max_len, fmt=fmt) for i in idx]
     return pad_batch([c for c, _ in encoded] + [r for _, r in encoded], tok.pad_token_id)
+
+
+def _better_worse(pair) -> tuple[str, str]:
+    return (pair.responses[0], pair.responses[1]) if isinstance(pair, Ranked) else (pair.chosen, pair.rejected)
 
 
 def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,9 +73,25 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
 
 
 def pm_loss(model, batch) -> torch.Tensor:
-    """L = −log σ(r_chosen − r_rejected), averaged over the pairs of the batch."""
+    """L = −log σ(r_chosen − r_rejected), averaged over the pairs of the batch; with ``weights``
+    [B] (``stages.pm.harmless_weight``) L = (1/B) Σ_i w_i ℓ_i (``pm_objectives.pairwise_loss``)."""
     chosen, rejected = pm_scores(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    if "weights" in batch:
+        return pairwise_loss(chosen, rejected, batch["weights"])
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+def ranked_pm_loss(model, batch) -> torch.Tensor:
+    """``pm_objectives.ranking_loss`` of a ``ranked_batch``: every ranking one element."""
+    scores, valid = score_matrix(pm_scores(model, batch["input_ids"], batch["attention_mask"]), batch)
+    return ranking_loss(scores, valid, batch["weights"])
+
+
+def classifier_pm_loss(model, batch) -> torch.Tensor:
+    """``pm_objectives.classifier_loss`` of a ``ranked_batch``: good = 1, bad = 0 per response."""
+    scores, _ = score_matrix(pm_scores(model, batch["input_ids"], batch["attention_mask"]), batch)
+    labels, _ = score_matrix(batch["labels"].to(scores.dtype), batch, fill=-1.0)
+    return classifier_loss(scores, labels, batch["weights"])
 
 
 def same_tokenizer(a, b) -> bool:
@@ -76,7 +106,7 @@ class PMScorer:
 
     def __init__(self, path, device="cpu", max_len: int = 256, batch_size: int = 64, fmt: str = "raw"):
         self.tokenizer, self.fmt = load_tokenizer(path), fmt
-        self.model = load_pm(path).to(device).eval().requires_grad_(False)
+        self.model = self._load(path).to(device).eval().requires_grad_(False)
         self.device, self.max_len, self.batch_size = device, max_len, batch_size
         self.calls = 0
         self.tokens = 0  # prompt + response (+ EOS) tokens read, after truncation to max_len
@@ -110,8 +140,35 @@ class PMScorer:
             b = pad_batch(chunk, self.tokenizer.pad_token_id, self.device)
             with self._lock:
                 self.tokens += sum(len(s.input_ids) for s in chunk)
-            out.append(pm_scores(self.model, b["input_ids"], b["attention_mask"]).cpu())
+            out.append(self._forward(b).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+    def _load(self, path):
+        return load_pm(path)
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        return pm_scores(self.model, batch["input_ids"], batch["attention_mask"])
+
+
+class LMScorer(PMScorer):
+    """``stages.pm.objective=lm``: a PM with no training, whose score of a response is its summed
+    log-probability under an LM, log p(y | x) = Σ_t log p(y_t | x, y_<t) (Askell et al. 2021's
+    imitation baseline as a scorer). The same interface, counters and costs as ``PMScorer``."""
+
+    def _load(self, path):
+        return load_lm(path)
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        return response_logprobs(self.model, batch)[0].float()
+
+
+def stage_scorer(artifact: Artifact, device="cpu", fmt: str = "raw", batch_size: int = 64) -> PMScorer:
+    """The scorer a PM stage serves: its trained PM, or for objective ``lm`` an ``LMScorer`` of the
+    init LM the record names (a stage directory beside it in the cache)."""
+    max_len = artifact.record["max_len"]
+    if artifact.record.get("objective") == "lm":
+        return LMScorer(artifact.path.parent / artifact.record["lm_stage_dir"], device, max_len, batch_size, fmt)
+    return PMScorer(artifact.path, device, max_len, batch_size, fmt)
 
 
 def scored_ids(samples, eos_id: int) -> list[list[int]]:
@@ -143,59 +200,149 @@ class SampleScorer:
 # also rebuild the base LM and π0, whose code did not change). 2: score read at the last attended
 # token (pm_scores), chosen and rejected on one prompt window (encode_pair).
 PM_CODE_VERSION = "2"
+# stages.pm fields whose default leaves the PM as it was before them: left out of the key at their
+# default, so existing caches stay valid
+VARIANT_DEFAULTS = {"objective": "pairwise", "harmless_weight": 1.0, "judgements": None}
+
+
+def pm_settings(cfg: Config, part: str = "all") -> PMStageConfig:
+    """The PM settings of ``part``: the judge PM (part "b", real HH) is always the standard pairwise
+    PM on all its comparisons, so that PM variants never change who judges."""
+    return dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if part == "b" else cfg.stages.pm
+
+
+def pm_variant(cfg: Config) -> dict:
+    """The proxy PM's variant: objective, λ, judgements and hh_synth's rank K (None: pairs)."""
+    sc = cfg.stages.pm
+    rank_k = cfg.data.synth.rank_k if cfg.data.name == "hh_synth" else None
+    return {"objective": sc.objective, "harmless_weight": sc.harmless_weight, "judgements": sc.judgements,
+            "rank_k": rank_k}
+
+
+def pm_label(cfg: Config) -> str:
+    """The proxy PM's name in results and reports: "pm", plus what differs from the default PM."""
+    v = pm_variant(cfg)
+    names = {"objective": "objective", "harmless_weight": "λ", "judgements": "judgements", "rank_k": "K"}
+    diff = [f"{names[k]}={v[k]:g}" if isinstance(v[k], float) else f"{names[k]}={v[k]}"
+            for k in names if v[k] != VARIANT_DEFAULTS.get(k)]
+    return "pm" if not diff else f"pm[{', '.join(diff)}]"
+
+
+def _key_settings(sc: PMStageConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(sc).items() if k not in VARIANT_DEFAULTS or v != VARIANT_DEFAULTS[k]}
+
+
+def check_judgements(cfg: Config) -> None:
+    """``stages.pm.judgements`` must not exceed the proxy PM's training comparisons: checked before
+    any stage trains (``graph.build_shared_stages``)."""
+    n, part = cfg.stages.pm.judgements, pm_parts(cfg)[0]
+    have = len(pm_pairs(cfg, load_data(cfg.data), part)) if n is not None else 0
+    if n is not None and n > have:
+        raise ConfigError(f"stages.pm.judgements: {n} exceeds the {have} training comparisons of the PM "
+                          f"(part {part!r})")
 
 
 def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
     data = load_data(cfg.data)
-    sc = cfg.stages.pm
-    key = {"upstream": {init.stage: init.key}, "pm": dataclasses.asdict(sc), "part": part, "access": ACCESS_RULES,
+    sc = pm_settings(cfg, part)
+    key = {"upstream": {init.stage: init.key}, "pm": _key_settings(sc), "part": part, "access": ACCESS_RULES,
            "pm_code": PM_CODE_VERSION,
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
+    if cfg.data.synth.rank_k is not None and cfg.data.name == "hh_synth":
+        key["rank_k"] = cfg.data.synth.rank_k
+    heldout_pairs = load_data(pairwise_config(cfg.data)).test  # one held-out set for every variant
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
-        model = pm_from_lm(init.path, tok, cfg.stages.seed)
-        if lora.enabled(cfg.model):  # adapters + the scalar head train; saved merged
-            model = lora.wrap(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
+        train = pm_pairs(cfg, data, part)
+        # the LM score reads no label: no judgements
+        train = [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
+        variant = {"objective": sc.objective, "harmless_weight": sc.harmless_weight, "judgements": len(train),
+                   "rank_k": key.get("rank_k")}
         metrics: dict = {}
         counts: dict = {}
-        tracker = Tracker(out / "tb", cfg.train.report_to, f"pm-{part}")
-        if sc.pmp_path:
-            from alignbench.data.hh import load_hh_rlhf
-            pmp, _ = load_hh_rlhf(sc.pmp_path, _subsets_in(sc.pmp_path), ["train", "test"], "skip")
-            pmp, counts["pmp_dropped_shared_conversation"] = pmp_pairs(cfg, data, part, pmp)
-            counts["pmp_pairs"] = len(pmp)
-            metrics["pmp"] = _train(model, tok, pmp, sc.pmp_epochs, sc, cfg, device, max_len, "PM pretraining",
-                                    lambda step, **s: tracker.log_step(step, **{f"pmp_{k}": v for k, v in s.items()}))
-        train = pm_pairs(cfg, data, part)
-        metrics["train"] = _train(model, tok, train, sc.epochs, sc, cfg, device, max_len, f"PM ({part})",
-                                  tracker.log_step)
-        tracker.close()
-        lora.save(model.to("cpu"), out)
-        tok.save_pretrained(out)
-        heldout = _score_heldout(out, data.test, device, max_len, cfg.data.format)
+        if sc.objective == "lm":  # nothing to train: the init LM scores (stage_scorer)
+            record = {"objective": "lm", "lm_stage_dir": init.path.name, "max_len": max_len}
+            scorer = LMScorer(init.path, device, max_len, fmt=cfg.data.format)
+        else:
+            record = {"max_len": max_len}
+            model = pm_from_lm(init.path, tok, cfg.stages.seed)
+            if lora.enabled(cfg.model):  # adapters + the scalar head train; saved merged
+                model = lora.wrap(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
+            tracker = Tracker(out / "tb", cfg.train.report_to, f"pm-{part}")
+            common = dict(cfg=cfg, device=device, max_len=max_len, settings=sc)
+            if sc.pmp_path:
+                from alignbench.data.hh import load_hh_rlhf
+                pmp, _ = load_hh_rlhf(sc.pmp_path, _subsets_in(sc.pmp_path), ["train", "test"], "skip")
+                pmp, counts["pmp_dropped_shared_conversation"] = pmp_pairs(cfg, data, part, pmp)
+                counts["pmp_pairs"] = len(pmp)
+                metrics["pmp"] = train_pm(
+                    model, tok, pmp, epochs=sc.pmp_epochs, desc="PM pretraining", **common,
+                    log_step=lambda step, **s: tracker.log_step(step, **{f"pmp_{k}": v for k, v in s.items()}))
+            metrics["train"] = train_pm(model, tok, train, epochs=sc.epochs, desc=f"PM ({part})",
+                                        log_step=tracker.log_step, **common)
+            tracker.close()
+            lora.save(model.to("cpu"), out)
+            tok.save_pretrained(out)
+            scorer = PMScorer(out, device, max_len, fmt=cfg.data.format)
+        heldout = _score_heldout(scorer, heldout_pairs)
         (out / "heldout_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
-        acc = sum((r["score_chosen"] > r["score_rejected"]) + 0.5 * (r["score_chosen"] == r["score_rejected"])
-                  for r in heldout) / max(len(heldout), 1)
-        metrics["heldout_accuracy"] = acc
-        return {"metrics": metrics, "max_len": max_len,
-                "data_counts": {"train_pairs": len(train), "heldout_pairs": len(heldout), **counts}}
+        metrics.update(heldout_metrics(heldout))
+        return {**record, "metrics": metrics, "variant": variant,
+                "data_counts": {"train_pairs": len(train), "judgements": len(train), "heldout_pairs": len(heldout),
+                                **counts}}
 
     return build_stage(f"pm-{part}" if part != "all" else "pm", key, cfg.paths.cache_dir, build)
 
 
-def _train(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step) -> dict:
-    batches = batch_schedule(len(pairs), sc.batch_size, epochs, cfg.stages.seed, sc.max_steps)
-    res = supervised_loop(model, batches, lambda idx: pair_batch(tok, pairs, idx, max_len, cfg.data.format),
-                          pm_loss, sc.lr, desc, cfg.train.grad_clip, device=device, precision=cfg.train.precision,
-                          gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=log_step)
-    return {"pairs": len(pairs), "steps": res.steps, "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
+def train_pm(model, tok, comparisons, *, epochs, cfg: Config, device, max_len, desc, log_step,
+             settings: PMStageConfig | None = None) -> dict:
+    """Train ``model`` (a PM) in place on ``comparisons`` (PreferencePairs, ranked or not) with the
+    objective and λ of ``settings`` (default ``cfg.stages.pm``): its batch size, lr and max_steps,
+    one element per comparison or ranking (``pm_objectives.training_elements``)."""
+    sc = settings or cfg.stages.pm
+    if sc.objective == "lm":
+        raise ValueError("stages.pm.objective=lm has nothing to train (the init LM scores)")
+    elements = training_elements(comparisons, sc.objective)
+    fmt = cfg.data.format
+    if sc.objective == "pairwise" and sc.harmless_weight == 1.0:
+        make = lambda idx: pair_batch(tok, elements, idx, max_len, fmt)  # noqa: E731 - today's PM exactly
+        loss_fn = pm_loss
+    elif sc.objective == "pairwise":
+        make = lambda idx: {**pair_batch(tok, elements, idx, max_len, fmt),  # noqa: E731
+                            "weights": element_weights([elements[i].subset for i in idx], sc.harmless_weight)}
+        loss_fn = pm_loss
+    else:
+        make = lambda idx: ranked_batch(tok, elements, idx, max_len, fmt, sc.harmless_weight)  # noqa: E731
+        loss_fn = ranked_pm_loss if sc.objective == "ranking" else classifier_pm_loss
+    batches = batch_schedule(len(elements), sc.batch_size, epochs, cfg.stages.seed, sc.max_steps)
+    res = supervised_loop(model, batches, make, loss_fn, sc.lr, desc, cfg.train.grad_clip, device=device,
+                          precision=cfg.train.precision, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                          log_step=log_step)
+    return {"pairs": len(comparisons), "elements": len(elements), "objective": sc.objective, "steps": res.steps,
+            "train_tokens": res.tokens, "train_seconds": round(res.seconds, 2),
             "first_loss": res.losses[0], "final_loss": sum(res.losses[-10:]) / len(res.losses[-10:]),
             "losses": [round(x, 5) for x in res.losses]}  # per step: the learning curve (record only)
 
 
-def _score_heldout(path, pairs, device, max_len, fmt) -> list[dict]:
-    scorer = PMScorer(path, device, max_len, fmt=fmt)
+def heldout_credits(heldout: list[dict]) -> dict:
+    """``pm_accuracy.heldout_credit`` of held-out score records (``heldout_scores.jsonl``), grouped
+    by harm (helpful / harmless); against gold too where the records carry it (hh_synth)."""
+    gold = bool(heldout) and heldout[0].get("gold_chosen") is not None
+    return pm_accuracy.heldout_credit(
+        [r["score_chosen"] for r in heldout], [r["score_rejected"] for r in heldout],
+        [harm_group(r["subset"]) for r in heldout], gold_chosen=[r["gold_chosen"] for r in heldout] if gold else None,
+        gold_rejected=[r["gold_rejected"] for r in heldout] if gold else None)
+
+
+def heldout_metrics(heldout: list[dict]) -> dict:
+    """Mean accuracy against the labels (``heldout_accuracy``) and, on hh_synth, against gold
+    (``heldout_gold_accuracy``), overall and per harm group (``_helpful``, ``_harmless``)."""
+    return {metric + ("" if group == "all" else f"_{group}"): float(c.mean())
+            for (metric, group), c in heldout_credits(heldout).items() if c.size}
+
+
+def _score_heldout(scorer: PMScorer, pairs) -> list[dict]:
     rc, rr = [], []
     for i in tqdm(range(0, len(pairs), 256), desc="PM held-out scores", leave=False):
         chosen, rejected = scorer.score_pairs(pairs[i:i + 256])
