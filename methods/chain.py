@@ -14,6 +14,7 @@ A stage that returns only a sampler (best-of-n) has no policy to continue from: 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ def stage_config(node: Any, key: str) -> Any:
         raise ConfigError(f"{key}.name: {str(e).split(': ', 1)[1]}") from e
     if cls.name == "chain":
         raise ConfigError(f"{key}.name: a chain's stage cannot be a chain itself")
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    for k in node:
+        if k not in known:
+            raise ConfigError(f"{key}.{k}: unknown key for method {cls.name}; valid: {sorted(known)}")
     shipped = files("alignbench_conf").joinpath("method", f"{cls.name}.yaml")
     defaults = OmegaConf.create(shipped.read_text()) if shipped.is_file() else {}
     try:

@@ -4,7 +4,10 @@ input before any training, and a resume after a kill inside a later stage."""
 from __future__ import annotations
 
 import json
-import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.cost import Cost
 from alignbench.runner import run_job, validate
+from tests.conftest import TINY
 
 # two short stages: Preferred-FT (SFT on chosen responses) then DPO, 4 steps each
 PFT = "{name:preferred_ft,max_steps:4,eval_every:2}"
@@ -69,3 +73,123 @@ def test_chain_stages_start_from_the_previous_policy_and_costs_add_up(tiny_overr
         assert chain["cost"][key] == sum(a["cost"][key] for a in alone), key
     assert chain["cost"]["flops"] == pytest.approx(sum(a["cost"]["flops"] for a in alone), rel=1e-9)
     assert chain["cost"]["tokens_trained"] > 0
+
+
+def test_from_run_starts_at_the_source_policy_and_continues_its_cost(tiny_overrides, tmp_path):
+    pft = ["method=preferred_ft", "method.max_steps=4", "method.eval_every=2", "eval.n_prompts=8"]
+    source = _run(tiny_overrides[:-1] + [f"paths.sweep_dir={tmp_path}/sft"] + pft)
+    dpo = ["method=dpo", "method.max_steps=4", "method.eval_every=2", "eval.n_prompts=8"]
+    alone = _run(tiny_overrides[:-1] + [f"paths.sweep_dir={tmp_path}/alone"] + dpo)
+    cont = _run(tiny_overrides[:-1] + [f"paths.sweep_dir={tmp_path}/cont", f"init.from_run='{tmp_path}/sft/{source['run_id']}'"]
+                + dpo)
+    log = _log(tmp_path / "cont", cont)
+    assert [p["label"] for p in log[:2]] == ["pi0", "start"]
+    assert log[0]["tokens_trained"] == 0  # π0 costs nothing; the start carries the source's cost
+    for key in COUNTS:
+        assert log[1][key] == source["cost"][key], key
+        assert cont["cost"][key] == source["cost"][key] + alone["cost"][key], key
+    assert cont["cost"]["wall_s"] > source["cost"]["wall_s"]  # the source's seconds, then its own
+    assert abs(log[1]["kl_k3_start"]) < 1e-5 and log[1]["kl_k3"] > 1e-4
+    # init.reference=start: DPO's reference is the start policy, so its implicit rewards start at 0
+    assert abs(cont["info"]["initial_reward_margin"]) < 1e-4 and abs(alone["info"]["initial_reward_margin"]) < 1e-4
+    assert "kl_k3_start" in cont["final"] and "kl_k3_start" not in alone["final"]
+    assert cont["chain"] == [{"method": "preferred_ft", "config": source["config"], "run": f"sft/{source['run_id']}"},
+                             {"method": "dpo", "config": cont["config"], "run": f"cont/{cont['run_id']}"}]
+    # a run continuing the continuation lists the whole chain
+    again = validate(compose(tiny_overrides + [f"init.from_run='{tmp_path}/cont/{cont['run_id']}'",
+                                               "init.reference=pi0"] + dpo))[0]
+    from alignbench.chain import check_source
+    src = check_source(again)
+    assert [s["method"] for s in src.chain] == ["preferred_ft", "dpo"]
+    from alignbench.evaluate import build_context
+    ctx = build_context(again, None, tmp_path / "ctx", source=src)
+    assert ctx.start_path == src.policy and ctx.reference_path is None  # init.reference=pi0
+
+
+def _fake_run(sweep: Path, run_id: str, status: str, done: bool, stages=None, policy: bool = True) -> str:
+    run = sweep / "runs" / run_id
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"status": status}))
+    if done:
+        (run / "DONE").write_text("")
+    (run / "metrics.json").write_text(json.dumps({"method": "dpo", "family": "dpo", "config": "dpo", "run_id": run_id,
+                                                  "stages": stages or {}, "cost": {"wall_s": 1.0}, "info": {}}))
+    if policy:
+        (run / "policy").mkdir()
+        (run / "policy" / "config.json").write_text("{}")
+    return f"{sweep}/{run_id}"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "no run directory"),
+    ("failed", "has not finished \\(status: failed\\)"),
+    ("running", "has not finished \\(status: running\\)"),
+    ("sampler", "has no policy weights"),
+])
+def test_bad_source_run_fails_before_training_naming_the_key(case, match, tiny_overrides, tmp_path):
+    spec = {"missing": lambda: f"{tmp_path}/nowhere/dpo_s0",
+            "failed": lambda: _fake_run(tmp_path / "src", "dpo_s0", "failed", done=False),
+            "running": lambda: _fake_run(tmp_path / "src", "dpo_s0", "running", done=False),
+            "sampler": lambda: _fake_run(tmp_path / "src", "bon_s0", "done", done=True, policy=False)}[case]()
+    with pytest.raises(ConfigError, match=f"^init.from_run: .*{match}"):
+        validate(compose(tiny_overrides + [f"init.from_run={spec}", "method=dpo"]))
+
+
+def test_source_on_other_shared_stages_fails_before_training(tiny_overrides, tmp_path):
+    ours = run_job(compose(tiny_overrides + ["method=context_distilled", "eval.n_prompts=8"]), [])["stages"]
+    spec = _fake_run(tmp_path / "src", "dpo_s0", "done", done=True, stages={**ours, "pi0": "another-pi0"})
+    overrides = tiny_overrides[:-1] + [f"paths.sweep_dir={tmp_path}/cont", f"init.from_run={spec}", "method=dpo"]
+    with pytest.raises(ConfigError, match="^init.from_run: .* another pi0 stage"):
+        run_job(compose(overrides), [])
+    run = next((tmp_path / "cont" / "runs").iterdir())
+    assert not (run / "train_log.jsonl").exists()  # nothing was measured or trained
+    assert json.loads((run / "status.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("stages,match", [
+    (f"[{PFT},{{name:dpo,betta:1}}]", r"^method.stages\[1\].betta: unknown key"),
+    (f"[{PFT},{{name:dpo,beta:-1}}]", r"^method.stages\[1\].beta: must be > 0"),
+    (f"[{{name:nope}},{DPO}]", r"^method.stages\[0\].name: unknown method 'nope'"),
+    (f"[{{name:rejection_sampling,mode:best_of_n}},{DPO}]", r"^method.stages\[0\].mode: .*only the last stage"),
+    (f"[{DPO}]", r"^method.stages: a chain needs at least two stages"),
+])
+def test_bad_stage_fails_before_training_naming_its_key(stages, match, tiny_overrides):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose(tiny_overrides + ["method=chain", f"method.stages={stages}"]))
+
+
+@pytest.mark.slow
+def test_chain_killed_inside_its_second_stage_resumes_and_matches_uninterrupted(stage_cache, tmp_path):
+    """SIGKILL a chain inside stage 2 after a checkpoint there; the re-run skips stage 1 (its done
+    record), resumes stage 2 from its checkpoint and ends exactly as an uninterrupted chain (CPU)."""
+    dpo = "{name:dpo,max_steps:8,eval_every:2}"
+    common = [sys.executable, "-m", "alignbench.cli", "run", "method=chain", f"method.stages=[{PFT},{dpo}]",
+              "train.checkpoint_every=2", "eval.n_prompts=8", "train.num_threads=1", *TINY,
+              f"paths.cache_dir={stage_cache}"]
+    subprocess.run(common + [f"paths.sweep_dir={tmp_path}/clean"], check=True, capture_output=True, cwd=tmp_path)
+    clean = json.loads(next((tmp_path / "clean" / "runs").glob("*/metrics.json")).read_text())
+    killed = common + [f"paths.sweep_dir={tmp_path}/killed"]
+    proc = subprocess.Popen(killed, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, states = time.time() + 300, []
+    while time.time() < deadline:
+        states = list((tmp_path / "killed" / "runs").glob("*/subruns/01-dpo/checkpoint/state.json"))
+        if states and json.loads(states[0].read_text())["step"] >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = states[0].parents[3]
+    assert not (run_dir / "DONE").exists(), "the chain finished before it could be killed"
+    assert (run_dir / "subruns" / "00-preferred_ft" / "done.json").exists()
+    out = subprocess.run(killed, check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "resuming from checkpoint" in out.stdout + out.stderr
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("proxy_reward", "judge_reward", "kl_k1", "kl_k3"):
+        assert resumed["final"][key] == clean["final"][key], key  # bitwise on CPU
+    for key in ("tokens_trained", "tokens_generated", "pm_calls", "flops"):
+        assert resumed["cost"][key] == clean["cost"][key], key
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    clean_log = (tmp_path / "clean" / "runs" / run_dir.name / "train_log.jsonl").read_text().splitlines()
+    assert [p["step"] for p in log] == [json.loads(line)["step"] for line in clean_log] == [0, 2, 4, 4, 6, 8, 10, 12, -1]
+    for a, b in zip(log, map(json.loads, clean_log)):
+        assert a["judge_reward"] == b["judge_reward"] and a.get("kl_k3") == b.get("kl_k3"), a["step"]
