@@ -17,7 +17,9 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.cost import Cost
 from alignbench.runner import run_job, validate
+from alignbench.report.build import build_report
 from tests.conftest import TINY
+from tests.test_report import sweep  # noqa: F401 (fixture)
 
 # two short stages: Preferred-FT (SFT on chosen responses) then DPO, 4 steps each
 PFT = "{name:preferred_ft,max_steps:4,eval_every:2}"
@@ -193,3 +195,22 @@ def test_chain_killed_inside_its_second_stage_resumes_and_matches_uninterrupted(
     assert [p["step"] for p in log] == [json.loads(line)["step"] for line in clean_log] == [0, 2, 4, 4, 6, 8, 10, 12, -1]
     for a, b in zip(log, map(json.loads, clean_log)):
         assert a["judge_reward"] == b["judge_reward"] and a.get("kl_k3") == b.get("kl_k3"), a["step"]
+
+
+def test_report_lists_a_chain_as_one_configuration_with_its_stages_and_kls(sweep, tmp_path):  # noqa: F811
+    for seed, (kl, kl_start, last) in enumerate([(0.4, 0.4, 0.1), (0.6, 0.6, 0.3)]):
+        path = sweep / "runs" / f"dpo-{seed}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics.update(final={"judge_reward": 1.0 + seed, "kl_k3": kl}, cost={**metrics["cost"], "flops": 2e9},
+                       chain=[{"method": "preferred_ft", "config": "chain", "run": "fake/dpo-0", "stage": 0},
+                              {"method": "dpo", "config": "chain", "run": "fake/dpo-0", "stage": 1}],
+                       info={"stages": [{"kl_k3_start": 0.0}, {"kl_k3_start": last}]})
+        path.write_text(json.dumps(metrics))
+    md = build_report(sweep, tmp_path / "report", n_boot=200).read_text()
+    assert "## Chains" in md
+    # seeds combined: judge (1 + 2) / 2, KL to π0 = to the chain's start (it starts at π0), last stage 0.2
+    assert "| dpo | preferred_ft → dpo | 2 | 1.500 | 0.500 | 0.500 | 0.200 | 2e+09 |" in md
+
+
+def test_report_of_a_sweep_without_chains_has_no_chain_section(sweep, tmp_path):  # noqa: F811
+    assert "Chains" not in build_report(sweep, tmp_path / "report", n_boot=200).read_text()
