@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from alignbench.chain import add_cost, resolve_run_dir
+from alignbench.chain import add_cost, check_source, resolve_run_dir
 from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.cost import Cost
+from alignbench.evaluate import build_context
 from alignbench.runner import run_job, validate
 from alignbench.report.build import build_report
 from tests.conftest import TINY
@@ -68,6 +69,10 @@ def test_chain_stages_start_from_the_previous_policy_and_costs_add_up(tiny_overr
     assert [p["step"] for p in log] == [0, 2, 4, 4, 6, 8, -1]  # one step axis over both stages
     assert chain["info"]["stages"][1]["method"] == "dpo" and chain["info"]["stages"][1]["steps"] == 8
     assert [s["method"] for s in chain["chain"]] == ["preferred_ft", "dpo"]
+    # the chain's final policy (the last stage's) can start another chain
+    source = check_source(validate(compose(tiny_overrides + [f"init.from_run='{sweep}/{chain['run_id']}'"]))[0])
+    assert source.policy == sweep / "runs" / chain["run_id"] / "subruns" / "01-dpo" / "policy"
+    assert [s["method"] for s in source.chain] == ["preferred_ft", "dpo"]
     # the same two stages run alone (DPO from π0: the same steps and data): the chain spent their sum
     alone = [_run(tiny_overrides + [f"paths.sweep_dir={tmp_path}/{n}", "eval.n_prompts=8", f"method={n}",
                                     "method.max_steps=4", "method.eval_every=2"]) for n in ("preferred_ft", "dpo")]
@@ -100,10 +105,8 @@ def test_from_run_starts_at_the_source_policy_and_continues_its_cost(tiny_overri
     # a run continuing the continuation lists the whole chain
     again = validate(compose(tiny_overrides + [f"init.from_run='{tmp_path}/cont/{cont['run_id']}'",
                                                "init.reference=pi0"] + dpo))[0]
-    from alignbench.chain import check_source
     src = check_source(again)
     assert [s["method"] for s in src.chain] == ["preferred_ft", "dpo"]
-    from alignbench.evaluate import build_context
     ctx = build_context(again, None, tmp_path / "ctx", source=src)
     assert ctx.start_path == src.policy and ctx.reference_path is None  # init.reference=pi0
 
