@@ -17,6 +17,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.cost import Cost
 from alignbench.evaluate import build_context
+from alignbench.evaluate_samples import method_family
 from alignbench.runner import run_job, validate
 from alignbench.report.build import build_report
 from tests.conftest import TINY
@@ -217,3 +218,17 @@ def test_report_lists_a_chain_as_one_configuration_with_its_stages_and_kls(sweep
 
 def test_report_of_a_sweep_without_chains_has_no_chain_section(sweep, tmp_path):  # noqa: F811
     assert "Chains" not in build_report(sweep, tmp_path / "report", n_boot=200).read_text()
+
+
+@pytest.mark.parametrize("preset,stages,alone", [
+    ("chain_rs_ppo", ["rs_finetune", "ppo"], {"rejection_sampling": ("rounds", 1), "ppo": ("steps", 2)}),
+    ("chain_pft_dpo", ["preferred_ft", "dpo"], {"preferred_ft": ("max_steps", 40), "dpo": ("max_steps", 40)}),
+])
+def test_chain_presets_compose_the_chain_and_its_stages_alone_with_the_same_settings(preset, stages, alone):
+    cfg, mcfg, _ = validate(compose([f"experiment={preset}", "method=chain"]))
+    resolved = mcfg.resolved()
+    assert [method_family(m.name, m) for _, m in resolved] == stages and mcfg.reference == "start"
+    for (_, stage), (name, (key, value)) in zip(resolved, alone.items()):
+        single = validate(compose([f"experiment={preset}", f"method={name}"]))[1]
+        assert getattr(stage, key) == getattr(single, key) == value
+        assert stage == single  # the stage alone is the same method config
