@@ -262,6 +262,17 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the run's policy starts (method chaining, alignbench.chain)."""
+    # null: π0; "<sweep>/<run_id>": that finished run's policy (sweep: a directory path, or a sweep
+    # name under the sweeps root, the parent directory of paths.sweep_dir)
+    from_run: Optional[str] = None
+    # the training anchor of the continuing method (DPO's reference, PPO's KL penalty): the policy it
+    # starts from ("start", the DPO paper's SFT reference) or π0; KL is measured against both either way
+    reference: str = opt("start", choices=["start", "pi0"])
+
+
+@dataclass
 class PathsConfig:
     cache_dir: str = ".cache/alignbench"
     sweep_dir: str = "sweeps/default"
@@ -278,6 +289,7 @@ class Config:
     method: Any = field(default_factory=lambda: {"name": "context_distilled"})
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def validate(self, prefix: str) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
+from alignbench.chain import SourceRun
 from alignbench.config import Config
 from alignbench.context import EVAL_SEED_OFFSET, RunContext
 from alignbench.data import load_data
@@ -54,8 +55,10 @@ def make_judge(cfg: Config, stages, device, tokenizer):
 
 
 def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None,
-                  stages: Optional[SharedStages] = None) -> RunContext:
-    """``stages``: the shared stages when the caller already has them (the runner times getting them)."""
+                  stages: Optional[SharedStages] = None, source: Optional[SourceRun] = None) -> RunContext:
+    """``stages``: the shared stages when the caller already has them (the runner times getting them).
+    ``source``: the run whose policy this one continues (init.from_run, alignbench.chain): the
+    policy starts there and is anchored there (init.reference=start) or to π0."""
     dist = dist or Dist()
     stages = stages or build_shared_stages(cfg)
     data = load_data(cfg.data)
@@ -73,6 +76,8 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
         eval_chosen=chosen_responses(cfg, data, prompts), selection_prompts=selection_prompts(cfg, data),
         pairs=method_pairs(cfg, data), judge=judge, judge_name=judge_name, out_dir=run_dir, budget=budget, dist=dist,
         pm=stage_scorer(stages.pm, device, fmt=cfg.data.format),  # a trained PM, or objective=lm's LM
+        start_path=source.policy if source else None,
+        reference_path=source.policy if source and cfg.init.reference == "start" else None,
         tracker=Tracker(run_dir / "tb", cfg.train.report_to, run_dir.name, OmegaConf.to_container(
             OmegaConf.structured(cfg), resolve=True)) if dist.is_main else None)
 

@@ -23,6 +23,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from alignbench.chain import add_cost, chain_record, check_source, check_stages, own_stages, run_label
 from alignbench.config import Config, to_config
 from alignbench.distributed import Dist, launched_world_size, main_only_logging
 from alignbench.memory import maybe_fix_mmap_threshold
@@ -78,6 +79,7 @@ def validate(cfg_node: DictConfig) -> tuple[Config, object, type]:
     mcfg = method_config(method_cls, cfg.method)
     from alignbench.stages.graph import judge_kind
     judge_kind(cfg)
+    check_source(cfg)  # init.from_run: exists, finished, has weights (its stages are checked once built)
     for key, path in (("paths.sweep_dir", cfg.paths.sweep_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
         check_writable(key, Path(path))
     check_distributed(cfg, mcfg, method_cls, launched_world_size())
@@ -169,17 +171,27 @@ def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist
     clock = RunClock()
     stages = build_shared_stages(cfg)
     clock.stages_done()
-    ctx = build_context(cfg, mcfg, run_dir, dist, stages=stages)
+    source = check_source(cfg)
+    if source is not None:  # before any training: the source shares this run's base LM and π0
+        check_stages(source, stages.keys())
+    ctx = build_context(cfg, mcfg, run_dir, dist, stages=stages, source=source)
     clock.mark("setup", ctx.cost)
     try:
         set_seed(cfg.seed)
-        ctx.log_point(0, model=ctx.reference(), label="pi0")
+        ctx.log_point(0, model=ctx.pi0(), label="pi0")
+        if source is not None:  # the chain's start: its cost so far, then its policy's point
+            add_cost(ctx.cost, source.cost)
+            ctx.log_point(0, model=ctx.load(source.policy).eval(), label="start")
         artifact: PolicyArtifact = method_cls().train(ctx)
         if not dist.is_main:  # the main process evaluates; the others' part ends with training
             return {}
         clock.mark("train", ctx.cost)
         with ctx.cost.measuring():  # free, except what an inference-time policy spends serving (Cost.charging)
             metrics = final_evaluation(ctx, artifact, config_id)
+        own = own_stages(metrics["family"], config_id, run_label(cfg.paths.sweep_dir, run_dir.name), artifact.info)
+        chain = chain_record(source, own)
+        if chain is not None:
+            metrics["chain"] = chain
         clock.mark("eval", ctx.cost)
         return _record_times(run_dir, metrics, clock.times(stage_times(stages)))
     finally:

@@ -62,6 +62,12 @@ def encode(tokenizer, prompt: str, response: str, max_len: int, eos: bool = True
     return encode_responses(tokenizer, prompt, [response], max_len, eos=eos, fmt=fmt)[0]
 
 
+def encode_chosen(tokenizer, pairs, max_len: int, fmt: str = "raw") -> list[Encoded]:
+    """Preferred-FT's data (the DPO paper's SFT on the preferred responses): each comparison's
+    (prompt, chosen), trained on with ``lm_loss`` (π0's stages.pi0.mode=preferred_ft, method preferred_ft)."""
+    return [encode(tokenizer, p.prompt, p.chosen, max_len, fmt=fmt) for p in pairs]
+
+
 def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_len: int,
                 fmt: str = "raw") -> tuple[Encoded, Encoded]:
     """Chosen and rejected of one comparison, on one shared prompt window."""

@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import frontier, plots, pm_objectives, tables, views, walltime
+from alignbench.report import chains, frontier, plots, pm_objectives, tables, views, walltime
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -210,6 +210,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               *(Note(n) for n in notes),
               Heading("Runs"), tables.runs_table(sweep, cost),
               Heading("Configurations"), tables.config_table(sweep, cost, derived, agg=agg, baseline=win_base),
+              *chains.chain_blocks(sweep),
               Heading("Evaluation prompts"),
               *_table(tables.prompt_mix_table(meta, "subset"), "the samples record no subset (runs from before it)"),
               *_table(tables.prompt_mix_table(meta, "n_turns"), "the samples record no number of Human turns"),

@@ -27,7 +27,7 @@ from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.tracking import Tracker
-from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, selected_logits, supervised_loop
+from alignbench.train import Encoded, batch_schedule, encode_chosen, lm_loss, pad_batch, selected_logits, supervised_loop
 
 def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                       k: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
             metrics.update(_distill(model, tok, prompt, dialogue_corpus(data.train), max_len, sc, cfg, device,
                                     tracker))
         elif sc.mode == "preferred_ft":
-            enc = [encode(tok, p.prompt, p.chosen, max_len, fmt=cfg.data.format) for p in method_pairs(cfg, data)]
+            enc = encode_chosen(tok, method_pairs(cfg, data), max_len, fmt=cfg.data.format)
             batches = batch_schedule(len(enc), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
                                   lm_loss, sc.lr, "π0 preferred-FT", cfg.train.grad_clip, device=device,
