@@ -291,6 +291,7 @@ class IteratedRLHF(Method):
                 break
         return PolicyArtifact(path=policy_path, info={
             "inner": cfg.inner, "regime": regime(cfg), "restart": cfg.restart, "pm_update": cfg.pm_update,
+            "labels_planned": cfg.rounds * cfg.prompts_per_round,
             "annotations": ctx.cost.annotations, "stopped": stopped, "rounds": records})
 
     def _annotator(self, ctx, part: Optional[str]):
