@@ -171,3 +171,10 @@ def test_killed_inside_round_two_resumes_and_matches_uninterrupted(stage_cache, 
     for key in ("annotations", "tokens_trained", "tokens_generated", "pm_calls", "flops"):
         assert resumed["cost"][key] == clean["cost"][key], key
     assert [p["step"] for p in _log(run_dir)] == [p["step"] for p in _log(clean_dir)]
+
+
+def test_static_preset_is_the_static_equivalent_of_the_iterated_one(tiny_overrides):
+    """conf/frontier/static3.yaml buys iterated3's labels in one round with R× the inner steps."""
+    _, iterated, _ = validate(compose(tiny_overrides + ["frontier=iterated3"]))
+    _, static, _ = validate(compose(tiny_overrides + ["frontier=static3"]))
+    assert static == static_equivalent(iterated) and regime(static) == "static"
