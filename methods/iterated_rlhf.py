@@ -231,8 +231,9 @@ class IteratedRLHF(Method):
     def point_hooks(self, ctx) -> list:
         """The own-samples check, on every point from π0's on (the runner installs it)."""
         cfg: IteratedRLHFConfig = ctx.method_cfg
-        return [OwnSampleCheck(PMScorer(start_pm_path(ctx), ctx.device, ctx.max_len, fmt=ctx.fmt),
-                               cfg.own_check_samples, cfg.high_score_quantile)]
+        path = start_pm_path(ctx)
+        pm = ctx.pm if path == ctx.stages.pm.path else PMScorer(path, ctx.device, ctx.max_len, fmt=ctx.fmt)
+        return [OwnSampleCheck(pm, cfg.own_check_samples, cfg.high_score_quantile)]
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: IteratedRLHFConfig = ctx.method_cfg

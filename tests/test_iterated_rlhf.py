@@ -178,3 +178,37 @@ def test_static_preset_is_the_static_equivalent_of_the_iterated_one(tiny_overrid
     _, iterated, _ = validate(compose(tiny_overrides + ["frontier=iterated3"]))
     _, static, _ = validate(compose(tiny_overrides + ["frontier=static3"]))
     assert static == static_equivalent(iterated) and regime(static) == "static"
+
+
+@pytest.mark.slow
+def test_real_hh_annotator_pm_sees_neither_the_judge_half_nor_the_iterated_pm_comparisons(tmp_path, monkeypatch):
+    """On real HH: the annotator PM trains on part a2, the iterated PM on a1 + the bought labels,
+    the judge on b; no conversation is shared between them (a small real-HH sample, a few steps)."""
+    import alignbench_methods.iterated_rlhf as it
+    from alignbench.data.splits import conversation_key
+    from alignbench.stages import preference
+    from tests.conftest import shared_data
+    overrides = TINY + ["data=hh_rlhf", f"data.path={shared_data('hh-rlhf')}", "data.max_pairs=600",
+                        "stages.pi0.mode=none", "model.max_seq_len=128", "stages.base.max_steps=2",
+                        "stages.base.batch_size=16", "stages.pm.max_steps=2", "stages.pm.batch_size=8",
+                        f"paths.cache_dir={tmp_path / 'cache'}", f"paths.sweep_dir={tmp_path / 'sweep'}",
+                        "method=iterated_rlhf", "method.rounds=1", "method.prompts_per_round=4",
+                        "+method.inner_config.rollout_batch_size=4", "+method.inner_config.steps=1",
+                        "method.own_check_samples=2", "eval.n_prompts=4", "train.log_points=2"]
+    trained: dict[str, list] = {}
+    real = preference._train
+
+    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
+        trained[desc] = list(pairs)
+        return real(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
+    monkeypatch.setattr(preference, "_train", spy)
+    monkeypatch.setattr(it, "_train", spy)
+    metrics = run_job(compose(overrides), overrides)
+    keys = {desc: {conversation_key(p.prompt) for p in pairs} for desc, pairs in trained.items()}
+    iterated = next(d for d in trained if d.startswith("PM round"))
+    bought = [p for p in trained[iterated] if p.source.startswith("annotator")]
+    assert len(bought) == 4 and metrics["cost"]["annotations"] == 4
+    assert not keys["PM (a2)"] & keys["PM (b)"] and not keys["PM (a2)"] & keys["PM (a1)"]
+    assert not keys["PM (a2)"] & keys[iterated] and not keys["PM (b)"] & keys[iterated]
+    assert len(trained[iterated]) == len(trained["PM (a1)"]) + 4
+    assert metrics["info"]["rounds"][0]["pm_heldout_label_accuracy"] is not None
