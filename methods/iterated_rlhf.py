@@ -280,11 +280,14 @@ class IteratedRLHF(Method):
             policy_path = artifact.path
             end = _last_point(ctx.out_dir)
             record = {"round": r, "annotations": bought["annotations"], "annotations_total": ctx.cost.annotations,
-                      "pm_train_pairs": bought["pm_train"]["pairs"], **bought["heldout"], "pm_train": bought["pm_train"],
+                      "pm_train_pairs": bought["pm_train"]["pairs"], **bought["heldout"],
+                      "pm_train": bought["pm_train"],
                       **{k: end.get(k) for k in ("pm_accuracy_own", "pm_accuracy_own_high", "pm_own_pairs",
                                                  "pm_own_pairs_high", "judge_reward", "proxy_reward", "kl_k3")},
                       "steps": inner_steps, "steps_total": steps, "policy": str(policy_path), "inner": artifact.info}
             records.append(record)
+            log.info("iterated RLHF round %d: %d labels, PM on own samples %s, judge %.3f", r, record["annotations_total"],
+                     record["pm_accuracy_own"], record["judge_reward"] or float("nan"))
             rnd.mark_done(record=record)
             inner_stop = artifact.info.get("stopped")
             if inner_stop and inner_stop != "steps done":

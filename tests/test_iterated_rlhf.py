@@ -155,7 +155,8 @@ def test_killed_inside_round_two_resumes_and_matches_uninterrupted(stage_cache, 
     killed = common + [f"paths.sweep_dir={tmp_path}/killed"]
     proc = subprocess.Popen(killed, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "killed").glob("runs/*/subruns/02-round/checkpoint/state.json")):
+    inside_round_2 = "runs/*/subruns/02-round/checkpoint/state.json"
+    while time.time() < deadline and not list((tmp_path / "killed").glob(inside_round_2)):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

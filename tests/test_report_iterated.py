@@ -36,7 +36,8 @@ def make_sweep(tmp_path, static_acc):
         st_round = [{"round": 1, "annotations_total": 64, "judge_reward": 0.5, "pm_accuracy_own": acc_st,
                      "pm_own_pairs": 100, "pm_accuracy_own_high": 0.5, "pm_own_pairs_high": 30}]
         st_final = {**final, "pm_accuracy_own": acc_st, "pm_accuracy_own_high": 0.5}
-        entries.append(write_run(root, f"st-{seed}", "iterated_rlhf_method.rounds=1", seed, "static", st_round, st_final))
+        entries.append(write_run(root, f"st-{seed}", "iterated_rlhf_method.rounds=1", seed, "static", st_round,
+                                 st_final))
     (root / "index.json").write_text(json.dumps({"runs": entries}))
     (tmp_path / "report").mkdir()
     return load_sweep(root)

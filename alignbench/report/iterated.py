@@ -31,7 +31,8 @@ EXPLAIN = (
     "the policy trained against it. Static RLHF is the same method with one round: every label bought at once "
     "on π0's samples. \"PM acc. own\" is the share of pairs of the measured policy's own samples (one prompt, "
     "judge rewards differing) that the PM the policy trains against orders like the judge; \"high\" keeps "
-    "pairs whose two PM scores are both above the check's method.high_score_quantile of its PM scores (default the median), the region Bai found "
+    "pairs whose two PM scores are both above the check's method.high_score_quantile of its PM scores "
+    "(default the median), the region Bai found "
     "unreliable. Intervals: 95% over seeds (t below 5 seeds); with one seed, Clopper–Pearson over the sample "
     "pairs (accuracies) or the run's bootstrap over prompts (judge reward).")
 
@@ -67,7 +68,8 @@ def final_frame(sweep: Sweep) -> pd.DataFrame:
             if len(own):
                 lo, hi = float(own["ci_low"].iloc[0]), float(own["ci_high"].iloc[0])
         rows.append({"config": run.config, "seed": run.seed, "regime": info.get("regime"),
-                     "labels_planned": info.get("labels_planned"), "labels": run.metrics.get("cost", {}).get("annotations"),
+                     "labels_planned": info.get("labels_planned"),
+                     "labels": run.metrics.get("cost", {}).get("annotations"),
                      "judge_reward": final.get("judge_reward"), "judge_lo": lo, "judge_hi": hi,
                      **{k: final.get(k) for pair in ACCURACIES for k in pair}})
     return pd.DataFrame(rows)
@@ -160,7 +162,8 @@ def verdict(it: tuple, st: tuple, what: str) -> str:
 
 
 CLAIM = {1: "Iterating kept the PM more accurate on its own policy's samples than static RLHF.",
-         -1: "Iterating did not keep the PM more accurate on its own policy's samples: static RLHF's was more accurate.",
+         -1: "Iterating did not keep the PM more accurate on its own policy's samples: static RLHF's was "
+             "more accurate.",
          0: "This sweep cannot say whether iterating kept the PM more accurate on its own policy's samples.",
          None: "This sweep cannot say whether iterating kept the PM more accurate on its own policy's samples."}
 
