@@ -136,6 +136,19 @@ def test_rounds_buy_labels_retrain_on_all_comparisons_and_log_round_and_own_accu
 
 
 @pytest.mark.slow
+def test_continue_pm_rs_inner_and_restart_from_pi0(tiny_overrides, tmp_path):
+    run = [o for o in RUN if "inner_config" not in o] + [
+        "method.pm_update=continue", "method.inner=rs_finetune", "method.restart=pi0",
+        "+method.inner_config.prompts_per_round=16"]
+    rounds = run_job(compose(tiny_overrides + run), run)["info"]["rounds"]
+    assert [r["pm_train_pairs"] for r in rounds] == [8, 8]  # the current PM, on the round's new labels only
+    assert all(r["inner"]["mode"] == "finetune" and r["steps"] == 1 for r in rounds)  # 16 prompts, batch 16
+    log = _log(_run_dir(tmp_path / "sweep"))
+    assert not any("kl_k3_start" in p for p in log)  # every round starts at π0
+    assert [p["round"] for p in log] == [0, 1, 2, 2]
+
+
+@pytest.mark.slow
 def test_annotation_budget_stops_the_run_cleanly(tiny_overrides, tmp_path):
     run = [*RUN, "method.rounds=3", "budget.annotations=8"]
     metrics = run_job(compose(tiny_overrides + run), run)
