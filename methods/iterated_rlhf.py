@@ -247,7 +247,10 @@ class IteratedRLHF(Method):
         start_part, annotator_part = iterated_parts(ctx.cfg)
         base_pairs = pm_pairs(ctx.cfg, data, start_part)
         subsets = {p.prompt: p.subset for p in base_pairs}
-        prompts = list(dict.fromkeys(p.prompt for p in base_pairs))
+        # the inner method rolls out on the prompts of the comparisons the PM starts from (on real HH
+        # not the annotator's), rotated each round so that its seeded draws differ
+        inner_prompts = list(dict.fromkeys(p.prompt for p in base_pairs))
+        prompts = list(inner_prompts)
         random.Random(ctx.seed + LABEL_SEED_OFFSET).shuffle(prompts)  # round r takes the r-th slice: fresh prompts
         annotator = self._annotator(ctx, annotator_part)
         subs = [s for r in range(1, cfg.rounds + 1) for s in (SubRun(ctx, r, "labels"), SubRun(ctx, r, "round"))]
@@ -256,6 +259,8 @@ class IteratedRLHF(Method):
         steps = records[-1]["steps_total"] if records else 0
         policy_path = Path(records[-1]["policy"]) if records else None  # None: π0
         hook.round = len(records)
+        if records:  # the check's PM is the last finished round's
+            hook.pm = PMScorer(subs[2 * len(records) - 2].dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt)
         stopped = None
         for r in range(len(records) + 1, cfg.rounds + 1):
             labels, rnd = subs[2 * r - 2], subs[2 * r - 1]
@@ -270,10 +275,10 @@ class IteratedRLHF(Method):
                 break
             scorer = PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt)
             hook.pm, hook.round = scorer, r
-            shift = (r - 1) * len(ctx.train_prompts) // cfg.rounds  # the inner method's prompts differ per round
+            shift = (r - 1) * len(inner_prompts) // cfg.rounds
             sub = rnd.ctx(method_cfg=inner_cfg, pm=scorer, start_path=policy_path if cfg.restart == "last" else None,
                           step_offset=steps, point_extra={"round": r},
-                          train_prompts=ctx.train_prompts[shift:] + ctx.train_prompts[:shift])
+                          train_prompts=inner_prompts[shift:] + inner_prompts[:shift])
             artifact = inner_cls().train(sub)
             inner_steps = artifact.info.get("steps_done", artifact.info.get("steps", 0))
             steps += inner_steps
