@@ -76,6 +76,11 @@ class Method:
     def train(self, ctx: "RunContext") -> PolicyArtifact:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def point_hooks(self, ctx: "RunContext") -> list:
+        """Measurement hooks ``hook(ctx, model, samples) -> dict`` the runner adds to ``ctx.point_hooks``
+        before π0's point, so that every point of the run carries what they measure (none by default)."""
+        return []
+
 
 def log_steps(planned_steps: int, n_points: int) -> set[int]:
     """The 1-based optimiser steps at which a run of ``planned_steps`` logs ``n_points`` evenly spread

@@ -178,11 +178,13 @@ def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist
     clock.mark("setup", ctx.cost)
     try:
         set_seed(cfg.seed)
+        method = method_cls()
+        ctx.point_hooks = [*ctx.point_hooks, *method.point_hooks(ctx)]  # from π0's point on
         ctx.log_point(0, model=ctx.pi0(), label="pi0")
         if source is not None:  # the chain's start: its cost so far, then its policy's point
             add_cost(ctx.cost, source.cost)
             ctx.log_point(0, model=ctx.load(source.policy).eval(), label="start")
-        artifact: PolicyArtifact = method_cls().train(ctx)
+        artifact: PolicyArtifact = method.train(ctx)
         if not dist.is_main:  # the main process evaluates; the others' part ends with training
             return {}
         clock.mark("train", ctx.cost)

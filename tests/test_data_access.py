@@ -164,6 +164,10 @@ def test_pm_halves_keep_conversations_together_and_are_seeded():
     assert pm_half(pairs, "a", 0) == a and pm_half(pairs, "a", 1) != a and pm_half(pairs, "all", 0) == pairs
     with pytest.raises(ValueError, match="part"):
         pm_half(pairs, "c", 0)
+    # iterated RLHF on real HH: half "a" split again into its PM's start (a1) and its annotator (a2)
+    a1, a2 = pm_half(pairs, "a1", 0), pm_half(pairs, "a2", 0)
+    assert sorted(map(id, a1 + a2)) == sorted(map(id, a)) and abs(len(a1) / len(a) - 0.5) < 0.07
+    assert not {conversation_key(p.prompt) for p in a1} & {conversation_key(p.prompt) for p in a2}
 
 
 def test_stratified_sample_is_proportional_seeded_and_order_free():

@@ -91,12 +91,13 @@ def split_pairs(
     return out
 
 
-PM_PARTS = ("all", "a", "b")
+PM_PARTS = ("all", "a", "b", "a1", "a2")  # a1/a2: half "a" split again (iterated RLHF on real HH)
 
 
 def pm_half(pairs: Sequence[PreferencePair], part: str, seed: int) -> list[PreferencePair]:
     """The training comparisons of one PM: ``"all"``, or half ``"a"`` (the proxy PM methods optimise)
-    or ``"b"`` (the test PM that judges them; Bai et al. 2022 §4.2).
+    or ``"b"`` (the test PM that judges them; Bai et al. 2022 §4.2); ``"a1"``/``"a2"`` split half "a"
+    again by conversation (iterated RLHF on real HH: its PM's start and its annotator PM).
 
     A pair is in half "a" iff u < 1/2 with u = blake2b(seed, "pm-half", conversation key) in [0, 1):
     keyed by conversation like ``split_pairs`` (salted, so independent of it), the halves never
@@ -106,6 +107,10 @@ def pm_half(pairs: Sequence[PreferencePair], part: str, seed: int) -> list[Prefe
         raise ValueError(f"PM part must be one of {list(PM_PARTS)}, got {part!r}")
     if part == "all":
         return list(pairs)
+    if part in ("a1", "a2"):  # half "a" split by conversation again, with an independent salt
+        want_1 = part == "a1"
+        return [p for p in pm_half(pairs, "a", seed)
+                if (_unit_hash(seed, "pm-quarter\x00" + conversation_key(p.prompt)) < 0.5) == want_1]
     want_a = part == "a"
     return [p for p in pairs if (_unit_hash(seed, "pm-half\x00" + conversation_key(p.prompt)) < 0.5) == want_a]
 

@@ -10,6 +10,10 @@ inside the proxy half, or a method would fit the judge's own labels:
   Preferred-FT π0: the proxy PM's comparisons, prompts included, to keep the rule simple;
 - PM pretraining (PMP): only outside comparisons whose conversation is in no other part of the
   data (the other half, the eval and test splits), since the PMP folder may hold the same files;
+- iterated online RLHF (``methods/iterated_rlhf.py``): on hh_synth the gold reward annotates and
+  its PM starts from the proxy PM's comparisons; on real HH half "a" is split again by conversation
+  (``iterated_parts``): its PM starts from part "a1" and the annotator PM is trained on "a2", so
+  the annotator is neither the judge nor the PM it labels for;
 - evaluation: a seeded, subset-stratified sample of the prompts of ``eval.split``.
 
 The base LM and context distillation read unlabelled dialogue text (chosen and rejected
@@ -40,8 +44,14 @@ def pm_parts(cfg: Config) -> tuple[str, Optional[str]]:
     return ("a", "b") if judge_kind(cfg) == "test_pm" else ("all", None)
 
 
+def iterated_parts(cfg: Config) -> tuple[str, Optional[str]]:
+    """(the part iterated RLHF's PM starts from, the annotator PM's part or None when the gold
+    reward annotates): ("all", None) on hh_synth, ("a1", "a2") on real HH."""
+    return ("a1", "a2") if judge_kind(cfg) == "test_pm" else (pm_parts(cfg)[0], None)
+
+
 def pm_pairs(cfg: Config, data, part: str) -> list:
-    """The training comparisons of the PM of ``part`` ("all", "a" or "b")."""
+    """The training comparisons of the PM of ``part`` ("all", "a", "b", or "a1"/"a2": ``iterated_parts``)."""
     return pm_half(data.train, part, cfg.data.seed)
 
 
