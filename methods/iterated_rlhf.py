@@ -45,7 +45,7 @@ from alignbench.eval.pm_accuracy import gold_agreement
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
 from alignbench.stages.access import iterated_parts, pm_pairs
-from alignbench.stages.preference import PMScorer, SampleScorer, _train, build_pm
+from alignbench.stages.preference import PMScorer, SampleScorer, build_pm, train_pm
 from alignbench.subruns import SubRun, resume_subruns
 from alignbench_methods.ppo import PPO
 from alignbench_methods.rejection_sampling import RejectionSampling
@@ -176,8 +176,8 @@ def start_pm_path(ctx) -> Path:
 def train_pm_on(ctx, model, tok, comparisons: list, epochs: float, desc: str) -> dict:
     """The one call into the PM trainer (stages.pm's objective, batch size, lr), so the trainer can
     change in one place."""
-    return _train(model, tok, comparisons, epochs, ctx.cfg.stages.pm, ctx.cfg, ctx.device, ctx.max_len, desc,
-                  lambda step, **s: None)
+    return train_pm(model, tok, comparisons, epochs=epochs, cfg=ctx.cfg, device=ctx.device, max_len=ctx.max_len,
+                    desc=desc, log_step=None)
 
 
 def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path], out: Path, seed: int) -> dict:
@@ -237,6 +237,9 @@ class IteratedRLHF(Method):
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: IteratedRLHFConfig = ctx.method_cfg
+        if ctx.cfg.stages.pm.objective == "lm":  # before anything is bought or trained
+            raise ConfigError("stages.pm.objective: lm has nothing to retrain; iterated_rlhf needs a trained PM "
+                              "(pairwise, ranking or classifier)")
         inner_cls, inner_cfg = INNER[cfg.inner], inner_method_config(cfg)
         hook = next((h for h in ctx.point_hooks if isinstance(h, OwnSampleCheck)), None)
         if hook is None:  # called without the runner (a test): install it here
