@@ -310,8 +310,14 @@ class RunContext:
 
     def charge_annotations(self, n: int) -> None:
         """Charge ``n`` preference labels bought from the annotator (iterated online RLHF): checks
-        budget.annotations (and the others a labelling spends) first, like every charged operation."""
+        budget.annotations (and the others a labelling spends) first, like every charged operation,
+        and, since labels are bought as a batch, never buys past the cap: a batch that would exceed
+        it is refused whole."""
         self.check_budget(ANNOTATE_USES)
+        cap = self.budget.annotations
+        if cap and self.cost.annotations + n > cap:
+            raise BudgetExceeded(f"budget.annotations={cap:g} reached ({self.cost.annotations} bought; "
+                                 f"{n} more would exceed it)")
         self.cost.annotations += n
 
     def check_budget(self, uses: tuple = STEP_USES) -> None:

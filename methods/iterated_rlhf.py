@@ -322,9 +322,9 @@ class IteratedRLHF(Method):
         m = cfg.prompts_per_round
         batch = [prompts[((r - 1) * m + i) % len(prompts)] for i in range(m)]
         policy = ctx.load(policy_path or ctx.stages.pi0.path).eval()
+        ctx.charge_annotations(m)  # bought before anything is sampled or labelled: a refused round spends nothing
         samples = ctx.sample(policy, batch, n=2, seed=ctx.seed * 1000 + r + LABEL_SEED_OFFSET)
         del policy
-        ctx.charge_annotations(m)  # bought before a label is drawn or used
         with ctx.cost.measuring():  # the annotator's work is what the annotations pay for
             new = annotator(batch, samples.responses[0::2], samples.responses[1::2], [subsets[p] for p in batch],
                             seed=f"annotator:{ctx.seed}:{r}")

@@ -210,13 +210,13 @@ def test_real_hh_annotator_pm_sees_neither_the_judge_half_nor_the_iterated_pm_co
                         "+method.inner_config.rollout_batch_size=4", "+method.inner_config.steps=1",
                         "method.own_check_samples=2", "eval.n_prompts=4", "train.log_points=2"]
     trained: dict[str, list] = {}
-    real = preference._train
+    real = preference.train_pm
 
-    def spy(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step):
-        trained[desc] = list(pairs)
-        return real(model, tok, pairs, epochs, sc, cfg, device, max_len, desc, log_step)
-    monkeypatch.setattr(preference, "_train", spy)
-    monkeypatch.setattr(it, "_train", spy)
+    def spy(model, tok, pairs, **kw):
+        trained[kw["desc"]] = list(pairs)
+        return real(model, tok, pairs, **kw)
+    monkeypatch.setattr(preference, "train_pm", spy)
+    monkeypatch.setattr(it, "train_pm", spy)
     metrics = run_job(compose(overrides), overrides)
     keys = {desc: {conversation_key(p.prompt) for p in pairs} for desc, pairs in trained.items()}
     iterated = next(d for d in trained if d.startswith("PM round"))

@@ -35,6 +35,10 @@ def test_derived_context_shares_costs_and_log_and_measures_kl_against_pi0_and_it
     with pytest.raises(BudgetExceeded, match="budget.annotations=10"):
         ctx.charge_annotations(1)
     assert ctx.cost.annotations == 10
+    ctx.cost.annotations = 7
+    with pytest.raises(BudgetExceeded, match="7 bought; 4 more would exceed it"):
+        ctx.charge_annotations(4)  # a batch is bought whole or not at all
+    assert ctx.cost.annotations == 7
     # a "start" policy: π0 saved under another path, then nudged so that it differs from π0
     start = ctx.policy()
     with torch.no_grad():
