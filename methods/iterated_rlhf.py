@@ -38,13 +38,12 @@ from omegaconf import OmegaConf
 
 from alignbench import lora
 from alignbench.config import ConfigError, check, opt
-from alignbench.data import load_data
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
 from alignbench.data.types import PreferencePair
 from alignbench.eval.pm_accuracy import gold_agreement
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
-from alignbench.stages.access import iterated_parts, pm_pairs
+from alignbench.stages.access import iterated_comparisons, iterated_parts
 from alignbench.stages.preference import PMScorer, SampleScorer, build_pm, train_pm
 from alignbench.subruns import SubRun, resume_subruns
 from alignbench_methods.ppo import PPO
@@ -245,10 +244,8 @@ class IteratedRLHF(Method):
         if hook is None:  # called without the runner (a test): install it here
             hook = self.point_hooks(ctx)[0]
             ctx.point_hooks = [*ctx.point_hooks, hook]
-        data = load_data(ctx.cfg.data)
-        self.test_pairs = data.test
-        start_part, annotator_part = iterated_parts(ctx.cfg)
-        base_pairs = pm_pairs(ctx.cfg, data, start_part)
+        base_pairs, self.test_pairs = iterated_comparisons(ctx.cfg)
+        annotator_part = iterated_parts(ctx.cfg)[1]
         subsets = {p.prompt: p.subset for p in base_pairs}
         # the inner method rolls out on the prompts of the comparisons the PM starts from (on real HH
         # not the annotator's), rotated each round so that its seeded draws differ

@@ -98,13 +98,13 @@ def test_methods_read_data_only_through_the_context():
 
 def test_preferred_ft_pi0_fits_only_the_proxy_half(real_hh, monkeypatch):
     seen = []
-    real_encode = distill.encode
+    real_encode = distill.encode_chosen
 
-    def spy(tok, prompt, response, max_len, **kw):
-        seen.append(prompt + response)
-        return real_encode(tok, prompt, response, max_len, **kw)
+    def spy(tok, pairs, max_len, **kw):
+        seen.extend(p.prompt + p.chosen for p in pairs)
+        return real_encode(tok, pairs, max_len, **kw)
 
-    monkeypatch.setattr(distill, "encode", spy)
+    monkeypatch.setattr(distill, "encode_chosen", spy)
     cfg = to_config(compose(real_hh["overrides"] + ["stages.pi0.mode=preferred_ft", "stages.pi0.max_steps=1",
                                                        "stages.pi0.batch_size=8"]))
     art = distill.build_pi0(cfg, build_shared_stages(real_hh["cfg"]).base)

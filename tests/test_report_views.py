@@ -13,7 +13,7 @@ import pytest
 
 from alignbench.eval.stats import make_row, read_rows, write_rows
 from alignbench.report import views
-from alignbench.report.build import build_report
+from alignbench.report.build import build_report, companion_blocks
 from alignbench.report.render import Heading, Para, slugs, to_html, to_markdown
 
 BASE, DPO = "context_distilled", "dpo"
@@ -218,3 +218,16 @@ def test_old_sweep_gets_notes_instead_of_views(tmp_path):
     assert (out / "reward_hist.png").exists()  # final samples exist in every sweep
     res = read_rows(out / "results.csv")
     assert not (res["metric"] == "win_rate_vs_chosen").any()
+
+
+def test_companion_reports_are_linked_and_escaped(tmp_path):
+    assert companion_blocks(tmp_path) == []  # no sub-report: no section
+    for name in ("pm-objectives", 'x"><img src=x onerror=alert(1)>'):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.md").write_text("# sub\n")
+    (tmp_path / "figures").mkdir()  # a folder without a report is not linked
+    blocks = companion_blocks(tmp_path)
+    md, page = to_markdown(blocks), to_html(blocks, "t")
+    assert "- [pm-objectives: report.md](pm-objectives/report.md)" in md
+    assert '<a href="pm-objectives/index.html">pm-objectives: index.html</a>' in page
+    assert "figures" not in md and "<img" not in page and "<img" not in md

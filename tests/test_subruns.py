@@ -50,7 +50,7 @@ def test_derived_context_shares_costs_and_log_and_measures_kl_against_pi0_and_it
     assert sub.cost is ctx.cost and sub.budget is ctx.budget
     point = sub.log_point(3, model=sub.policy())
     assert point["step"] == 13 and point["round"] == 2 and point["hooked"] == 8
-    assert point["annotations"] == 10
+    assert point["annotations"] == 7
     # the policy starts at the start policy: zero KL to it, positive KL to π0
     assert abs(point["kl_k3_start"]) < 1e-5 and point["kl_k3"] > 1e-3
     lines = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]

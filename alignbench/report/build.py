@@ -21,7 +21,7 @@ from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combi
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
 from alignbench.report.load import Sweep, load_sweep
-from alignbench.report.render import Heading, Image, Note, Para, Samples, to_html, to_markdown
+from alignbench.report.render import Heading, Image, Links, Note, Para, Samples, to_html, to_markdown
 
 BASELINE = "context_distilled"
 N_SAMPLE_PROMPTS = 3
@@ -98,6 +98,18 @@ def _figure(out_dir: Path, name: str, draw, caption: str, missing: str) -> list:
     path = out_dir / name
     path.unlink(missing_ok=True)  # never leave a stale figure from an earlier build
     return [Image(path, caption)] if draw(path) is not None else [Note(f"{caption}: skipped, {missing}.")]
+
+
+def companion_blocks(out_dir: Path) -> list:
+    """Links to the reports in sub-folders of ``out_dir`` (a study built from several sweeps, e.g.
+    reports/iterated-synth/pm-objectives/): build those first, then this one."""
+    subs = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and (d / "report.md").exists())
+    if not subs:
+        return []
+    return [Heading("Companion reports"),
+            Para("Reports of this study's other sweeps, in sub-folders of this one (their numbers are theirs):"),
+            Links([(f"{name}: report.md", f"{name}/report.md") for name in subs]),
+            Links([(f"{name}: index.html", f"{name}/index.html") for name in subs])]
 
 
 def _table(table, missing: str) -> list:
@@ -208,6 +220,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                    "A configuration is a method with its own overrides; its runs differ only by seed, and only "
                    "they are combined. All rows are in results.csv."),
               *(Note(n) for n in notes),
+              *companion_blocks(out_dir),
               Heading("Runs"), tables.runs_table(sweep, cost),
               Heading("Configurations"), tables.config_table(sweep, cost, derived, agg=agg, baseline=win_base),
               *chains.chain_blocks(sweep),

@@ -17,6 +17,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 
 @dataclass
@@ -57,7 +58,14 @@ class Samples:
     items: list[dict] = field(default_factory=list)  # {"prompt_id", "prompt", "responses": {method: text}}
 
 
-Block = Heading | Para | Note | Table | Image | Samples
+@dataclass
+class Links:
+    """Links to other reports beside this one (relative paths the report builds, never data)."""
+
+    items: list[tuple[str, str]]  # (text, relative href)
+
+
+Block = Heading | Para | Note | Table | Image | Samples | Links
 
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
@@ -137,6 +145,8 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append("\n".join(lines))
         elif isinstance(b, Image):
             out.append(f"![{_md_text(b.caption)}]({b.path.name})")
+        elif isinstance(b, Links):
+            out.append("\n".join(f"- [{_md_text(text)}]({quote(href)})" for text, href in b.items))
         elif isinstance(b, Samples):
             for item in b.items:
                 out.append(f"**Prompt {_md_text(item['prompt_id'])}**\n\n" + _pre(item["prompt"]))
@@ -178,6 +188,9 @@ def to_html(blocks: list[Block], title: str) -> str:
             out.append(f'<p class="note"><b>Note:</b> {_h(b.text)}</p>')
         elif isinstance(b, Table):
             out.append(_html_table(b.header, b.rows))
+        elif isinstance(b, Links):
+            out.append("<ul>" + "".join(f'<li><a href="{_h(quote(href))}">{_h(text)}</a></li>'
+                                        for text, href in b.items) + "</ul>")
         elif isinstance(b, Image):
             out.append(f'<figure><img src="{_data_uri(b.path)}" alt="{_h(b.caption)}">'
                        f"<figcaption>{_h(b.caption)}</figcaption></figure>")

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 from alignbench.config import Config, ConfigError
+from alignbench.data import load_data, pairwise_config
 from alignbench.data.splits import conversation_key, pm_half, stratified_sample
 
 # Part of the PM and Preferred-FT π0 cache keys: bump when a rule above changes which pairs they see.
@@ -48,6 +49,12 @@ def iterated_parts(cfg: Config) -> tuple[str, Optional[str]]:
     """(the part iterated RLHF's PM starts from, the annotator PM's part or None when the gold
     reward annotates): ("all", None) on hh_synth, ("a1", "a2") on real HH."""
     return ("a1", "a2") if judge_kind(cfg) == "test_pm" else (pm_parts(cfg)[0], None)
+
+
+def iterated_comparisons(cfg: Config) -> tuple[list, list]:
+    """(the comparisons iterated RLHF's PM starts from, its ``iterated_parts`` part; the pairwise test
+    comparisons its retrained PMs are scored on, like every PM stage: measurement, never trained on)."""
+    return pm_pairs(cfg, load_data(cfg.data), iterated_parts(cfg)[0]), load_data(pairwise_config(cfg.data)).test
 
 
 def pm_pairs(cfg: Config, data, part: str) -> list:
