@@ -173,7 +173,14 @@ def pm_record(ctx: RunContext) -> dict:
     the rows, stage key, variant settings and the human judgements it trained on."""
     pm = ctx.stages.pm
     return {"label": pm_label(ctx.cfg), "key": pm.key, **pm_variant(ctx.cfg),
-            "judgements_used": pm.record.get("data_counts", {}).get("judgements")}
+            "judgements_used": _judgements(pm.record)}
+
+
+def _judgements(record: dict) -> Optional[int]:
+    """The human judgements a PM stage trained on; a record cached before they were recorded
+    (the same key: the default pairwise PM) trained on one per training pair."""
+    counts = record.get("data_counts", {})
+    return counts.get("judgements", counts.get("train_pairs"))
 
 
 def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> list[dict]:

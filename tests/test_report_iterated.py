@@ -8,7 +8,7 @@ from scipy import stats as sps
 
 from alignbench.report.build import _figure
 from alignbench.report.iterated import final_frame, iterated_blocks, round_frame
-from alignbench.report.load import load_sweep
+from alignbench.report.load import RunRecord, Sweep, load_sweep
 from alignbench.report.render import Para, Table, to_markdown
 
 
@@ -86,3 +86,16 @@ def test_one_seed_uses_the_pairs_interval(tmp_path, pairs):
     tables = [b for b in iterated_blocks(sweep, tmp_path / "report", _figure) if isinstance(b, Table)]
     lo, hi = sps.beta.ppf(0.025, 80, 21), sps.beta.ppf(0.975, 81, 20)  # Clopper–Pearson, 80 of 100
     assert any(f"0.800 [{lo:.3f}, {hi:.3f}] pairs(n={pairs})" in cell for t in tables for row in t.rows for cell in row)
+
+
+def test_round_zero_is_pi0_with_the_shared_pm(tmp_path):
+    """The per-round table opens with π0's point (round 0, no labels bought), read from train_log."""
+    run = RunRecord(dir=tmp_path, run_id="r", method="iterated_rlhf", config="it", seed=0,
+              metrics={"info": {"regime": "iterated", "labels_planned": 8,
+                                "rounds": [{"round": 1, "annotations_total": 8, "judge_reward": 0.2,
+                                            "pm_accuracy_own": 0.6, "pm_own_pairs": 10}]}},
+              train_log=[{"label": "pi0", "step": 0, "judge_reward": -0.3, "pm_accuracy_own": 0.7,
+                          "pm_own_pairs": 12}])
+    frame = round_frame(Sweep(dir=tmp_path, name="s", runs=[run]))
+    assert frame["round"].tolist() == [0, 1] and frame["labels"].tolist() == [0, 8]
+    assert frame["pm_accuracy_own"].tolist() == [0.7, 0.6] and frame["judge_reward"].tolist() == [-0.3, 0.2]

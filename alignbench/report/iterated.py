@@ -29,7 +29,7 @@ EXPLAIN = (
     "Online iterated RLHF (Bai et al. 2022 §4.5): each round the current policy samples two responses for M "
     "fresh prompts, the simulated annotator labels them (bought: the annotations cost), the PM is updated and "
     "the policy trained against it. Static RLHF is the same method with one round: every label bought at once "
-    "on π0's samples. \"PM acc. own\" is the share of pairs of the measured policy's own samples (one prompt, "
+    "on π0's samples. Round 0 is π0 with the shared proxy PM, before any label is bought. \"PM acc. own\" is the share of pairs of the measured policy's own samples (one prompt, "
     "judge rewards differing) that the PM the policy trains against orders like the judge; \"high\" keeps "
     "pairs whose two PM scores are both above the check's method.high_score_quantile of its PM scores "
     "(default the median), the region Bai found "
@@ -42,11 +42,14 @@ def iterated_runs(sweep: Sweep) -> list:
 
 
 def round_frame(sweep: Sweep) -> pd.DataFrame:
-    """One row per (configuration, seed, round): the round's end as recorded in info.rounds."""
+    """One row per (configuration, seed, round): the round's end as recorded in info.rounds, after
+    round 0, π0's point (the shared proxy PM on π0's own samples, before any label is bought)."""
     rows = []
     for run in iterated_runs(sweep):
         info = run.metrics["info"]
-        for rec in info["rounds"]:
+        pi0 = next((p for p in run.train_log if p.get("label") == "pi0"), None)
+        start = [{"round": 0, "annotations_total": 0, **pi0}] if pi0 else []
+        for rec in [*start, *info["rounds"]]:
             rows.append({"config": run.config, "seed": run.seed, "regime": info.get("regime"),
                          "labels_planned": info.get("labels_planned"), "round": rec["round"],
                          "labels": rec.get("annotations_total"), "judge_reward": rec.get("judge_reward"),
