@@ -418,10 +418,10 @@ class RunContext:
             if not isinstance(responses, SampleBatch):
                 raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
             pad = self.tokenizer.pad_token_id
-            point.update(kl_estimates(model, self.pi0(), responses, pad, self.device))
+            point.update(kl_estimates(model, self.pi0(), responses, pad_id=pad, device=self.device))
             start = self._start_model()
             if start is not None:
-                kl = kl_estimates(model, start, responses, pad, self.device)
+                kl = kl_estimates(model, start, responses, pad_id=pad, device=self.device)
                 point.update(kl_k1_start=kl["kl_k1"], kl_k3_start=kl["kl_k3"])
         for hook in self.point_hooks:
             point.update(hook(self, model, responses))

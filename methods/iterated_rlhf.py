@@ -188,7 +188,7 @@ def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path]
     model = pm_from_lm(pm_init_stage(ctx).path, tok, seed) if init is None else load_pm(init)
     if lora.enabled(ctx.cfg.model):  # adapters + the scalar head train; saved merged
         model = lora.wrap(model, ctx.cfg.model, task="SEQ_CLS", seed=seed)
-    metrics = train_pm_on(ctx, model, tok, comparisons, cfg.pm_epochs, f"PM round {out.parent.name}")
+    metrics = train_pm_on(ctx, model, tok, comparisons, epochs=cfg.pm_epochs, desc=f"PM round {out.parent.name}")
     ctx.charge_step(metrics["train_tokens"], model=model)
     if ctx.dist.is_main:
         lora.save(model.to("cpu"), out)
@@ -265,8 +265,9 @@ class IteratedRLHF(Method):
         for r in range(len(records) + 1, cfg.rounds + 1):
             labels, rnd = subs[2 * r - 2], subs[2 * r - 1]
             try:
-                bought = labels.done() or self._label_and_fit(ctx, cfg, labels, r, base_pairs, prompts, subsets,
-                                                               annotator, policy_path, subs)
+                bought = labels.done() or self._label_and_fit(
+                    ctx, cfg, labels=labels, r=r, base_pairs=base_pairs, prompts=prompts, subsets=subsets,
+                    annotator=annotator, policy_path=policy_path, subs=subs)
             except BudgetExceeded as e:  # no labels this round: the current policy is the run's
                 stopped = str(e)
                 policy = ctx.load(policy_path or ctx.stages.pi0.path)
@@ -332,7 +333,7 @@ class IteratedRLHF(Method):
             train, init = base_pairs + bought, None
         else:  # the current PM, on this round's comparisons
             train, init = new, subs[2 * r - 4].dir / "pm" if r > 1 else start_pm_path(ctx)
-        pm_train = fit_pm(ctx, cfg, train, init, labels.dir / "pm", seed=ctx.cfg.stages.seed * 1000 + r)
+        pm_train = fit_pm(ctx, cfg, train, init=init, out=labels.dir / "pm", seed=ctx.cfg.stages.seed * 1000 + r)
         heldout = heldout_accuracy(ctx, PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt),
                                    self.test_pairs)
         return labels.mark_done(annotations=m, pm_train=pm_train, heldout=heldout)

@@ -78,7 +78,7 @@ class SynthAnnotator:
         u_b = [annotator_utility(g, spurious_count(r), self.spurious_strength) for g, r in zip(gold_b, b)]
         prefers = bt_draws(u_a, u_b, self.temperature, seed)
         meta = [{"gold_a": ga, "gold_b": gb} for ga, gb in zip(gold_a, gold_b)]
-        return labelled_pairs(prompts, a, b, prefers, meta, subsets, source="annotator")
+        return labelled_pairs(prompts, a, b, prefers_a=prefers, meta=meta, subsets=subsets, source="annotator")
 
 
 class PMAnnotator:
@@ -93,4 +93,4 @@ class PMAnnotator:
         s_a, s_b = self.score(list(prompts), list(a)), self.score(list(prompts), list(b))
         prefers = bt_draws(s_a, s_b, 1.0, seed)
         meta = [{"annotator_score_a": x, "annotator_score_b": y} for x, y in zip(s_a, s_b)]
-        return labelled_pairs(prompts, a, b, prefers, meta, subsets, source="annotator")
+        return labelled_pairs(prompts, a, b, prefers_a=prefers, meta=meta, subsets=subsets, source="annotator")
