@@ -146,6 +146,24 @@ def method_config(method_cls: type, raw: Any) -> Any:
     return obj
 
 
+def nested_method_config(method_cls: type, node: dict, key: str, *defaults: dict,
+                         settable: Optional[set] = None) -> Any:
+    """A method's config written inside another config (a chain's stage, iterated RLHF's inner
+    method): ``defaults`` then ``node`` over the method's dataclass, validated like ``method_config``.
+    A key outside ``settable`` (default: every field) fails as ``<key>.<name>: unknown key``; a bad
+    value names ``<key>.<field>``."""
+    settable = settable if settable is not None else {f.name for f in dataclasses.fields(method_cls.config_class)}
+    for name in node:
+        if name not in settable:
+            raise ConfigError(f"{key}.{name}: unknown key for method {method_cls.name}; valid: {sorted(settable)}")
+    try:
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(method_cls.config_class), *defaults, node))
+    except Exception as e:  # a mistyped value: OmegaConf names it
+        raise ConfigError(f"{key}: {e}".replace("\n", " ")) from e
+    check(obj, key)
+    return obj
+
+
 def register_method_configs() -> None:
     """Make ``method=<name>`` work for installed plugins that ship no YAML in conf/method/."""
     from importlib.resources import files

@@ -14,7 +14,6 @@ A stage that returns only a sampler (best-of-n) has no policy to continue from: 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import Any, List
 
 from omegaconf import OmegaConf
 
-from alignbench.config import ConfigError, check, opt
+from alignbench.config import ConfigError, opt
 from alignbench.evaluate_samples import method_family
-from alignbench.methods import Method, MethodConfig, PolicyArtifact, get_method
+from alignbench.methods import Method, MethodConfig, PolicyArtifact, get_method, nested_method_config
 from alignbench.subruns import SubRun, resume_subruns
 
 log = logging.getLogger(__name__)
@@ -45,19 +44,9 @@ def stage_config(node: Any, key: str) -> Any:
         raise ConfigError(f"{key}.name: {str(e).split(': ', 1)[1]}") from e
     if cls.name == "chain":
         raise ConfigError(f"{key}.name: a chain's stage cannot be a chain itself")
-    known = {f.name for f in dataclasses.fields(cls.config_class)}
-    for k in node:
-        if k not in known:
-            raise ConfigError(f"{key}.{k}: unknown key for method {cls.name}; valid: {sorted(known)}")
     shipped = files("alignbench_conf").joinpath("method", f"{cls.name}.yaml")
     defaults = OmegaConf.create(shipped.read_text()) if shipped.is_file() else {}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls.config_class), defaults, node)
-        obj = OmegaConf.to_object(merged)
-    except Exception as e:  # OmegaConf names the unknown or mistyped key in its message
-        raise ConfigError(f"{key}: {e}".replace("\n", " ")) from e
-    check(obj, key)
-    return cls, obj
+    return cls, nested_method_config(cls, node, key, defaults)
 
 
 def sampler_only(name: str, mcfg: Any) -> bool:

@@ -34,14 +34,13 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from alignbench import lora
-from alignbench.config import ConfigError, check, opt
+from alignbench.config import ConfigError, opt
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
 from alignbench.data.types import PreferencePair
 from alignbench.eval.pm_accuracy import gold_agreement
-from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
+from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact, nested_method_config
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
 from alignbench.stages.access import iterated_comparisons, iterated_parts
 from alignbench.stages.preference import PMScorer, SampleScorer, build_pm, train_pm
@@ -82,19 +81,10 @@ class IteratedRLHFConfig(MethodConfig):
 def inner_method_config(cfg: IteratedRLHFConfig, prefix: str = "method") -> Any:
     """The inner method's config: INNER_DEFAULTS[inner] updated by ``inner_config``, validated by
     that method's own dataclass; errors name ``<prefix>.inner_config.<key>``."""
-    cls = INNER[cfg.inner].config_class
-    known = {f.name for f in dataclasses.fields(cls)} - {"name", "mode"}
-    for key in cfg.inner_config:
-        if key not in known:
-            raise ConfigError(f"{prefix}.inner_config.{key}: not a setting of the inner method "
-                              f"{cfg.inner} (settings: {', '.join(sorted(known))})")
-    raw = {**INNER_DEFAULTS[cfg.inner], **dict(cfg.inner_config)}
-    try:
-        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), raw))
-    except Exception as e:  # noqa: BLE001 - a type error of a value: reported with the key path
-        raise ConfigError(f"{prefix}.inner_config: {e}".replace("\n", " ")) from e
-    check(obj, f"{prefix}.inner_config")
-    return obj
+    cls = INNER[cfg.inner]
+    settable = {f.name for f in dataclasses.fields(cls.config_class)} - {"name", "mode"}
+    return nested_method_config(cls, dict(cfg.inner_config), f"{prefix}.inner_config", INNER_DEFAULTS[cfg.inner],
+                                settable=settable)
 
 
 def static_equivalent(cfg: IteratedRLHFConfig) -> IteratedRLHFConfig:
