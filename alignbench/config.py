@@ -154,6 +154,15 @@ class Pi0StageConfig(OptimConfig):
     top_k: int = opt(50, gt=0)  # teacher log-probs kept per token (Bai et al. App. A.1)
     hhh_prompt: str = "builtin"  # "builtin" or the literal prompt text
     lr: float = opt(1e-3, gt=0)
+    # Llama 2 §4.2.4, safety context distillation after the HHH one (alignbench.stages.safety_distill):
+    # none | generic (a preprompt saying the assistant avoids harm) | template (plus an answer
+    # template per risk category); π0 is fine-tuned on its own answers sampled with the preprompt
+    safety_preprompt: str = opt("none", choices=["none", "generic", "template"])
+    # keep a distilled answer only where the safety PM scores it above the undistilled one (targeted)
+    safety_targeted: bool = False
+    # Ghost Attention (Llama 2 §3.3, alignbench.stages.gatt) on π0, before any method: needs
+    # data.synth.system_instructions=true
+    gatt: bool = False
 
 
 @dataclass
@@ -170,6 +179,21 @@ class PMStageConfig(OptimConfig):
     # human judgements the PM trains on (one = one prompt labelled: a pair, or a ranking of K);
     # null = all, N = the first N of a seeded order of its training comparisons
     judgements: Optional[int] = opt(None, gt=0)
+
+
+@dataclass
+class RewardConfig:
+    """What PPO, best-of-n, RS fine-tuning, RRHF and iterated RLHF optimise (alignbench.stages.reward)."""
+    # single: the one proxy PM (stages.pm); safety_helpful: Llama 2's two PMs, a safety PM on the
+    # harmless subsets and a helpfulness PM on the helpful ones, combined per response
+    kind: str = opt("single", choices=["single", "safety_helpful"])
+    # use the safety score when the prompt is tagged harmful or σ(safety score) < threshold
+    # (Llama 2: 0.15); scores are standardised on the PM's held-out comparisons first
+    threshold: float = opt(0.15, gt=0, lt=1)
+    # where a prompt's harmful tag comes from: subset (the data's label, harmless subsets) or
+    # classifier (the safety PM: σ(r_s(x, refusal) − r_s(x, compliance)) ≥ classifier_threshold)
+    tag: str = opt("subset", choices=["subset", "classifier"])
+    classifier_threshold: float = opt(0.5, gt=0, lt=1)
 
 
 @dataclass
@@ -289,6 +313,7 @@ class Config:
     method: Any = field(default_factory=lambda: {"name": "context_distilled"})
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     init: InitConfig = field(default_factory=InitConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 

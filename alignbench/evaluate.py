@@ -33,7 +33,8 @@ from alignbench.sampling import SampleBatch
 from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind, method_pairs, method_prompts,
                                      selection_prompts)
 from alignbench.stages.graph import SharedStages, build_shared_stages
-from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant, stage_scorer
+from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant
+from alignbench.stages.reward import reward_scorer
 from alignbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] =
         train_prompts=method_prompts(cfg, data), eval_prompts=prompts, eval_meta=meta,
         eval_chosen=chosen_responses(cfg, data, prompts), selection_prompts=selection_prompts(cfg, data),
         pairs=method_pairs(cfg, data), judge=judge, judge_name=judge_name, out_dir=run_dir, budget=budget, dist=dist,
-        pm=stage_scorer(stages.pm, device, fmt=cfg.data.format),  # a trained PM, or objective=lm's LM
+        pm=reward_scorer(cfg, stages, device),  # the proxy PM (or objective=lm's LM), or the two reward PMs
         start_path=source.policy if source else None,
         reference_path=source.policy if source and cfg.init.reference == "start" else None,
         tracker=Tracker(run_dir / "tb", cfg.train.report_to, run_dir.name, OmegaConf.to_container(

@@ -63,11 +63,20 @@ def distill_batch_loss(student, teacher, batch: dict, prefix: torch.Tensor, s0: 
     return topk_distill_loss(s_logits[None], t_logits[None], mask, min(top_k, s_logits.shape[-1]))
 
 
+# stages.pi0 keys of the stages after the HHH distillation (safety context distillation, GAtt):
+# they have their own stages, so they stay out of this one's key
+LATER_STAGE_KEYS = ("safety_preprompt", "safety_targeted", "gatt")
+
+
+def hhh_settings(sc) -> dict:
+    return {k: v for k, v in dataclasses.asdict(sc).items() if k not in LATER_STAGE_KEYS}
+
+
 def build_pi0(cfg: Config, base: Artifact) -> Artifact:
     data = load_data(pairwise_config(cfg.data))  # ranked labels change only the PM
     sc = cfg.stages.pi0
     prompt = hhh_prompt(cfg)
-    key = {"upstream": {"base": base.key}, "pi0": dataclasses.asdict(sc), "hhh_prompt": prompt,
+    key = {"upstream": {"base": base.key}, "pi0": hhh_settings(sc), "hhh_prompt": prompt,
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
     if sc.mode == "preferred_ft":  # which comparisons it fits depends on the judge (access rules)
         key["sft_pairs"] = {"access": ACCESS_RULES, "judge": judge_kind(cfg)}

@@ -1,7 +1,11 @@
 """The stage graph, in one place:
 
     data ──► base LM ──► π0 (context distilled) ──► PM (proxy)
-                                     │           └─► test PM (judge, real HH only)
+                                     │           ├─► test PM (judge, real HH only)
+                                     │           └─► safety PM, helpfulness PM (reward=safety_helpful;
+                                     │               the safety PM also for targeted safety distillation)
+                                     ├──► safety context distillation (stages.pi0.safety_preprompt)
+                                     │    └──► GAtt (stages.pi0.gatt): the π0 methods start from
                                      └──► method.train(ctx) ──► policy ──► evaluators
 
 On hh_synth the judge is the gold reward; on real HH it is a test PM trained on the other half of
@@ -20,6 +24,7 @@ from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
 from alignbench.stages.preference import build_pm, check_judgements
+from alignbench.stages.reward import build_reward_pms, check_reward
 
 
 @dataclass(frozen=True)
@@ -28,15 +33,19 @@ class SharedStages:
     pi0: Artifact
     pm: Artifact
     judge_pm: Optional[Artifact]  # None when the judge is the gold reward
+    safety_pm: Optional[Artifact] = None  # Llama 2's safety PM (reward=safety_helpful, targeted distillation)
+    helpful_pm: Optional[Artifact] = None  # and its helpfulness PM (reward=safety_helpful)
+
+    def _optional(self) -> dict:
+        return {name: a for name, a in (("judge_pm", self.judge_pm), ("safety_pm", self.safety_pm),
+                                        ("helpful_pm", self.helpful_pm)) if a}
 
     def keys(self) -> dict:
-        out = {"base": self.base.key, "pi0": self.pi0.key, "pm": self.pm.key}
-        if self.judge_pm:
-            out["judge_pm"] = self.judge_pm.key
-        return out
+        return {"base": self.base.key, "pi0": self.pi0.key, "pm": self.pm.key,
+                **{name: a.key for name, a in self._optional().items()}}
 
     def reused(self) -> dict:
-        return {a.stage: a.reused for a in (self.base, self.pi0, self.pm, self.judge_pm) if a}
+        return {a.stage: a.reused for a in (self.base, self.pi0, self.pm, *self._optional().values())}
 
 
 __all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
@@ -45,9 +54,12 @@ __all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
 def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
     check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
+    check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     pi0 = build_pi0(cfg, base)
     init = pi0 if cfg.stages.pm.init == "pi0" else base
     proxy, judge = pm_parts(cfg)
-    return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None)
+    safety, helpful = build_reward_pms(cfg, init)
+    return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None,
+                        safety_pm=safety, helpful_pm=helpful)

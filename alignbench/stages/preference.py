@@ -117,9 +117,11 @@ class PMScorer:
         return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt)
                             for p, r in zip(prompts, responses)])
 
-    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                  prompts: Sequence[str] | None = None) -> torch.Tensor:
         """Already-tokenised sequences (e.g. samples, see ``scored_ids``), read at their last token;
-        prompts too long for this PM keep their end (``prompt_window``)."""
+        prompts too long for this PM keep their end (``prompt_window``). ``prompts`` (the texts) is
+        for scorers that tag prompts (``reward.SafetyHelpfulScorer``); a PM does not read it."""
         return self._score([encode_ids(prompt_window(p, self.max_len, len(r)), r)
                             for p, r in zip(prompt_ids, response_ids)])
 
@@ -192,7 +194,7 @@ class SampleScorer:
 
     def __call__(self, samples) -> torch.Tensor:
         if self.by_ids:
-            return self.pm.score_ids(samples.prompt_ids, scored_ids(samples, self.eos_id))
+            return self.pm.score_ids(samples.prompt_ids, scored_ids(samples, self.eos_id), prompts=samples.prompts)
         return self.pm.score(samples.prompts, samples.responses)
 
 
@@ -242,19 +244,30 @@ def check_judgements(cfg: Config) -> None:
                           f"(part {part!r})")
 
 
-def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
+# Llama 2's two reward models (reward.kind=safety_helpful): the stage name of each harm group's PM
+REWARD_PM_STAGES = {"harmless": "pm-safety", "helpful": "pm-helpful"}
+
+
+def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = None) -> Artifact:
+    """``harm``: None for the PM of every comparison of ``part``; "harmless" / "helpful" for Llama 2's
+    safety / helpfulness PM, trained (and scored held out) on that harm group's comparisons only,
+    always the standard pairwise PM (``VARIANT_DEFAULTS``) with ``stages.pm``'s optimiser settings."""
     data = load_data(cfg.data)
-    sc = pm_settings(cfg, part)
+    sc = dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if harm else pm_settings(cfg, part)
     key = {"upstream": {init.stage: init.key}, "pm": _key_settings(sc), "part": part, "access": ACCESS_RULES,
            "pm_code": PM_CODE_VERSION,
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
     if cfg.data.synth.rank_k is not None and cfg.data.name == "hh_synth":
         key["rank_k"] = cfg.data.synth.rank_k
-    heldout_pairs = load_data(pairwise_config(cfg.data)).test  # one held-out set for every variant
+    if harm:
+        key["harm"] = harm
+    in_group = (lambda p: harm_group(p.subset) == harm) if harm else (lambda p: True)  # noqa: E731
+    # one held-out set for every variant (its harm group's part for a safety / helpfulness PM)
+    heldout_pairs = [p for p in load_data(pairwise_config(cfg.data)).test if in_group(p)]
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
-        train = pm_pairs(cfg, data, part)
+        train = [p for p in pm_pairs(cfg, data, part) if in_group(p)]
         # the LM score reads no label: no judgements
         train = [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
         variant = {"objective": sc.objective, "harmless_weight": sc.harmless_weight, "judgements": len(train),
@@ -288,11 +301,20 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all") -> Artifact:
         heldout = _score_heldout(scorer, heldout_pairs)
         (out / "heldout_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
         metrics.update(heldout_metrics(heldout))
+        if harm:  # what whitening standardises by (alignbench.stages.reward): its own held-out scores
+            record["score_stats"] = score_stats(heldout)
         return {**record, "metrics": metrics, "variant": variant,
                 "data_counts": {"train_pairs": len(train), "judgements": len(train), "heldout_pairs": len(heldout),
                                 **counts}}
 
-    return build_stage(f"pm-{part}" if part != "all" else "pm", key, cfg.paths.cache_dir, build)
+    name = REWARD_PM_STAGES[harm] if harm else "pm"
+    return build_stage(f"{name}-{part}" if part != "all" else name, key, cfg.paths.cache_dir, build)
+
+
+def score_stats(heldout: list[dict]) -> dict:
+    """Mean and standard deviation of a PM's held-out scores, chosen and rejected together."""
+    scores = torch.tensor([r[k] for r in heldout for k in ("score_chosen", "score_rejected")], dtype=torch.float64)
+    return {"mean": float(scores.mean()), "std": float(scores.std().clamp_min(1e-6)), "n": len(scores)}
 
 
 def train_pm(model, tok, comparisons, *, epochs, cfg: Config, device, max_len, desc, log_step,
