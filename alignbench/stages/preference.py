@@ -301,8 +301,9 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
         heldout = _score_heldout(scorer, heldout_pairs)
         (out / "heldout_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
         metrics.update(heldout_metrics(heldout))
-        if harm:  # what whitening standardises by (alignbench.stages.reward): its own held-out scores
-            record["score_stats"] = score_stats(heldout)
+        if harm:  # what whitening standardises by (alignbench.stages.reward): the eval split's
+            # comparisons of its harm group (the test split stays measurement only)
+            record["score_stats"] = score_stats(_score_heldout(scorer, [p for p in data.eval if in_group(p)]))
         return {**record, "metrics": metrics, "variant": variant,
                 "data_counts": {"train_pairs": len(train), "judgements": len(train), "heldout_pairs": len(heldout),
                                 **counts}}
