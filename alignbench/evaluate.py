@@ -129,7 +129,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
         rows += temperature_rows(ctx, artifact, model=model, chosen_judge=chosen_judge, config_id=config_id,
                                  ident=ident)
     if ctx.judge_name == "gold":  # hh_synth: the gold reward's safety and helpfulness parts apart
-        rows += safety_rows(prompts, responses, n_boot=cfg.eval.bootstrap, seed=cfg.seed, **ident)
+        rows += safety_rows(prompts, responses, n_boot=cfg.eval.bootstrap, boot_seed=cfg.seed, **ident)
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)

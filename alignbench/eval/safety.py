@@ -33,13 +33,13 @@ def safety_values(prompts: list[str], responses: list[str]) -> dict[str, list[fl
     return out
 
 
-def safety_rows(prompts: list[str], responses: list[str], *, n_boot: int, seed: int, **ident) -> list[dict]:
+def safety_rows(prompts: list[str], responses: list[str], *, n_boot: int, boot_seed: int, **ident) -> list[dict]:
     """One results.csv row per ``SAFETY_METRICS`` entry with prompts to measure it on (evaluator
     "safety", slice "heldout")."""
     rows = []
     for metric, values in safety_values(prompts, responses).items():
         if values:
-            v, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+            v, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=boot_seed)
             rows.append(make_row(evaluator="safety", metric=metric, slice="heldout", value=v, ci_low=lo, ci_high=hi,
                                  n=len(values), **ident))
     return rows
