@@ -29,6 +29,7 @@ from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer, SampleScorer
+from alignbench.stages.reward import uncounted
 from alignbench.tracking import Tracker
 from alignbench.train import encode_samples, pad_batch, response_logprobs
 
@@ -431,7 +432,7 @@ class RunContext:
         """Proxy PM scores for measurement (of a SampleBatch by its ids, or of texts): not charged
         (``score`` charges by the difference in the PM's counters around its own call, so they need no
         restoring here)."""
-        with self.cost.measuring():
+        with self.cost.measuring(), uncounted(self.pm):
             return self._pm_scores(prompts, responses)
 
     def score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> tuple[list[float], list[float]]:

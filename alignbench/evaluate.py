@@ -35,7 +35,7 @@ from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind
                                      selection_prompts)
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant
-from alignbench.stages.reward import reward_scorer
+from alignbench.stages.reward import reward_pms, reward_record, reward_scorer
 from alignbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                "cost": {k: point[k] for k in ("wall_s", "tokens_trained", "tokens_generated", "pm_calls", "flops",
                                               "annotations", "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
-               "pm": pm_record(ctx),
+               "pm": pm_record(ctx), "reward": _reward_record(ctx, artifact),
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     picked = selection(ctx, artifact, model)
@@ -147,6 +147,16 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
         metrics["selection"] = picked
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
+
+
+def _reward_record(ctx: RunContext, artifact: PolicyArtifact) -> dict:
+    """The reward the method optimised (``reward.reward_record``); a method that trained against
+    scorers of its own (iterated RLHF's retrained PMs) reports their counts in ``info["reward_counts"]``."""
+    counts = artifact.info.get("reward_counts")
+    with ctx.cost.measuring():
+        record = reward_record(ctx.cfg, ctx.pm, ctx.eval_prompts, ctx.eval_meta or [],
+                               counts=tuple(counts) if counts is not None else None)
+    return {**record, "pms": reward_pms(ctx.stages)}
 
 
 def pm_rows(ctx: RunContext) -> list[dict]:

@@ -9,6 +9,13 @@
     4. the inner method (PPO, or RS fine-tuning) trains against the new PM in a sub-run, starting
        from π0 or from the last round's policy (``restart``); its KL penalty stays anchored to π0.
 
+With ``reward.kind=safety_helpful`` (Llama 2's two reward models) step 3 retrains BOTH PMs, the
+safety PM from the ``pm-safety`` stage's comparisons and the helpfulness PM from ``pm-helpful``'s,
+each new comparison routed by its prompt's harm group (``data.types.harm_group`` of its subset); each
+retrained PM's whitening statistics are recomputed on the eval split's comparisons of its group (as
+``build_pm`` does; charged), and the inner method and the own-samples check use the combined reward
+(``reward.SafetyHelpfulScorer``). ``reward.kind=single`` is unchanged.
+
 Static RLHF with the same labels is this method with ``rounds=1`` (``static_equivalent``): all R·M
 labels bought once on π0's samples, the inner method's steps multiplied by R.
 
@@ -28,6 +35,7 @@ import dataclasses
 import json
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -37,13 +45,17 @@ import torch
 
 from alignbench import lora
 from alignbench.config import ConfigError, opt
+from alignbench.cost import forward_flops
+from alignbench.data import load_data
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
-from alignbench.data.types import PreferencePair
+from alignbench.data.types import PreferencePair, harm_group
 from alignbench.eval.pm_accuracy import gold_agreement
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact, nested_method_config
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
 from alignbench.stages.access import iterated_comparisons, iterated_parts
-from alignbench.stages.preference import PMScorer, SampleScorer, build_pm, train_pm
+from alignbench.stages.preference import (REWARD_PM_STAGES, PMScorer, SampleScorer, _score_heldout, build_pm,
+                                          score_stats, train_pm)
+from alignbench.stages.reward import combined_scorer, uncounted
 from alignbench.subruns import SubRun, resume_subruns
 from alignbench_methods.ppo import PPO
 from alignbench_methods.rejection_sampling import RejectionSampling
@@ -139,7 +151,7 @@ class OwnSampleCheck:
         if model is None:  # an inference-time policy has no model to sample
             return {"round": self.round}
         torch_state, py_state = torch.get_rng_state(), random.getstate()  # the training streams stay untouched
-        with ctx.cost.measuring():
+        with ctx.cost.measuring(), uncounted(self.pm):
             batch = ctx.sample_free(model, ctx.eval_prompts, n=self.samples, temperature=ctx.cfg.eval.temperature,
                                     seed=ctx.seed + OWN_CHECK_SEED_OFFSET)
             pm = SampleScorer(self.pm, ctx.tokenizer, ctx.fmt)(batch).tolist()
@@ -162,6 +174,46 @@ def start_pm_path(ctx) -> Path:
     return ctx.stages.pm.path if part in ("all", "a") else build_pm(ctx.cfg, pm_init_stage(ctx), part).path
 
 
+def two_pms(ctx) -> bool:
+    """Llama 2's safety and helpfulness PMs (reward.kind=safety_helpful) instead of one PM."""
+    return ctx.cfg.reward.kind == "safety_helpful"
+
+
+def start_reward_pms(ctx) -> dict:
+    """harm group -> (the PM stage round 1 starts from, its whitening statistics): the shared
+    ``pm-safety`` / ``pm-helpful`` stages on hh_synth, the same PMs on part "a1" on real HH."""
+    part = iterated_parts(ctx.cfg)[0]
+    shared = {"harmless": ctx.stages.safety_pm, "helpful": ctx.stages.helpful_pm}
+    stages = {g: shared[g] if part in ("all", "a") else build_pm(ctx.cfg, pm_init_stage(ctx), part, harm=g)
+              for g in REWARD_PM_STAGES}
+    return {g: (a.path, a.record["score_stats"]) for g, a in stages.items()}
+
+
+def reward_from(ctx, paths: dict, stats: dict):
+    """The combined reward of the two PMs at ``paths`` (harm group -> dir) whitened with ``stats``."""
+    safety, helpful = (PMScorer(paths[g], ctx.device, ctx.max_len, fmt=ctx.fmt) for g in ("harmless", "helpful"))
+    return combined_scorer(ctx.cfg, safety, helpful, (stats["harmless"], stats["helpful"]))
+
+
+def round_scorer(ctx, labels: SubRun, done: dict):
+    """The reward round ``labels`` trained: its PM, or its two PMs combined (``done``: the labels
+    sub-run's record, which holds the whitening statistics)."""
+    if not two_pms(ctx):
+        return PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt)
+    return reward_from(ctx, {g: labels.dir / name for g, name in REWARD_PM_STAGES.items()}, done["score_stats"])
+
+
+def whitening_stats(ctx, scorer: PMScorer, group: str) -> dict:
+    """A retrained PM's ``score_stats`` on the eval split's comparisons of its harm group, as
+    ``build_pm`` computes them for the shared PMs; charged (2·N FLOPs per token read): the reward
+    the policy then trains on needs them."""
+    pairs = [p for p in load_data(ctx.cfg.data).eval if harm_group(p.subset) == group]
+    tokens = scorer.tokens
+    stats = score_stats(_score_heldout(scorer, pairs))
+    ctx.cost.flops += forward_flops(ctx.n_params(scorer.model), scorer.tokens - tokens)
+    return stats
+
+
 def train_pm_on(ctx, model, tok, comparisons: list, epochs: float, desc: str) -> dict:
     """The one call into the PM trainer (stages.pm's objective, batch size, lr), so the trainer can
     change in one place."""
@@ -173,6 +225,9 @@ def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path]
     """Train a PM on ``comparisons`` (from the PM init when ``init`` is None, else continuing the PM
     at ``init``), charge its tokens and 6·N FLOPs per token, save it to ``out``."""
     ctx.check_budget()
+    if not comparisons:  # continue with no new comparison of this PM's group: the PM stays as it was
+        shutil.copytree(init, out, dirs_exist_ok=True)
+        return {"pairs": 0, "steps": 0, "train_tokens": 0, "first_loss": None, "final_loss": None}
     tok = load_tokenizer(pm_init_stage(ctx).path)
     torch.manual_seed(seed)
     model = pm_from_lm(pm_init_stage(ctx).path, tok, seed) if init is None else load_pm(init)
@@ -220,8 +275,12 @@ class IteratedRLHF(Method):
     def point_hooks(self, ctx) -> list:
         """The own-samples check, on every point from π0's on (the runner installs it)."""
         cfg: IteratedRLHFConfig = ctx.method_cfg
-        path = start_pm_path(ctx)
-        pm = ctx.pm if path == ctx.stages.pm.path else PMScorer(path, ctx.device, ctx.max_len, fmt=ctx.fmt)
+        if two_pms(ctx):
+            start = start_reward_pms(ctx)
+            pm = reward_from(ctx, {g: p for g, (p, _) in start.items()}, {g: st for g, (_, st) in start.items()})
+        else:
+            path = start_pm_path(ctx)
+            pm = ctx.pm if path == ctx.stages.pm.path else PMScorer(path, ctx.device, ctx.max_len, fmt=ctx.fmt)
         return [OwnSampleCheck(pm, cfg.own_check_samples, cfg.high_score_quantile)]
 
     def train(self, ctx) -> PolicyArtifact:
@@ -250,7 +309,8 @@ class IteratedRLHF(Method):
         policy_path = Path(records[-1]["policy"]) if records else None  # None: π0
         hook.round = len(records)
         if records:  # the check's PM is the last finished round's
-            hook.pm = PMScorer(subs[2 * len(records) - 2].dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt)
+            last = subs[2 * len(records) - 2]
+            hook.pm = round_scorer(ctx, last, last.done())
         stopped = None
         for r in range(len(records) + 1, cfg.rounds + 1):
             labels, rnd = subs[2 * r - 2], subs[2 * r - 1]
@@ -264,7 +324,7 @@ class IteratedRLHF(Method):
                 ctx.log_point(steps, model=policy, label="end")
                 policy_path = ctx.save_policy(policy)
                 break
-            scorer = PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt)
+            scorer = round_scorer(ctx, labels, bought)
             hook.pm, hook.round = scorer, r
             shift = (r - 1) * len(inner_prompts) // cfg.rounds
             sub = rnd.ctx(method_cfg=inner_cfg, pm=scorer, start_path=policy_path if cfg.restart == "last" else None,
@@ -281,6 +341,8 @@ class IteratedRLHF(Method):
                       **{k: end.get(k) for k in ("pm_accuracy_own", "pm_accuracy_own_high", "pm_own_pairs",
                                                  "pm_own_pairs_high", "judge_reward", "proxy_reward", "kl_k3")},
                       "steps": inner_steps, "steps_total": steps, "policy": str(policy_path), "inner": artifact.info}
+            if two_pms(ctx):  # what the combined reward scored while the inner method trained
+                record["reward_counts"] = [scorer.used_safety, scorer.scored]
             records.append(record)
             log.info("iterated RLHF round %d: %d labels, PM on own samples %s, judge %.3f", r, record["annotations_total"],
                      record["pm_accuracy_own"], record["judge_reward"] or float("nan"))
@@ -289,10 +351,12 @@ class IteratedRLHF(Method):
             if inner_stop and inner_stop != "steps done":
                 stopped = inner_stop
                 break
-        return PolicyArtifact(path=policy_path, info={
-            "inner": cfg.inner, "regime": regime(cfg), "restart": cfg.restart, "pm_update": cfg.pm_update,
-            "labels_planned": cfg.rounds * cfg.prompts_per_round,
-            "annotations": ctx.cost.annotations, "stopped": stopped, "rounds": records})
+        info = {"inner": cfg.inner, "regime": regime(cfg), "restart": cfg.restart, "pm_update": cfg.pm_update,
+                "labels_planned": cfg.rounds * cfg.prompts_per_round,
+                "annotations": ctx.cost.annotations, "stopped": stopped, "rounds": records}
+        if two_pms(ctx):  # metrics.json's reward.used_safety_share is of the rounds' rewards, not ctx.pm
+            info["reward_counts"] = [sum(r["reward_counts"][i] for r in records) for i in (0, 1)]
+        return PolicyArtifact(path=policy_path, info=info)
 
     def _annotator(self, ctx, part: Optional[str]):
         """The gold reward's Bradley–Terry labeller on hh_synth; an annotator PM on part ``part`` else."""
@@ -318,6 +382,9 @@ class IteratedRLHF(Method):
                             seed=f"annotator:{ctx.seed}:{r}")
         labels.dir.mkdir(parents=True, exist_ok=True)
         write_comparisons(labels.dir / "comparisons.jsonl", new)
+        if two_pms(ctx):
+            return labels.mark_done(annotations=m, **self._fit_two(ctx, cfg, labels=labels, r=r, base_pairs=base_pairs,
+                                                                   new=new, subs=subs))
         if cfg.pm_update == "retrain":  # from the PM's init, on every comparison so far
             bought = [p for s in subs[0:2 * r - 1:2] for p in read_comparisons(s.dir / "comparisons.jsonl")]
             train, init = base_pairs + bought, None
@@ -327,6 +394,33 @@ class IteratedRLHF(Method):
         heldout = heldout_accuracy(ctx, PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt),
                                    self.test_pairs)
         return labels.mark_done(annotations=m, pm_train=pm_train, heldout=heldout)
+
+
+    def _fit_two(self, ctx, cfg: IteratedRLHFConfig, labels: SubRun, r: int, base_pairs: list, new: list,
+                 subs: list) -> dict:
+        """Step 3 with two PMs: the safety and the helpfulness PM each retrained (or continued) on
+        the comparisons of its harm group, whitening statistics recomputed; held-out accuracy of each
+        PM on its group's test comparisons and of the combined reward on all of them (measurement)."""
+        start = start_reward_pms(ctx)
+        if cfg.pm_update == "retrain":
+            pool = base_pairs + [p for s in subs[0:2 * r - 1:2] for p in read_comparisons(s.dir / "comparisons.jsonl")]
+        else:
+            pool = new
+        pm_train, stats, heldout = {}, {}, {}
+        for g, name in REWARD_PM_STAGES.items():
+            train = [p for p in pool if harm_group(p.subset) == g]
+            init = None if cfg.pm_update == "retrain" else (subs[2 * r - 4].dir / name if r > 1 else start[g][0])
+            pm_train[g] = fit_pm(ctx, cfg, train, init=init, out=labels.dir / name,
+                                 seed=ctx.cfg.stages.seed * 1000 + r)
+            scorer = PMScorer(labels.dir / name, ctx.device, ctx.max_len, fmt=ctx.fmt)
+            stats[g] = whitening_stats(ctx, scorer, g)
+            group_test = [p for p in self.test_pairs if harm_group(p.subset) == g]
+            heldout.update({f"{k}_{g}": v for k, v in heldout_accuracy(ctx, scorer, group_test).items()})
+        combined = reward_from(ctx, {g: labels.dir / name for g, name in REWARD_PM_STAGES.items()}, stats)
+        with uncounted(combined):
+            heldout.update(heldout_accuracy(ctx, combined, self.test_pairs))
+        totals = {k: sum(t[k] for t in pm_train.values()) for k in ("pairs", "steps", "train_tokens")}
+        return {"pm_train": {**totals, **{g: pm_train[g] for g in pm_train}}, "heldout": heldout, "score_stats": stats}
 
 
 def _last_point(run_dir: Path) -> dict:

@@ -9,6 +9,8 @@ through ``ctx.score`` unchanged, and are charged for every token each PM reads.
 """
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +20,7 @@ from alignbench.data import load_data
 from alignbench.data.types import harm_group
 from alignbench.stages.access import pm_pairs, pm_parts
 from alignbench.stages.cache import Artifact
-from alignbench.stages.preference import PMScorer, build_pm, stage_scorer
+from alignbench.stages.preference import PMScorer, build_pm, heldout_credits, stage_scorer
 
 # what tag=classifier asks the safety PM to compare on a prompt (a refusal against a compliance)
 PROBE_REFUSAL = " I'm sorry, I can't help with that."
@@ -149,12 +151,84 @@ def subset_tags(cfg: Config) -> dict:
     return {p.prompt: harm_group(p.subset) == "harmless" for split in data.splits.values() for p in split}
 
 
+def combined_scorer(cfg: Config, safety: PMScorer, helpful: PMScorer, stats: tuple[dict, dict]) -> SafetyHelpfulScorer:
+    """The two PMs combined with ``cfg.reward``'s threshold and tag (the shared stages' PMs, or
+    iterated RLHF's retrained ones)."""
+    return SafetyHelpfulScorer(safety, helpful, stats, threshold=cfg.reward.threshold,
+                               harmful_tags=subset_tags(cfg) if cfg.reward.tag == "subset" else None,
+                               classifier_threshold=cfg.reward.classifier_threshold)
+
+
 def reward_scorer(cfg: Config, stages, device) -> PMScorer | SafetyHelpfulScorer:
     """What ``ctx.pm`` is: the proxy PM stage's scorer, or the two reward PMs combined."""
     if cfg.reward.kind == "single":
         return stage_scorer(stages.pm, device, fmt=cfg.data.format)  # a trained PM, or objective=lm's LM
     safety, helpful = (stage_scorer(a, device, fmt=cfg.data.format) for a in (stages.safety_pm, stages.helpful_pm))
-    stats = (stages.safety_pm.record["score_stats"], stages.helpful_pm.record["score_stats"])
-    return SafetyHelpfulScorer(safety, helpful, stats, threshold=cfg.reward.threshold,
-                               harmful_tags=subset_tags(cfg) if cfg.reward.tag == "subset" else None,
-                               classifier_threshold=cfg.reward.classifier_threshold)
+    return combined_scorer(cfg, safety, helpful,
+                           (stages.safety_pm.record["score_stats"], stages.helpful_pm.record["score_stats"]))
+
+
+@contextmanager
+def uncounted(scorer):
+    """Scoring for measurement leaves ``used_safety`` / ``scored`` as they were: they count what the
+    training reward scored (a single PM has no such counters)."""
+    counts = (getattr(scorer, "used_safety", None), getattr(scorer, "scored", None))
+    try:
+        yield scorer
+    finally:
+        if counts[1] is not None:
+            scorer.used_safety, scorer.scored = counts
+
+
+def safety_share(used_safety: int, scored: int) -> Optional[float]:
+    """used_safety_share = responses the safety PM's rule scored / all responses scored in training
+    (None when nothing was scored)."""
+    return used_safety / scored if scored else None
+
+
+def tag_agreement(classified: Sequence[bool], tagged: Sequence[bool]) -> dict:
+    """How the classifier's harmful flags c_i match the subset tags t_i on n prompts:
+    agreement = Σ[c_i = t_i] / n, harmful_recall = Σ[c_i ∧ t_i] / Σ t_i,
+    benign_flagged = Σ[c_i ∧ ¬t_i] / Σ ¬t_i (None over no prompt)."""
+    c, t = torch.tensor(list(classified), dtype=torch.bool), torch.tensor(list(tagged), dtype=torch.bool)
+    rate = lambda hits, over: float(hits.sum()) / int(over.sum()) if int(over.sum()) else None  # noqa: E731
+    return {"tag_agreement": rate(c == t, torch.ones_like(t)), "harmful_recall": rate(c & t, t),
+            "benign_flagged": rate(c & ~t, ~t), "n": len(t)}
+
+
+def pm_heldout(artifact: Artifact) -> dict:
+    """A PM stage's held-out accuracy (its ``heldout_scores.jsonl``: the pairwise test split, of its
+    harm group for a reward PM): ``heldout_accuracy`` against the labels and ``heldout_gold_accuracy``
+    on hh_synth, overall and per harm group, each with ``n_<metric>`` pairs (gold ties left out)."""
+    recs = [json.loads(line) for line in (artifact.path / "heldout_scores.jsonl").read_text().splitlines()]
+    out = {"stage": artifact.stage, "key": artifact.key}
+    for (metric, group), credit in heldout_credits(recs).items():
+        if credit.size:
+            name = metric + ("" if group == "all" else f"_{group}")
+            out[name], out[f"n_{name}"] = float(credit.mean()), int(credit.size)
+    return out
+
+
+def reward_pms(stages) -> dict:
+    """``pm_heldout`` of the single proxy PM and of the reward PMs the run built (report: the reward
+    PMs' held-out accuracy next to the single PM's)."""
+    pms = {"single": stages.pm, "safety": stages.safety_pm, "helpful": stages.helpful_pm}
+    return {name: pm_heldout(a) for name, a in pms.items()
+            if a is not None and (a.path / "heldout_scores.jsonl").exists()}
+
+
+def reward_record(cfg: Config, scorer, eval_prompts: Sequence[str], eval_meta: Sequence[dict],
+                  counts: Optional[tuple[int, int]] = None) -> dict:
+    """metrics.json's ``reward``: kind, threshold, tag, used_safety_share (of ``counts`` =
+    (used_safety, scored) when the method trained against scorers of its own, iterated RLHF's, else
+    of ``scorer``), and with tag=classifier its ``tag_agreement`` with the subset tags on the eval
+    prompts (the classifier's PM calls here are measurement: run under the caller's measuring())."""
+    if cfg.reward.kind == "single":
+        return {"kind": "single", "threshold": None, "tag": None, "used_safety_share": None}
+    used, scored = counts if counts is not None else (scorer.used_safety, scorer.scored)
+    record = {"kind": cfg.reward.kind, "threshold": cfg.reward.threshold, "tag": cfg.reward.tag,
+              "used_safety_share": safety_share(used, scored), "used_safety": used, "scored": scored}
+    if cfg.reward.tag == "classifier":
+        flags = scorer.harmful(list(eval_prompts)).tolist()
+        record["classifier"] = tag_agreement(flags, [harm_group(m["subset"]) == "harmless" for m in eval_meta])
+    return record
