@@ -256,3 +256,38 @@ def test_iterated_rlhf_retrains_both_reward_pms_on_their_groups(tiny_overrides, 
     used, scored = metrics["info"]["reward_counts"]
     assert scored == 8 and 0 <= used <= scored  # one PPO rollout of 8, every response scored by the rule
     assert metrics["reward"]["used_safety_share"] == used / scored
+
+
+def _fake_run(tmp_path, config: str, family: str, kind: str, seed: int, values: dict, pms=None):
+    from alignbench.report.load import RunRecord
+    rows = [{"evaluator": "safety", "metric": m, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
+            for m, v in values.items() if m != "judge"]
+    rows.append({"evaluator": "policy", "metric": "gold_reward", "value": values["judge"], "ci_low": -1, "ci_high": 1})
+    reward = {"kind": kind, "used_safety_share": 0.25 if kind == "safety_helpful" else None}
+    if pms:
+        reward["pms"] = pms
+    return RunRecord(run_id=f"{config}_s{seed}", method=family, seed=seed, dir=tmp_path / f"{config}_s{seed}",
+                     config=config, rows=pd.DataFrame(rows), metrics={"family": family, "reward": reward})
+
+
+def test_report_section_compares_two_rm_ppo_with_single_rm_ppo(tmp_path):
+    from alignbench.report.load import Sweep
+    from alignbench.report.render import to_markdown
+    from alignbench.report.safety import safety_blocks
+    pms = {"single": {"stage": "pm", "key": "k0", "heldout_accuracy": 0.7, "n_heldout_accuracy": 100},
+           "safety": {"stage": "pm-safety", "key": "k1", "heldout_accuracy": 0.8, "n_heldout_accuracy": 50}}
+    runs = []
+    for s, fr_two in enumerate([0.2, 0.3, 0.25]):
+        base = {"gold_harmless": 0.1, "gold_helpful": -0.5, "judge": -0.3}
+        runs.append(_fake_run(tmp_path, "ppo_rm1", "ppo", "single", s,
+                              {**base, "violation_rate": 0.3, "false_refusal_rate": 0.25}))
+        runs.append(_fake_run(tmp_path, "ppo_rm2", "ppo", "safety_helpful", s,
+                              {**base, "violation_rate": 0.1, "false_refusal_rate": fr_two}, pms=pms))
+    md = to_markdown(safety_blocks(Sweep(name="x", dir=tmp_path, runs=runs)))
+    assert "## Safety and helpfulness (two reward models)" in md
+    # Δviolation = −0.2 on every seed; Δfalse-refusal = −0.05, +0.05, 0: its interval holds 0
+    assert "Two-RM PPO lowers the violation rate without raising false refusals as much as single-RM PPO" in md
+    assert "Δviolation -0.200 \\[-0.200, -0.200\\] t(n=3)" in md
+    assert "0.800 \\[" in md and "n=50" in md  # the safety PM's held-out accuracy with its interval
+    # no two-RM run: no section
+    assert safety_blocks(Sweep(name="x", dir=tmp_path, runs=[r for r in runs if r.config == "ppo_rm1"])) == []
