@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -76,10 +77,12 @@ def test_gain_by_bin_known_answer():
     scores = [0.4, 0.1, 0.3, 0.2, 0.8, 0.6, 0.5, 0.7]
     undistilled = [4.0, 1.0, 3.0, 2.0, 8.0, 6.0, 5.0, 7.0]
     distilled = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
-    bins = gain_by_bin(scores, undistilled, distilled, n_bins=4)
+    resampled = [4.0, 1.0, 3.0, 2.0, 0.0, 0.0, 5.0, 7.0]
+    bins = gain_by_bin(scores, undistilled, distilled, resampled, n_bins=4)
     assert [(b["lo"], b["hi"], b["n"]) for b in bins] == [(0.1, 0.2, 2), (0.3, 0.4, 2), (0.5, 0.6, 2), (0.7, 0.8, 2)]
     assert [b["gold_undistilled"] for b in bins] == [1.5, 3.5, 5.5, 7.5]
     assert [b["gain"] for b in bins] == [-0.5, -2.5, -4.5, -6.5]
+    assert [b["null_gain"] for b in bins] == [0.0, 0.0, -3.0, -4.0]
 
 
 def test_distill_prompts_take_half_from_the_harmless_subsets(tiny_overrides):
@@ -122,6 +125,7 @@ def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides
     assert sum(r["kept"] == "distilled" for r in rows) == m["kept_distilled"]
     gold = m["gold"]
     assert sum(b["n"] for b in gold["bins_by_gold"]) == 48 == sum(b["n"] for b in gold["bins_by_safety_pm"])
+    assert all(b["null_gain"] is not None for b in gold["bins_by_gold"])
     assert sum(k["kept_distilled"] for k in gold["kept_by_kind"].values()) == m["kept_distilled"]
     assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "template", "targeted": True, "stage": m}
     # the student differs from the HHH π0 it started from
@@ -142,3 +146,50 @@ def test_untargeted_keeps_every_distilled_answer_and_none_is_pi0_itself(tiny_ove
     cfg0, none = _build(tiny_overrides)
     assert none.pi0.stage == "pi0" and none.pi0.key == st.pm.record["upstream"]["pi0"]
     assert pi0_safety_record(cfg0, none.pi0) == {"preprompt": "none", "targeted": False, "stage": None}
+
+
+def _report_sweep(tmp_path):
+    from alignbench.report.load import RunRecord, Sweep
+    bins = [{"lo": 0.0, "hi": 1.0, "n": 2, "gold_undistilled": 0.5, "gold_distilled": 0.7, "gain": 0.2},
+            {"lo": 1.5, "hi": 2.0, "n": 2, "gold_undistilled": 1.8, "gold_distilled": 0.6, "gain": -1.2,
+             "null_gain": -0.4}]
+    stage = {"prompts": 4, "kept_distilled": 4, "kept_undistilled": 0,
+             "gold": {"bins_by_gold": bins, "kept_by_kind": {"harmful": {"n": 2, "kept_distilled": 2}}}}
+    runs = []
+    for config, pre, targeted, st in (("cd_none", "none", False, None), ("cd_gen", "generic", False, stage),
+                                      ("cd_gen_t", "generic", True, {**stage, "kept_distilled": 3})):
+        for seed in (0, 1):
+            runs.append(RunRecord(f"{config}_s{seed}", "context_distilled", seed, tmp_path, config=config,
+                                  metrics={"pi0_safety": {"preprompt": pre, "targeted": targeted, "stage": st}}))
+    runs.append(RunRecord("ppo_s0", "ppo", 0, tmp_path, config="ppo", metrics={}))
+    # false refusals: none 0.15 [0.1, 0.2], untargeted 0.45 [0.4, 0.5] (worse), targeted 0.18 [0.12, 0.25]
+    values = {"cd_none": 0.15, "cd_gen": 0.45, "cd_gen_t": 0.18}
+    rows = [{"config": c, "evaluator": "safety", "metric": "false_refusal_rate", "slice": "heldout", "value": v,
+             "ci_low": v - 0.05 - (0.01 if c == "cd_gen_t" else 0), "ci_high": v + 0.05 + (0.02 if c == "cd_gen_t" else 0),
+             "n": 40, "n_seeds": 2} for c, v in values.items()]
+    rows += [{"config": c, "evaluator": "safety", "metric": "gold_helpful", "slice": "heldout", "value": 1.0,
+              "ci_low": 0.8, "ci_high": 1.2, "n": 90, "n_seeds": 2} for c in values]
+    return Sweep("s", tmp_path, runs), pd.DataFrame(rows)
+
+
+def test_report_section_names_variants_and_measures_the_finding(tmp_path):
+    from alignbench.report.render import Table, to_markdown
+    from alignbench.report.safety_distill import findings, safety_distill_blocks, safety_frame, variant_frame
+    sweep, agg = _report_sweep(tmp_path)
+    variants = variant_frame(sweep)
+    assert list(variants["variant"]) == ["none", "generic, untargeted", "generic, targeted"]
+    said = findings(variants, safety_frame(agg, variants))
+    assert "false-refusal rate 0.150 → 0.450: worse" in said[0] and "gold helpful 1.000 → 1.000: no clear" in said[0]
+    assert "top quarter by gold) the kept answers changed gold by -1.200, against -0.400 for a second" in said[0]
+    assert "false-refusal rate 0.150 → 0.180: no clear change" in said[1]
+    assert said[2] == ("generic: untargeted distillation hurt answers that were already good (false-refusal rate "
+                       "worse than without it), as Llama 2 found; targeting avoided it for false-refusal rate.")
+    blocks = safety_distill_blocks(sweep, agg)
+    tables = [b for b in blocks if isinstance(b, Table)]
+    assert tables[0].rows[1][:5] == ["generic, untargeted", "–", "1.000 [0.800, 1.200]", "–", "0.450 [0.400, 0.500]"]
+    assert tables[0].rows[2][6] == "3/4 (harmful 2/2)"
+    assert len(tables[1].rows) == 4 and tables[1].rows[1][-2:] == ["-1.200", "-0.400"]
+    assert "Targeted safety context distillation" in to_markdown(blocks)
+    # a sweep without a distilled variant gets no section
+    sweep.runs = [r for r in sweep.runs if r.config in ("cd_none", "ppo")]
+    assert safety_distill_blocks(sweep, agg) == []

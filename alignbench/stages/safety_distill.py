@@ -82,37 +82,42 @@ def student_examples(prompt_ids: Sequence[Sequence[int]], distilled_ids: Sequenc
 
 
 def gain_by_bin(scores: Sequence[float], gold_undistilled: Sequence[float], gold_distilled: Sequence[float],
-                n_bins: int = N_BINS) -> list[dict]:
+                gold_resampled: Sequence[float], n_bins: int = N_BINS) -> list[dict]:
     """Llama 2 Fig. 16b as a table: the answers sorted by ``scores`` (the undistilled answer's, a
     stable sort) and cut into ``n_bins`` equal-count bins (``np.array_split``); per bin its score
-    range, n, mean gold of the undistilled and of the distilled answers, and gain = their difference
-    (distilled − undistilled)."""
-    s, gu, gd = (np.asarray(x, dtype=float) for x in (scores, gold_undistilled, gold_distilled))
+    range, n, mean gold of the undistilled and of the distilled answers, gain = mean(distilled −
+    undistilled), and null_gain = mean(resampled − undistilled), the same difference for a second,
+    independent undistilled answer: binning on the undistilled answer's own score makes the top
+    bins' gain negative and the bottom ones' positive by regression to the mean alone, so the gain
+    means something only against it."""
+    s, gu, gd, gr = (np.asarray(x, dtype=float) for x in (scores, gold_undistilled, gold_distilled, gold_resampled))
     out = []
     for idx in np.array_split(np.argsort(s, kind="stable"), min(n_bins, len(s))):
         if len(idx):
             out.append({"lo": float(s[idx].min()), "hi": float(s[idx].max()), "n": int(len(idx)),
                         "gold_undistilled": float(gu[idx].mean()), "gold_distilled": float(gd[idx].mean()),
-                        "gain": float((gd[idx] - gu[idx]).mean())})
+                        "gain": float((gd[idx] - gu[idx]).mean()), "null_gain": float((gr[idx] - gu[idx]).mean())})
     return out
 
 
-def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], keep: list[bool],
-              s_u: Optional[list[float]]) -> dict:
+def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], resampled: list[str],
+              keep: list[bool], s_u: Optional[list[float]]) -> dict:
     """hh_synth's gold on the distillation answers (measurement): means of the gold and its harmless
     and helpful parts per arm, the kept-distilled share by request kind, and the Fig. 16b bins."""
     parts = {arm: [gold_parts(p, r) for p, r in zip(prompts, answers)]
              for arm, answers in (("distilled", distilled), ("undistilled", undistilled))}
     gold = {arm: [g.total for g in ps] for arm, ps in parts.items()}
+    gold["resampled"] = [gold_parts(p, r).total for p, r in zip(prompts, resampled)]
     kinds = [parse_task(p).kind for p in prompts]
     kinds = ["harmful" if k == "harmful" else "edgy" if k == "edgy" else "other" for k in kinds]
     view = {f"{what}_{arm}": float(np.mean([getattr(g, what) for g in ps]))
             for arm, ps in parts.items() for what in ("total", "harmless", "helpful")}
     view["kept_by_kind"] = {k: {"n": kinds.count(k), "kept_distilled": sum(kp for kp, kk in zip(keep, kinds) if kk == k)}
                             for k in ("harmful", "edgy", "other") if k in kinds}
-    view["bins_by_gold"] = gain_by_bin(gold["undistilled"], gold["undistilled"], gold["distilled"])
+    golds = (gold["undistilled"], gold["distilled"], gold["resampled"])
+    view["bins_by_gold"] = gain_by_bin(gold["undistilled"], *golds)
     if s_u is not None:
-        view["bins_by_safety_pm"] = gain_by_bin(s_u, gold["undistilled"], gold["distilled"])
+        view["bins_by_safety_pm"] = gain_by_bin(s_u, *golds)
     return view
 
 
@@ -140,7 +145,7 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
            "safety": {"targeted": sc.safety_targeted, "prompts": sc.safety_prompts, "epochs": sc.safety_epochs,
                       "lr": sc.lr, "batch_size": sc.batch_size, "max_steps": sc.max_steps,
                       "harmless_share": HARMLESS_SHARE},
-           "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
+           "fig16b_null": "resample", "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
            "prompts_from": {"access": ACCESS_RULES, "judge": judge_kind(cfg)},
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
 
@@ -154,6 +159,8 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
                     seed=cfg.stages.seed, max_len=max_len, fmt=fmt, kv_cache=cfg.train.kv_cache)
         distilled = sample(model, tok, prompts, system=preprompt, **draw)
         undistilled = sample(model, tok, prompts, **draw)  # the same random stream: only the context differs
+        gold = cfg.data.name == "hh_synth"  # the null of Fig. 16b's bins: a second undistilled answer (measured only)
+        resampled = sample(model, tok, prompts, **{**draw, "seed": cfg.stages.seed + 1}).responses if gold else None
         s_d = s_u = None
         if sc.safety_targeted:  # both answers scored as replies to the prompt the student will read
             scorer = stage_scorer(safety_pm, device, fmt=fmt)
@@ -178,8 +185,8 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
                    "train_seconds": round(res.seconds, 2), "final_loss": res.losses[-1]}
         _write_answers(out / ANSWERS, prompts, distilled.responses, undistilled.responses, keep,
                        (s_d, s_u) if s_u is not None else None)
-        if cfg.data.name == "hh_synth":
-            metrics["gold"] = gold_view(prompts, distilled.responses, undistilled.responses, keep, s_u)
+        if gold:
+            metrics["gold"] = gold_view(prompts, distilled.responses, undistilled.responses, resampled, keep, s_u)
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
