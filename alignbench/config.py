@@ -160,6 +160,10 @@ class Pi0StageConfig(OptimConfig):
     safety_preprompt: str = opt("none", choices=["none", "generic", "template"])
     # keep a distilled answer only where the safety PM scores it above the undistilled one (targeted)
     safety_targeted: bool = False
+    # method training prompts the safety distillation samples on (seeded): up to half from the
+    # harmless subsets (harmful and edgy requests), the rest from the others
+    safety_prompts: int = opt(512, gt=0)
+    safety_epochs: float = opt(2.0, gt=0)  # passes of supervised fine-tuning over the kept answers
     # Ghost Attention (Llama 2 §3.3, alignbench.stages.gatt) on π0, before any method: needs
     # data.synth.system_instructions=true
     gatt: bool = False

@@ -36,6 +36,7 @@ from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant
 from alignbench.stages.reward import reward_pms, reward_record, reward_scorer
+from alignbench.stages.safety_distill import pi0_safety_record
 from alignbench.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                                               "annotations", "measure_s")},
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "pm": pm_record(ctx), "reward": _reward_record(ctx, artifact),
+               "pi0_safety": pi0_safety_record(ctx.cfg, ctx.stages.pi0),
                "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     picked = selection(ctx, artifact, model)

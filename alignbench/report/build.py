@@ -17,6 +17,7 @@ from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
 from alignbench.report import chains, frontier, iterated, plots, pm_objectives, safety, tables, views, walltime
+from alignbench.report.safety_distill import safety_distill_blocks
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
                                          train_points)
@@ -240,6 +241,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                        "PM accuracy when both scores exceed a threshold", "no PM threshold rows"),
               *_table(tables.gold_table(agg), "no gold-agreement rows (only on hh_synth)"),
               *pm_objectives.pm_objective_blocks(sweep, agg, out_dir, _figure),
+              *safety_distill_blocks(sweep, agg),
               Heading("Win rates and Elo"),
               *_table(tables.win_table(derived), "fewer than two configurations with usable samples"),
               *_table(tables.elo_table(derived), "fewer than two configurations with usable samples"),

@@ -65,7 +65,7 @@ def distill_batch_loss(student, teacher, batch: dict, prefix: torch.Tensor, s0: 
 
 # stages.pi0 keys of the stages after the HHH distillation (safety context distillation, GAtt):
 # they have their own stages, so they stay out of this one's key
-LATER_STAGE_KEYS = ("safety_preprompt", "safety_targeted", "gatt")
+LATER_STAGE_KEYS = ("safety_preprompt", "safety_targeted", "safety_prompts", "safety_epochs", "gatt")
 
 
 def hhh_settings(sc) -> dict:

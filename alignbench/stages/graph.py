@@ -25,6 +25,7 @@ from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
 from alignbench.stages.preference import build_pm, check_judgements
 from alignbench.stages.reward import build_reward_pms, check_reward
+from alignbench.stages.safety_distill import build_safety_pi0, check_safety_distill
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,13 @@ def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
     check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
     check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
+    check_safety_distill(cfg)  # and targeted safety distillation without a preprompt
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
-    pi0 = build_pi0(cfg, base)
-    init = pi0 if cfg.stages.pm.init == "pi0" else base
+    hhh = build_pi0(cfg, base)  # the HHH context-distilled π0: the PMs start from it
+    init = hhh if cfg.stages.pm.init == "pi0" else base
     proxy, judge = pm_parts(cfg)
     safety, helpful = build_reward_pms(cfg, init)
+    pi0 = build_safety_pi0(cfg, hhh, safety)  # itself when stages.pi0.safety_preprompt=none
     return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None,
                         safety_pm=safety, helpful_pm=helpful)
