@@ -23,6 +23,7 @@ from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
+from alignbench.stages.gatt import build_gatt_pi0, check_gatt
 from alignbench.stages.preference import build_pm, check_judgements
 from alignbench.stages.reward import build_reward_pms, check_reward
 
@@ -55,11 +56,13 @@ def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
     check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
     check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
+    check_gatt(cfg)  # and stages.pi0.gatt on data without system instructions
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     pi0 = build_pi0(cfg, base)
     init = pi0 if cfg.stages.pm.init == "pi0" else base
     proxy, judge = pm_parts(cfg)
     safety, helpful = build_reward_pms(cfg, init)
-    return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None,
-                        safety_pm=safety, helpful_pm=helpful)
+    pm, judge_pm = build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None
+    pi0 = build_gatt_pi0(cfg, pi0)  # the π0 methods start from; the PMs stay the HHH π0's
+    return SharedStages(base, pi0, pm, judge_pm, safety_pm=safety, helpful_pm=helpful)
