@@ -153,3 +153,22 @@ def test_gatt_stage_and_adherence_rows_end_to_end(tiny_overrides, tmp_path):
     # the rows are the checks of the written replies
     turn1 = sum(check_instruction(s["instruction"], s["replies"][0]) for s in samples) / len(samples)
     assert gatt.value.iloc[0] == pytest.approx(turn1)
+
+
+def test_report_section_says_what_the_intervals_show():
+    from alignbench.report.gatt import adherence_table, by_config, claim_paragraphs
+    rows = []
+    for seed, (on3, off3) in enumerate([(0.9, 0.2), (0.8, 0.3), (0.85, 0.25)]):
+        for gatt, cfg, vals in ((True, "cd_gatt", (0.95, 0.9, on3)), (False, "cd", (0.95, 0.5, off3))):
+            rows += [{"config": cfg, "seed": seed, "gatt": gatt, "turn": k + 1, "value": v, "ci_low": v - 0.1,
+                      "ci_high": v + 0.1, "n": 40} for k, v in enumerate(vals)]
+    agg = by_config(pd.DataFrame(rows))
+    turn3 = agg[(agg.turn == 3) & agg.gatt].iloc[0]
+    assert turn3["mean"] == pytest.approx(0.85) and turn3["seeds"] == 3 and turn3["interval"] == "t(n=3)"
+    assert turn3["lo"] < 0.85 < turn3["hi"]
+    text = claim_paragraphs(agg)[0].text
+    assert "turn 2: 0.90 [0.90, 0.90] vs 0.50 [0.50, 0.50], higher with GAtt" in text and "is supported here" in text
+    assert adherence_table(agg).header[1:5] == ["GAtt", "turn 1", "turn 2", "turn 3"]
+    # equal adherence with and without: the intervals overlap, so the claim is not shown
+    same = pd.DataFrame([{**r, "value": 0.5} for r in rows])
+    assert "not shown here" in claim_paragraphs(by_config(same))[0].text
