@@ -186,6 +186,15 @@ class PMStageConfig(OptimConfig):
 
 
 @dataclass
+class GattStageConfig(OptimConfig):
+    """Ghost Attention's fine-tuning of π0 (stage pi0-gatt, on when stages.pi0.gatt)."""
+    dialogues: int = opt(256, gt=0)  # training dialogues (≥ 2 Human turns) sampled with the instruction
+    candidates: int = opt(4, gt=0)  # samples per turn; the first that follows the instruction is kept
+    lr: float = opt(1e-3, gt=0)
+    epochs: float = opt(2.0, gt=0)
+
+
+@dataclass
 class RewardConfig:
     """What PPO, best-of-n, RS fine-tuning, RRHF and iterated RLHF optimise (alignbench.stages.reward)."""
     # single: the one proxy PM (stages.pm); safety_helpful: Llama 2's two PMs, a safety PM on the
@@ -206,6 +215,7 @@ class StagesConfig:
     base: BaseStageConfig = field(default_factory=BaseStageConfig)
     pi0: Pi0StageConfig = field(default_factory=Pi0StageConfig)
     pm: PMStageConfig = field(default_factory=PMStageConfig)
+    gatt: GattStageConfig = field(default_factory=GattStageConfig)
 
 
 # train.report_to: tracker name -> the package it needs (alignbench.tracking writes to them)

@@ -23,6 +23,7 @@ from alignbench.data import load_data
 from alignbench.data.splits import prompt_mix
 from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
+from alignbench.eval.gatt import gatt_rows
 from alignbench.eval.safety import safety_rows
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
 from alignbench.evaluate_samples import chosen_scores, method_family, selection, temperature_rows, win_rate_row
@@ -131,6 +132,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                                  ident=ident)
     if ctx.judge_name == "gold":  # hh_synth: the gold reward's safety and helpfulness parts apart
         rows += safety_rows(prompts, responses, n_boot=cfg.eval.bootstrap, boot_seed=cfg.seed, **ident)
+    rows += gatt_rows(ctx, artifact, model, ident)  # adherence by turn when the data has system instructions
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)

@@ -37,6 +37,7 @@ nothing depends on global random state or on string hashing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from alignbench.data.hh import ASSISTANT_TAG, parse_transcript
+from alignbench.data.instructions import draw_instruction, instruct_data_prompt, strip_instruction
 from alignbench.data.types import DataError, PreferencePair
 
 __all__ = [
@@ -412,6 +414,7 @@ def parse_task(prompt: str) -> ParsedTask:
     if not turns:
         return ParsedTask("unknown")
     state, history = _State(), []
+    turns = [strip_instruction(text)[1] for text in turns]  # a system instruction is no task
     for text in turns[:-1]:
         _read_turn(text, state, history)
     return _read_turn(turns[-1], state, history)
@@ -631,8 +634,16 @@ class SynthConfig:
     # K responses per prompt ranked by the annotator model (InstructGPT's ranking data), or None for
     # pairs; ranked data keeps chosen/rejected = best/worst and the ranking in meta (``_make_ranking``)
     rank_k: int | None = None
+    # a share of the multi-turn dialogues open with a checkable system instruction (Ghost Attention's
+    # data, alignbench.data.instructions); the first reply follows it, later ones ignore it
+    system_instructions: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.system_instructions, bool):
+            raise ValueError(f"data.synth.system_instructions must be true or false, got {self.system_instructions!r}")
+        if self.system_instructions and self.max_turns < 2:
+            raise ValueError("data.synth.system_instructions: needs data.synth.max_turns >= 2 (only multi-turn "
+                             "dialogues get an instruction)")
         for key in ("n_pairs", "seed", "max_turns"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -952,7 +963,18 @@ def generate_hh_synth(cfg: SynthConfig) -> list[PreferencePair]:
     """``cfg.n_pairs`` preference pairs (or rankings of ``cfg.rank_k`` responses, on the same
     prompts); pair ``i`` depends only on ``(cfg, i)``."""
     make = _make_pair if cfg.rank_k is None else _make_ranking
-    return [make(random.Random(f"hh_synth:{cfg.seed}:{i}"), cfg, i) for i in range(cfg.n_pairs)]
+    pairs = [make(random.Random(f"hh_synth:{cfg.seed}:{i}"), cfg, i) for i in range(cfg.n_pairs)]
+    return [_instructed(p, cfg.seed, i) for i, p in enumerate(pairs)] if cfg.system_instructions else pairs
+
+
+def _instructed(pair: PreferencePair, seed: int, index: int) -> PreferencePair:
+    """``pair`` with its training instruction, if it draws one (``instructions.draw_instruction``):
+    only the prompt changes; ``parse_task`` strips the instruction, so gold and labels are the same."""
+    text = draw_instruction(seed, index, pair.n_turns)
+    if text is None:
+        return pair
+    return dataclasses.replace(pair, prompt=instruct_data_prompt(pair.prompt, text),
+                               meta={**pair.meta, "instruction": text})
 
 
 def label_gold_agreement(pairs: list[PreferencePair]) -> float:

@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import chains, frontier, iterated, plots, pm_objectives, safety, tables, views, walltime
+from alignbench.report import chains, frontier, gatt, iterated, plots, pm_objectives, safety, tables, views, walltime
 from alignbench.report.safety_distill import safety_distill_blocks
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
@@ -212,7 +212,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
 
     shown = (agg["evaluator"] == PM_EVAL) | ((agg["evaluator"] == "nlp_tasks") & (agg["metric"] == "acc")) | \
         ((agg["evaluator"] == "policy") & (agg["metric"] == "truncation_rate")) | (agg["evaluator"] == "diversity") | \
-        ((agg["evaluator"] == "temperature") & (agg["metric"] == "judge_reward"))
+        ((agg["evaluator"] == "temperature") & (agg["metric"] == "judge_reward")) | (agg["evaluator"] == "gatt")
     ok = len(sweep.ok_runs)
     made_by = ", then ".join(c for c in (sweep.command, command) if c)
     blocks = [Heading(f"alignbench report: {sweep.name}", 1),
@@ -258,6 +258,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               *_view_blocks(out_dir, derived, agg, samples, points=train_points(sweep), baseline=win_base),
               *iterated.iterated_blocks(sweep, out_dir, _figure),
               *safety.safety_blocks(sweep),
+              *gatt.gatt_blocks(sweep, out_dir, _figure),
               Heading("NLP task regressions"),
               *_table(tables.nlp_table(deltas, base), f"no nlp_tasks acc rows for {base} and another configuration"),
               *_figure(out_dir, "nlp_deltas.png", lambda p: plots.nlp_deltas(deltas, base, p),

@@ -80,9 +80,11 @@ def lora_key(cfg) -> dict:
 def data_key(cfg) -> dict:
     """The data config as part of a stage key, without ``format`` (see ``format_key``) and without
     ``synth.rank_k``: ranked labels change only the PM, whose key has it (the base LM and π0 read the
-    pairwise data, ``data.pairwise_config``)."""
+    pairwise data, ``data.pairwise_config``). ``synth.system_instructions`` is there only when true,
+    so the keys of data without instructions are those from before the field existed."""
     out = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "format"}
-    out["synth"] = {k: v for k, v in out["synth"].items() if k != "rank_k"}
+    out["synth"] = {k: v for k, v in out["synth"].items()
+                    if k != "rank_k" and not (k == "system_instructions" and not v)}
     return out
 
 

@@ -23,6 +23,7 @@ from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
 from alignbench.stages.distill import build_pi0
+from alignbench.stages.gatt import build_gatt_pi0, check_gatt
 from alignbench.stages.preference import build_pm, check_judgements
 from alignbench.stages.reward import build_reward_pms, check_reward
 from alignbench.stages.safety_distill import build_safety_pi0, check_safety_distill
@@ -57,12 +58,14 @@ def build_shared_stages(cfg: Config) -> SharedStages:
     check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
     check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
     check_safety_distill(cfg)  # and targeted safety distillation without a preprompt
+    check_gatt(cfg)  # and stages.pi0.gatt on data without system instructions
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     hhh = build_pi0(cfg, base)  # the HHH context-distilled π0: the PMs start from it
     init = hhh if cfg.stages.pm.init == "pi0" else base
     proxy, judge = pm_parts(cfg)
     safety, helpful = build_reward_pms(cfg, init)
+    pm, judge_pm = build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None
     pi0 = build_safety_pi0(cfg, hhh, safety)  # itself when stages.pi0.safety_preprompt=none
-    return SharedStages(base, pi0, build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None,
-                        safety_pm=safety, helpful_pm=helpful)
+    pi0 = build_gatt_pi0(cfg, pi0)  # the π0 methods start from; the PMs stay the HHH π0's
+    return SharedStages(base, pi0, pm, judge_pm, safety_pm=safety, helpful_pm=helpful)
