@@ -21,6 +21,9 @@ from alignbench.stages.cache import data_key
 from alignbench.stages.gatt import IGNORE, gatt_example, pick_reply, sampling_prompt, training_transcript
 from alignbench.stages.graph import build_shared_stages
 
+# the tiny stages on instructed data: built once per session, shared by the mask and end-to-end tests
+INSTRUCTED = ["data.synth.system_instructions=true", "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
+              "eval.n_prompts=12", "eval.temperatures=[]", "eval.nlp_tasks=[]", "method=context_distilled"]
 UPPER, END, WORDS = "Answer in capital letters.", "End every reply with 'Be kind.'", "Answer in at most three words."
 
 
@@ -96,9 +99,9 @@ def test_instructed_data_first_reply_follows_later_ones_ignore_gold_unchanged():
         SynthConfig(max_turns=1, system_instructions=True)
 
 
-def test_gatt_loss_mask_on_a_hand_built_dialogue(tiny_config):
+def test_gatt_loss_mask_on_a_hand_built_dialogue(tiny_overrides):
     from alignbench.stages.base import build_base
-    tok = load_tokenizer(build_base(tiny_config).path)
+    tok = load_tokenizer(build_base(to_config(compose(tiny_overrides + INSTRUCTED))).path)
     users, replies = ["What is 2 plus 3?", "Now double that."], [" 5. Be kind.", " 10. Be kind."]
     prompt, response = training_transcript(END, users, replies)
     # the instruction in the first user turn only; the sampled first reply is history
@@ -131,8 +134,7 @@ def test_gatt_without_instructions_fails_before_training(tiny_overrides, extra, 
 
 
 def test_gatt_stage_and_adherence_rows_end_to_end(tiny_overrides, tmp_path):
-    over = ["data.synth.system_instructions=true", "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
-            "eval.n_prompts=12", "eval.temperatures=[]", "eval.nlp_tasks=[]", "method=context_distilled"]
+    over = INSTRUCTED
     plain = to_config(compose(tiny_overrides + over))
     with_gatt = to_config(compose(tiny_overrides + over + ["stages.pi0.gatt=true"]))
     a, b = build_shared_stages(plain), build_shared_stages(with_gatt)
@@ -168,6 +170,8 @@ def test_report_section_says_what_the_intervals_show():
     assert turn3["lo"] < 0.85 < turn3["hi"]
     text = claim_paragraphs(agg)[0].text
     assert "turn 2: 0.90 [0.90, 0.90] vs 0.50 [0.50, 0.50], higher with GAtt" in text and "is supported here" in text
+    # with GAtt turn 3's t interval (0.85 ± 0.12) reaches turn 1's 0.95; without, 0.25 ± 0.12 does not
+    assert "with GAtt no drop from turn 1 is shown; without GAtt it is lower than at turn 1" in text
     assert adherence_table(agg).header[1:5] == ["GAtt", "turn 1", "turn 2", "turn 3"]
     # equal adherence with and without: the intervals overlap, so the claim is not shown
     same = pd.DataFrame([{**r, "value": 0.5} for r in rows])
