@@ -74,6 +74,8 @@ def test_default_data_bitwise_unchanged_and_keys_unchanged(tiny_config):
     assert _pairs_hash(generate_hh_synth(SynthConfig(n_pairs=200, rank_k=4))) == \
         "1f7cd41bbe84cf71c3c5423b22a1a10c38114fff03852d8613422d2c4138099e"
     assert "system_instructions" not in data_key(tiny_config)["synth"]
+    on = to_config(compose([f"paths.cache_dir={tiny_config.paths.cache_dir}", "data.synth.system_instructions=true"]))
+    assert data_key(on)["synth"]["system_instructions"] is True  # instructed data: new stages
 
 
 def test_instructed_data_first_reply_follows_later_ones_ignore_gold_unchanged():

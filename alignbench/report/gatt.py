@@ -101,8 +101,18 @@ def claim_paragraphs(agg: pd.DataFrame) -> list:
             # "stays": no turn-1-to-late drop shown (the late interval reaches turn 1's)
             stays = {name: all(compare(d[t], d[turns[0]]) != "lower" for t in late) for name, d in (("on", a), ("off", b))}
             at = ", ".join(f"turn {t}" for t in late)
-            verdict = (f"supported here: at {at} adherence with GAtt is above the interval without it"
-                       if above else f"not shown here: at {at} adherence with GAtt is not above the interval without it")
+            if not above:
+                verdict = f"not shown here: at {at} adherence with GAtt is not above the interval without it"
+            elif stays["off"]:
+                verdict = (f"only partly shown here: at {at} adherence with GAtt is above the interval without it, but "
+                           "without GAtt adherence does not fall from turn 1, so the gap is not shown to be the "
+                           "forgetting GAtt is meant to fix")
+            elif not stays["on"]:
+                verdict = (f"only partly shown here: at {at} adherence with GAtt is above the interval without it, "
+                           "but it falls from turn 1 too")
+            else:
+                verdict = (f"supported here: at {at} adherence with GAtt is above the interval without it and "
+                           "only without GAtt is it lower than at turn 1")
             drop = {True: "no drop from turn 1 is shown", False: "it is lower than at turn 1"}
             paras.append(Para(f"{c_on} (GAtt) against {c_off} (no GAtt), adherence by turn: " + "; ".join(parts)
                               + f". Llama 2's claim that adherence stays high beyond turn 2 only with GAtt is {verdict}. "
