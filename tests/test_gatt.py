@@ -15,7 +15,7 @@ from alignbench.data.instructions import (HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIO
 from alignbench.data.hh import parse_transcript
 from alignbench.data.synth import SynthConfig, generate_hh_synth, gold_reward, parse_task
 from alignbench.eval.gatt import adherence_by_turn
-from alignbench.models import load_tokenizer
+from alignbench.models import train_tokenizer
 from alignbench.runner import run_job
 from alignbench.stages.cache import data_key
 from alignbench.stages.gatt import IGNORE, gatt_example, pick_reply, sampling_prompt, training_transcript
@@ -101,9 +101,9 @@ def test_instructed_data_first_reply_follows_later_ones_ignore_gold_unchanged():
         SynthConfig(max_turns=1, system_instructions=True)
 
 
-def test_gatt_loss_mask_on_a_hand_built_dialogue(tiny_overrides):
-    from alignbench.stages.base import build_base
-    tok = load_tokenizer(build_base(to_config(compose(tiny_overrides + INSTRUCTED))).path)
+def test_gatt_loss_mask_on_a_hand_built_dialogue():
+    corpus = [p.prompt + p.chosen for p in generate_hh_synth(SynthConfig(n_pairs=300, system_instructions=True))]
+    tok = train_tokenizer(corpus, 512)  # the tiny model's tokenizer, trained like the base stage's
     users, replies = ["What is 2 plus 3?", "Now double that."], [" 5. Be kind.", " 10. Be kind."]
     prompt, response = training_transcript(END, users, replies)
     # the instruction in the first user turn only; the sampled first reply is history
