@@ -21,8 +21,9 @@ from alignbench.stages.cache import data_key
 from alignbench.stages.gatt import IGNORE, gatt_example, pick_reply, sampling_prompt, training_transcript
 from alignbench.stages.graph import build_shared_stages
 
-# the tiny stages on instructed data: built once per session, shared by the mask and end-to-end tests
-INSTRUCTED = ["data.synth.system_instructions=true", "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
+# the tiny end-to-end run on instructed data (its own base LM, π0 and PM: smaller data, one base epoch)
+INSTRUCTED = ["data.synth.system_instructions=true", "data.synth.n_pairs=600", "stages.base.epochs=1",
+              "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
               "eval.n_prompts=12", "eval.temperatures=[]", "eval.nlp_tasks=[]", "method=context_distilled"]
 UPPER, END, WORDS = "Answer in capital letters.", "End every reply with 'Be kind.'", "Answer in at most three words."
 
