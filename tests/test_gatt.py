@@ -15,12 +15,16 @@ from alignbench.data.instructions import (HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIO
 from alignbench.data.hh import parse_transcript
 from alignbench.data.synth import SynthConfig, generate_hh_synth, gold_reward, parse_task
 from alignbench.eval.gatt import adherence_by_turn
-from alignbench.models import load_tokenizer
+from alignbench.models import train_tokenizer
 from alignbench.runner import run_job
 from alignbench.stages.cache import data_key
 from alignbench.stages.gatt import IGNORE, gatt_example, pick_reply, sampling_prompt, training_transcript
 from alignbench.stages.graph import build_shared_stages
 
+# the tiny end-to-end run on instructed data (its own base LM, π0 and PM: smaller data, one base epoch)
+INSTRUCTED = ["data.synth.system_instructions=true", "data.synth.n_pairs=600", "stages.base.epochs=1",
+              "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
+              "eval.n_prompts=12", "eval.temperatures=[]", "eval.nlp_tasks=[]", "method=context_distilled"]
 UPPER, END, WORDS = "Answer in capital letters.", "End every reply with 'Be kind.'", "Answer in at most three words."
 
 
@@ -71,6 +75,8 @@ def test_default_data_bitwise_unchanged_and_keys_unchanged(tiny_config):
     assert _pairs_hash(generate_hh_synth(SynthConfig(n_pairs=200, rank_k=4))) == \
         "1f7cd41bbe84cf71c3c5423b22a1a10c38114fff03852d8613422d2c4138099e"
     assert "system_instructions" not in data_key(tiny_config)["synth"]
+    on = to_config(compose([f"paths.cache_dir={tiny_config.paths.cache_dir}", "data.synth.system_instructions=true"]))
+    assert data_key(on)["synth"]["system_instructions"] is True  # instructed data: new stages
 
 
 def test_instructed_data_first_reply_follows_later_ones_ignore_gold_unchanged():
@@ -96,9 +102,9 @@ def test_instructed_data_first_reply_follows_later_ones_ignore_gold_unchanged():
         SynthConfig(max_turns=1, system_instructions=True)
 
 
-def test_gatt_loss_mask_on_a_hand_built_dialogue(tiny_config):
-    from alignbench.stages.base import build_base
-    tok = load_tokenizer(build_base(tiny_config).path)
+def test_gatt_loss_mask_on_a_hand_built_dialogue():
+    corpus = [p.prompt + p.chosen for p in generate_hh_synth(SynthConfig(n_pairs=300, system_instructions=True))]
+    tok = train_tokenizer(corpus, 512)  # the tiny model's tokenizer, trained like the base stage's
     users, replies = ["What is 2 plus 3?", "Now double that."], [" 5. Be kind.", " 10. Be kind."]
     prompt, response = training_transcript(END, users, replies)
     # the instruction in the first user turn only; the sampled first reply is history
@@ -131,8 +137,7 @@ def test_gatt_without_instructions_fails_before_training(tiny_overrides, extra, 
 
 
 def test_gatt_stage_and_adherence_rows_end_to_end(tiny_overrides, tmp_path):
-    over = ["data.synth.system_instructions=true", "stages.gatt.dialogues=24", "stages.gatt.candidates=2",
-            "eval.n_prompts=12", "eval.temperatures=[]", "eval.nlp_tasks=[]", "method=context_distilled"]
+    over = INSTRUCTED
     plain = to_config(compose(tiny_overrides + over))
     with_gatt = to_config(compose(tiny_overrides + over + ["stages.pi0.gatt=true"]))
     a, b = build_shared_stages(plain), build_shared_stages(with_gatt)
@@ -168,6 +173,8 @@ def test_report_section_says_what_the_intervals_show():
     assert turn3["lo"] < 0.85 < turn3["hi"]
     text = claim_paragraphs(agg)[0].text
     assert "turn 2: 0.90 [0.90, 0.90] vs 0.50 [0.50, 0.50], higher with GAtt" in text and "is supported here" in text
+    # with GAtt turn 3's t interval (0.85 ± 0.12) reaches turn 1's 0.95; without, 0.25 ± 0.12 does not
+    assert "with GAtt no drop from turn 1 is shown; without GAtt it is lower than at turn 1" in text
     assert adherence_table(agg).header[1:5] == ["GAtt", "turn 1", "turn 2", "turn 3"]
     # equal adherence with and without: the intervals overlap, so the claim is not shown
     same = pd.DataFrame([{**r, "value": 0.5} for r in rows])

@@ -5,8 +5,9 @@ the first user turn of eval-split dialogues, the policy writing every assistant 
 "with GAtt" when its π0 is the ``pi0-gatt`` stage (metrics.json ``stages_reused``). Seeds of one
 configuration are aggregated (``seed_interval``: Student-t below 5 seeds, bootstrap from 5; one seed:
 the run's bootstrap over dialogues); configurations never are. The measured sentence compares, at
-every turn after the first, each configuration with GAtt against each without: "higher" or
-"lower" only when the two intervals do not overlap.
+every turn after the first, each configuration with GAtt against each without ("higher" or
+"lower" only when the two intervals do not overlap), and says for each whether adherence beyond
+turn 2 is lower than at turn 1 (the forgetting GAtt is meant to fix).
 """
 from __future__ import annotations
 
@@ -96,13 +97,26 @@ def claim_paragraphs(agg: pd.DataFrame) -> list:
             late = [t for t in turns if t > 2] or turns[-1:]
             parts = [f"turn {t}: {_cell(a[t])} vs {_cell(b[t])}, {words[compare(a[t], b[t])]}"
                      for t in turns if t > 1]
-            held = all(compare(a[t], b[t]) == "higher" for t in late)
-            verdict = ("supported here: at " + ", ".join(f"turn {t}" for t in late) + " adherence with GAtt is above "
-                       "the interval without it" if held else
-                       "not shown here: at " + ", ".join(f"turn {t}" for t in late) + " adherence with GAtt is not "
-                       "above the interval without it")
+            above = all(compare(a[t], b[t]) == "higher" for t in late)
+            # "stays": no turn-1-to-late drop shown (the late interval reaches turn 1's)
+            stays = {name: all(compare(d[t], d[turns[0]]) != "lower" for t in late) for name, d in (("on", a), ("off", b))}
+            at = ", ".join(f"turn {t}" for t in late)
+            if not above:
+                verdict = f"not shown here: at {at} adherence with GAtt is not above the interval without it"
+            elif stays["off"]:
+                verdict = (f"only partly shown here: at {at} adherence with GAtt is above the interval without it, but "
+                           "without GAtt adherence does not fall from turn 1, so the gap is not shown to be the "
+                           "forgetting GAtt is meant to fix")
+            elif not stays["on"]:
+                verdict = (f"only partly shown here: at {at} adherence with GAtt is above the interval without it, "
+                           "but it falls from turn 1 too")
+            else:
+                verdict = (f"supported here: at {at} adherence with GAtt is above the interval without it and "
+                           "only without GAtt is it lower than at turn 1")
+            drop = {True: "no drop from turn 1 is shown", False: "it is lower than at turn 1"}
             paras.append(Para(f"{c_on} (GAtt) against {c_off} (no GAtt), adherence by turn: " + "; ".join(parts)
-                              + f". Llama 2's claim that adherence stays high beyond turn 2 only with GAtt is {verdict}."))
+                              + f". Llama 2's claim that adherence stays high beyond turn 2 only with GAtt is {verdict}. "
+                              + f"From turn 1 to {at}: with GAtt {drop[stays['on']]}; without GAtt {drop[stays['off']]}."))
     return paras
 
 

@@ -142,7 +142,7 @@ def build_gatt_pi0(cfg: Config, pi0: Artifact) -> Artifact:
             for t in range(len(users)):
                 follows_by_turn.setdefault(t + 1, []).append(follows[t])
                 if all(follows[: t + 1]):
-                    ids, labels = gatt_example(tok, inst, users[: t + 1], replies[: t + 1], max_len, fmt=fmt)
+                    ids, labels = gatt_example(tok, inst, users[: t + 1], replies[: t + 1], max_len=max_len, fmt=fmt)
                     examples.append(Encoded(ids, labels.count(IGNORE)))
         if not examples:
             raise RuntimeError("stages.pi0.gatt: no sampled turn followed its instruction; raise "
@@ -150,11 +150,12 @@ def build_gatt_pi0(cfg: Config, pi0: Artifact) -> Artifact:
         if lora.enabled(cfg.model):  # like π0: a trained adapter, saved merged
             model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
         tracker = Tracker(out / "tb", cfg.train.report_to, "pi0-gatt")
-        batches = batch_schedule(len(examples), sc.batch_size, sc.epochs, cfg.stages.seed, sc.max_steps)
+        batches = batch_schedule(len(examples), batch_size=sc.batch_size, epochs=sc.epochs, seed=cfg.stages.seed,
+                                 max_steps=sc.max_steps)
         res = supervised_loop(model, batches, lambda idx: pad_batch([examples[i] for i in idx], tok.pad_token_id),
-                              lm_loss, sc.lr, "π0 Ghost Attention", cfg.train.grad_clip, device=device,
-                              precision=cfg.train.precision, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                              log_step=tracker.log_step)
+                              lm_loss, lr=sc.lr, desc="π0 Ghost Attention", grad_clip=cfg.train.grad_clip,
+                              device=device, precision=cfg.train.precision,
+                              gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=tracker.log_step)
         tracker.close()
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
