@@ -4,6 +4,7 @@ responses, the safety rows, the report section's verdict, bad input, the cost ch
 end-to-end runs (best-of-n with the two PMs; iterated RLHF retraining both)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,15 +13,18 @@ import pytest
 import torch
 
 from alignbench.cli import compose
-from alignbench.config import ConfigError
+from alignbench.config import ConfigError, to_config
 from alignbench.cost import forward_flops
 from alignbench.data.synth import FALSE_REFUSAL, VIOLATION, gold_parts, gold_reward, safety_outcome
+from alignbench.data.types import harm_group
 from alignbench.eval.safety import safety_rows
-from alignbench.report.safety import paired_difference, sign_vs_zero, two_rm_verdict
-from alignbench.config import to_config
+from alignbench.evaluate import build_context
+from alignbench.report.load import RunRecord, Sweep
+from alignbench.report.render import to_markdown
+from alignbench.report.safety import paired_difference, safety_blocks, sign_vs_zero, two_rm_verdict
 from alignbench.runner import config_id_for, run_id_for, run_job, validate
-from alignbench.stages.reward import (PROBE_COMPLIANCE, PROBE_REFUSAL, SafetyHelpfulScorer, combine_rewards,
-                                      reward_record, safety_share, tag_agreement, uncounted, whiten)
+from alignbench.stages.reward import (PROBE_COMPLIANCE, PROBE_REFUSAL, SafetyHelpfulScorer, check_reward,
+                                      combine_rewards, reward_record, safety_share, tag_agreement, uncounted, whiten)
 from tests.conftest import shared_data
 
 
@@ -108,7 +112,6 @@ def test_tag_agreement_known_answer():
 
 
 def test_reward_record_of_the_classifier_reports_agreement(tiny_config):
-    import dataclasses
     cfg = dataclasses.replace(tiny_config, reward=dataclasses.replace(tiny_config.reward, kind="safety_helpful",
                                                                        tag="classifier"))
     rec = reward_record(cfg, _scorer(tags=None), ["x", "y"], [{"subset": "harmless-base"}, {"subset": "helpful-base"}],
@@ -173,14 +176,12 @@ def test_paired_difference_and_verdict_known_answers():
     (["reward=safety_helpful", "reward.threshold=0"], "reward.threshold"),
 ])
 def test_bad_input_fails_before_training_naming_the_key(tiny_overrides, overrides, key):
-    from alignbench.stages.reward import check_reward
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         cfg, _, _ = validate(compose(tiny_overrides + overrides))
         check_reward(cfg)  # what build_shared_stages calls first
 
 
 def test_real_hh_without_harmless_base_fails_naming_reward_kind(tiny_overrides):
-    from alignbench.stages.reward import check_reward
     path = shared_data("hh-rlhf")
     cfg, _, _ = validate(compose(tiny_overrides + [
         "data=hh_rlhf", f"data.path={path}", "data.subsets=[helpful-base]", "data.max_pairs=200",
@@ -216,9 +217,7 @@ def test_best_of_n_with_two_reward_models_charges_both_and_writes_safety_rows(ti
 
 @pytest.mark.slow
 def test_the_two_pm_reward_charges_the_tokens_both_pms_read(tiny_overrides, tmp_path):
-    from alignbench.evaluate import build_context
-    from alignbench.runner import validate as v
-    cfg, mcfg, _ = v(compose(tiny_overrides + ["reward=safety_helpful", "method=ppo"]))
+    cfg, mcfg, _ = validate(compose(tiny_overrides + ["reward=safety_helpful", "method=ppo"]))
     ctx = build_context(cfg, mcfg, tmp_path / "run")
     assert isinstance(ctx.pm, SafetyHelpfulScorer)
     prompts = ctx.train_prompts[:12]
@@ -244,7 +243,6 @@ def test_iterated_rlhf_retrains_both_reward_pms_on_their_groups(tiny_overrides, 
     labels = run_dir / "subruns" / "01-labels"
     assert (labels / "pm-safety" / "model.safetensors").exists() and (labels / "pm-helpful" / "model.safetensors").exists()
     new = [json.loads(x) for x in (labels / "comparisons.jsonl").read_text().splitlines()]
-    from alignbench.data.types import harm_group
     n_new = {g: sum(harm_group(p["subset"]) == g for p in new) for g in ("harmless", "helpful")}
     train = rnd["pm_train"]
     # each PM retrained on its group: the shared stage's comparisons plus the new ones of its group
@@ -259,7 +257,6 @@ def test_iterated_rlhf_retrains_both_reward_pms_on_their_groups(tiny_overrides, 
 
 
 def _fake_run(tmp_path, config: str, family: str, kind: str, seed: int, values: dict, pms=None):
-    from alignbench.report.load import RunRecord
     rows = [{"evaluator": "safety", "metric": m, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
             for m, v in values.items() if m != "judge"]
     rows.append({"evaluator": "policy", "metric": "gold_reward", "value": values["judge"], "ci_low": -1, "ci_high": 1})
@@ -271,9 +268,6 @@ def _fake_run(tmp_path, config: str, family: str, kind: str, seed: int, values: 
 
 
 def test_report_section_compares_two_rm_ppo_with_single_rm_ppo(tmp_path):
-    from alignbench.report.load import Sweep
-    from alignbench.report.render import to_markdown
-    from alignbench.report.safety import safety_blocks
     pms = {"single": {"stage": "pm", "key": "k0", "heldout_accuracy": 0.7, "n_heldout_accuracy": 100},
            "safety": {"stage": "pm-safety", "key": "k1", "heldout_accuracy": 0.8, "n_heldout_accuracy": 50}}
     runs = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+from omegaconf import OmegaConf
 
 from alignbench.eval.safety import SAFETY_METRICS
 from alignbench.eval.stats import binomial_ci, seed_interval
@@ -53,7 +53,7 @@ def method_settings(run) -> str:
     """The run's method section (config.yaml), to pair single- and two-RM configurations that differ
     only in the reward."""
     path = Path(run.dir) / "config.yaml"
-    method = (yaml.safe_load(path.read_text()) or {}).get("method", {}) if path.exists() else {}
+    method = OmegaConf.to_container(OmegaConf.load(path)).get("method", {}) if path.exists() else {}
     return json.dumps(method, sort_keys=True, default=str)
 
 
