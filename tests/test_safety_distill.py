@@ -11,6 +11,7 @@ import torch
 from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
 from alignbench.data import load_data
+from alignbench.data.synth import gold_parts
 from alignbench.data.types import harm_group
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.prompts import GENERIC_SAFETY_PREPROMPT, RISK_TEMPLATES, safety_preprompt
@@ -126,6 +127,10 @@ def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides
     gold = m["gold"]
     assert sum(b["n"] for b in gold["bins_by_gold"]) == 48 == sum(b["n"] for b in gold["bins_by_safety_pm"])
     assert all(b["null_gain"] is not None for b in gold["bins_by_gold"])
+    # the bins compare what the student trains on (the kept answer) with π0's own, measured by gold
+    kept = [gold_parts(r["prompt"], r[r["kept"]]).total for r in rows]
+    assert gold["total_kept"] == pytest.approx(sum(kept) / 48)
+    assert sum(b["gold_distilled"] * b["n"] for b in gold["bins_by_gold"]) == pytest.approx(sum(kept))
     assert sum(k["kept_distilled"] for k in gold["kept_by_kind"].values()) == m["kept_distilled"]
     assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "template", "targeted": True, "stage": m}
     # the student differs from the HHH π0 it started from
