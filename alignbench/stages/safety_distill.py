@@ -184,10 +184,11 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
                    "harmless_subset_prompts": sum(harmless), "kept_distilled": sum(keep),
                    "kept_undistilled": len(keep) - sum(keep), "steps": res.steps, "train_tokens": res.tokens,
                    "train_seconds": round(res.seconds, 2), "final_loss": res.losses[-1]}
-        _write_answers(out / ANSWERS, prompts, distilled.responses, undistilled.responses, keep,
-                       (s_d, s_u) if s_u is not None else None)
+        _write_answers(out / ANSWERS, prompts, distilled=distilled.responses, undistilled=undistilled.responses,
+                       keep=keep, pm=(s_d, s_u) if s_u is not None else None)
         if gold:
-            metrics["gold"] = gold_view(prompts, distilled.responses, undistilled.responses, resampled, keep, s_u)
+            metrics["gold"] = gold_view(prompts, distilled=distilled.responses, undistilled=undistilled.responses,
+                                        resampled=resampled, keep=keep, s_u=s_u)
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
