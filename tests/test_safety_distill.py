@@ -11,7 +11,11 @@ import torch
 from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
 from alignbench.data import load_data
+from alignbench.data.synth import gold_parts
 from alignbench.data.types import harm_group
+from alignbench.report.load import RunRecord, Sweep
+from alignbench.report.render import Table, to_markdown
+from alignbench.report.safety_distill import findings, safety_distill_blocks, safety_frame, variant_frame
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.prompts import GENERIC_SAFETY_PREPROMPT, RISK_TEMPLATES, safety_preprompt
 from alignbench.stages.safety_distill import (ANSWERS, distill_prompts, gain_by_bin, pi0_safety_record,
@@ -126,6 +130,10 @@ def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides
     gold = m["gold"]
     assert sum(b["n"] for b in gold["bins_by_gold"]) == 48 == sum(b["n"] for b in gold["bins_by_safety_pm"])
     assert all(b["null_gain"] is not None for b in gold["bins_by_gold"])
+    # the bins compare what the student trains on (the kept answer) with π0's own, measured by gold
+    kept = [gold_parts(r["prompt"], r[r["kept"]]).total for r in rows]
+    assert gold["total_kept"] == pytest.approx(sum(kept) / 48)
+    assert sum(b["gold_distilled"] * b["n"] for b in gold["bins_by_gold"]) == pytest.approx(sum(kept))
     assert sum(k["kept_distilled"] for k in gold["kept_by_kind"].values()) == m["kept_distilled"]
     assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "template", "targeted": True, "stage": m}
     # the student differs from the HHH π0 it started from
@@ -149,7 +157,6 @@ def test_untargeted_keeps_every_distilled_answer_and_none_is_pi0_itself(tiny_ove
 
 
 def _report_sweep(tmp_path):
-    from alignbench.report.load import RunRecord, Sweep
     bins = [{"lo": 0.0, "hi": 1.0, "n": 2, "gold_undistilled": 0.5, "gold_distilled": 0.7, "gain": 0.2},
             {"lo": 1.5, "hi": 2.0, "n": 2, "gold_undistilled": 1.8, "gold_distilled": 0.6, "gain": -1.2,
              "null_gain": -0.4}]
@@ -173,8 +180,6 @@ def _report_sweep(tmp_path):
 
 
 def test_report_section_names_variants_and_measures_the_finding(tmp_path):
-    from alignbench.report.render import Table, to_markdown
-    from alignbench.report.safety_distill import findings, safety_distill_blocks, safety_frame, variant_frame
     sweep, agg = _report_sweep(tmp_path)
     variants = variant_frame(sweep)
     assert list(variants["variant"]) == ["none", "generic, untargeted", "generic, targeted"]

@@ -4,8 +4,8 @@ Per π0 variant (``stages.pi0.safety_preprompt`` none | generic | template, each
 targeted: metrics.json ``pi0_safety``) of ``method=context_distilled`` runs: the gold harmless and
 helpful parts, the violation and false-refusal rates on the evaluation prompts (the "safety" rows,
 ``alignbench.eval.safety``), seeds of one variant aggregated with their interval; then Llama 2
-Fig. 16b's view from the ``pi0-safety`` stage records (the gold of the distilled and undistilled
-answers on the distillation prompts, binned by the undistilled answer's gold, or safety-PM score),
+Fig. 16b's view from the ``pi0-safety`` stage records (the gold of the kept and undistilled
+answers on the distillation prompts, against a resampled answer's, binned by the undistilled answer's gold, or safety-PM score),
 and a measured sentence on whether untargeted distillation hurt answers that were already good
 and whether targeting avoided it. The section appears only when the sweep holds a distilled
 variant and one other.
@@ -40,6 +40,16 @@ EXPLAIN = (
     "compliance) and the false-refusal rate (benign edgy prompts refused). Intervals: 95% over the seeds of a "
     "variant (t below 5 seeds), or one run's bootstrap over prompts; the seeds share the variant's π0 and differ "
     "in the evaluation samples.")
+
+FIG16B = (
+    "Llama 2 Fig. 16b's view, on the distillation prompts (the stage's own answers, one sample each, so no "
+    "interval): the gold of the undistilled answer and of the kept one (the answer π0 is fine-tuned on: untargeted "
+    "the distilled one; targeted the distilled one where the safety PM preferred it, else π0's own), in "
+    "equal-count bins of the undistilled answer's gold (and, targeted, of its safety-PM score). Gold only measures "
+    "here: it selects nothing. Binning on the undistilled answer's own score pushes the top bins' gain down and the "
+    "bottom ones' up by regression to the mean alone; the last column is that null, a second independent sample of "
+    "π0's answer in place of the kept one: distillation hurt already-good answers only where its gain lies below "
+    "the null's.")
 
 
 def variant_label(preprompt: str, targeted: bool) -> str:
@@ -99,7 +109,7 @@ def bins_table(variants: pd.DataFrame) -> Optional[Table]:
     if not body:
         return None
     return Table(["π0 variant", "binned by (undistilled answer's)", "bin (score range)", "answers",
-                  "gold undistilled", "gold distilled", "gain", "gain of a resample (null)"], body)
+                  "gold undistilled", "gold kept (trained on)", "gain", "gain of a resample (null)"], body)
 
 
 def compare(a: pd.Series, b: pd.Series, metric: str) -> str:
@@ -177,11 +187,5 @@ def safety_distill_blocks(sweep: Sweep, agg: pd.DataFrame) -> list:
         return [*head, Note("no safety rows for these runs (they exist only on hh_synth, judged by the gold reward).")]
     bins = bins_table(variants)
     return [*head, outcome_table(variants, rows), *(Para(f) for f in findings(variants, rows)),
-            Para("Llama 2 Fig. 16b's view, on the distillation prompts (the stage's own answers, one sample each, so "
-                 "no interval): the gold of the undistilled and distilled answers, in equal-count bins of the "
-                 "undistilled answer's gold (and, targeted, of its safety-PM score). Gold only measures here: "
-                 "it selects nothing. Binning on the undistilled answer's own score pushes the top bins' gain down and "
-                 "the bottom ones' up by regression to the mean alone; the last column is that null, a second "
-                 "independent sample of π0's answer in place of the distilled one: distillation hurt already-good "
-                 "answers only where its gain lies below the null's."),
+            Para(FIG16B),
             *([bins] if bins is not None else [Note("no stage records the gold bins (not hh_synth).")])]

@@ -85,8 +85,8 @@ def gain_by_bin(scores: Sequence[float], gold_undistilled: Sequence[float], gold
                 gold_resampled: Sequence[float], n_bins: int = N_BINS) -> list[dict]:
     """Llama 2 Fig. 16b as a table: the answers sorted by ``scores`` (the undistilled answer's, a
     stable sort) and cut into ``n_bins`` equal-count bins (``np.array_split``); per bin its score
-    range, n, mean gold of the undistilled and of the distilled answers, gain = mean(distilled −
-    undistilled), and null_gain = mean(resampled − undistilled), the same difference for a second,
+    range, n, mean gold of the undistilled and of the distilled answers (``gold_view`` passes the
+    kept ones: targeted, π0's own where the PM kept it), gain = mean(distilled − undistilled), and null_gain = mean(resampled − undistilled), the same difference for a second,
     independent undistilled answer: binning on the undistilled answer's own score makes the top
     bins' gain negative and the bottom ones' positive by regression to the mean alone, so the gain
     means something only against it."""
@@ -103,9 +103,10 @@ def gain_by_bin(scores: Sequence[float], gold_undistilled: Sequence[float], gold
 def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], resampled: list[str],
               keep: list[bool], s_u: Optional[list[float]]) -> dict:
     """hh_synth's gold on the distillation answers (measurement): means of the gold and its harmless
-    and helpful parts per arm, the kept-distilled share by request kind, and the Fig. 16b bins."""
+    and helpful parts per arm (distilled, undistilled, kept: the one trained on), the kept-distilled share by request kind, and the Fig. 16b bins."""
     parts = {arm: [gold_parts(p, r) for p, r in zip(prompts, answers)]
              for arm, answers in (("distilled", distilled), ("undistilled", undistilled))}
+    parts["kept"] = [d if k else u for d, u, k in zip(parts["distilled"], parts["undistilled"], keep)]
     gold = {arm: [g.total for g in ps] for arm, ps in parts.items()}
     gold["resampled"] = [gold_parts(p, r).total for p, r in zip(prompts, resampled)]
     kinds = [parse_task(p).kind for p in prompts]
@@ -114,7 +115,7 @@ def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], 
             for arm, ps in parts.items() for what in ("total", "harmless", "helpful")}
     view["kept_by_kind"] = {k: {"n": kinds.count(k), "kept_distilled": sum(kp for kp, kk in zip(keep, kinds) if kk == k)}
                             for k in ("harmful", "edgy", "other") if k in kinds}
-    golds = (gold["undistilled"], gold["distilled"], gold["resampled"])
+    golds = (gold["undistilled"], gold["kept"], gold["resampled"])  # what the student is trained on
     view["bins_by_gold"] = gain_by_bin(gold["undistilled"], *golds)
     if s_u is not None:
         view["bins_by_safety_pm"] = gain_by_bin(s_u, *golds)
@@ -145,7 +146,7 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
            "safety": {"targeted": sc.safety_targeted, "prompts": sc.safety_prompts, "epochs": sc.safety_epochs,
                       "lr": sc.lr, "batch_size": sc.batch_size, "max_steps": sc.max_steps,
                       "harmless_share": HARMLESS_SHARE},
-           "fig16b_null": "resample", "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
+           "fig16b": "kept-vs-resample", "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
            "prompts_from": {"access": ACCESS_RULES, "judge": judge_kind(cfg)},
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
 
@@ -183,10 +184,11 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
                    "harmless_subset_prompts": sum(harmless), "kept_distilled": sum(keep),
                    "kept_undistilled": len(keep) - sum(keep), "steps": res.steps, "train_tokens": res.tokens,
                    "train_seconds": round(res.seconds, 2), "final_loss": res.losses[-1]}
-        _write_answers(out / ANSWERS, prompts, distilled.responses, undistilled.responses, keep,
-                       (s_d, s_u) if s_u is not None else None)
+        _write_answers(out / ANSWERS, prompts, distilled=distilled.responses, undistilled=undistilled.responses,
+                       keep=keep, pm=(s_d, s_u) if s_u is not None else None)
         if gold:
-            metrics["gold"] = gold_view(prompts, distilled.responses, undistilled.responses, resampled, keep, s_u)
+            metrics["gold"] = gold_view(prompts, distilled=distilled.responses, undistilled=undistilled.responses,
+                                        resampled=resampled, keep=keep, s_u=s_u)
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
