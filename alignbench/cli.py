@@ -120,7 +120,7 @@ def cmd_stages(argv: list[str]) -> int:
     stages = build_shared_stages(cfg)
     print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
-                      for a in (stages.base, stages.pi0, stages.pm, stages.judge_pm) if a}, indent=2, default=str))
+                      for a in stages.artifacts().values()}, indent=2, default=str))
     return 0
 
 

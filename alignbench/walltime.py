@@ -36,7 +36,7 @@ def stage_times(stages) -> dict:
     """Per shared stage (``SharedStages``) by name: key, reused, build_s and built_at."""
     return {a.stage: {"key": a.key, "reused": a.reused, "build_s": a.record.get("build_seconds"),
                       "built_at": a.record.get("built_at")}
-            for a in (stages.base, stages.pi0, stages.pm, stages.judge_pm) if a is not None}
+            for a in stages.artifacts().values()}
 
 
 @dataclass

@@ -164,7 +164,7 @@ class OwnSampleCheck:
 # --------------------------------------------------------------------------- PM training
 def pm_init_stage(ctx):
     """The artifact every PM here starts from (stages.pm.init: π0 or the base LM)."""
-    return ctx.stages.pi0 if ctx.cfg.stages.pm.init == "pi0" else ctx.stages.base
+    return ctx.stages.pm_init_lm if ctx.cfg.stages.pm.init == "pi0" else ctx.stages.base
 
 
 def start_pm_path(ctx) -> Path:

@@ -2,15 +2,16 @@
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from alignbench.cli import compose
 from alignbench.config import to_config
-from alignbench.stages.cache import build_stage, read_record
+from alignbench.stages.cache import Artifact, build_stage, read_record
 from alignbench.stages.distill import topk_distill_loss
-from alignbench.stages.graph import build_shared_stages
+from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import pm_loss
 
 
@@ -105,3 +106,17 @@ def test_pm_loss_is_bradley_terry_negative_log_likelihood():
     loss = pm_loss(Fixed(), {"input_ids": None, "attention_mask": mask})
     expected = -(torch.nn.functional.logsigmoid(torch.tensor(1.0)) + torch.nn.functional.logsigmoid(torch.tensor(-1.0))) / 2
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_later_pi0_stages_keep_the_hhh_pi0_for_the_pms():
+    """With safety distillation and GAtt, methods start from the last π0 while every PM (and
+    iterated RLHF's retrained ones) starts from the HHH π0; each stage is listed once, in order."""
+    art = {name: Artifact(name, f"k-{name}", Path(name), {}, reused=True)
+           for name in ("base", "pi0", "pi0-safety", "pi0-gatt", "pm")}
+    plain = SharedStages(art["base"], art["pi0"], art["pm"], None)
+    assert plain.pm_init_lm is art["pi0"] and list(plain.keys()) == ["base", "pi0", "pm"]
+    both = SharedStages(art["base"], art["pi0-gatt"], art["pm"], None, earlier_pi0=(art["pi0"], art["pi0-safety"]))
+    assert both.pm_init_lm is art["pi0"]
+    assert both.keys() == {"base": "k-base", "hhh_pi0": "k-pi0", "pi0-safety": "k-pi0-safety", "pi0": "k-pi0-gatt",
+                           "pm": "k-pm"}
+    assert set(both.reused()) == {"base", "pi0", "pi0-safety", "pi0-gatt", "pm"}

@@ -37,17 +37,27 @@ class SharedStages:
     judge_pm: Optional[Artifact]  # None when the judge is the gold reward
     safety_pm: Optional[Artifact] = None  # Llama 2's safety PM (reward=safety_helpful, targeted distillation)
     helpful_pm: Optional[Artifact] = None  # and its helpfulness PM (reward=safety_helpful)
+    # the π0 stages ``pi0`` was built on, when later stages (safety context distillation, GAtt)
+    # replaced the HHH π0: the HHH π0 first (every PM starts from it); empty when ``pi0`` is it
+    earlier_pi0: tuple = ()
 
-    def _optional(self) -> dict:
-        return {name: a for name, a in (("judge_pm", self.judge_pm), ("safety_pm", self.safety_pm),
-                                        ("helpful_pm", self.helpful_pm)) if a}
+    @property
+    def pm_init_lm(self) -> Artifact:
+        """The π0 the PMs are trained from (stages.pm.init=pi0): the HHH π0, not a later one."""
+        return self.earlier_pi0[0] if self.earlier_pi0 else self.pi0
+
+    def artifacts(self) -> dict:
+        """name -> every stage this run uses (the HHH π0 under "hhh_pi0" when it is not ``pi0``)."""
+        earlier = [("hhh_pi0" if i == 0 else a.stage, a) for i, a in enumerate(self.earlier_pi0)]
+        named = [("base", self.base), *earlier, ("pi0", self.pi0), ("pm", self.pm), ("judge_pm", self.judge_pm),
+                 ("safety_pm", self.safety_pm), ("helpful_pm", self.helpful_pm)]
+        return {name: a for name, a in named if a is not None}
 
     def keys(self) -> dict:
-        return {"base": self.base.key, "pi0": self.pi0.key, "pm": self.pm.key,
-                **{name: a.key for name, a in self._optional().items()}}
+        return {name: a.key for name, a in self.artifacts().items()}
 
     def reused(self) -> dict:
-        return {a.stage: a.reused for a in (self.base, self.pi0, self.pm, *self._optional().values())}
+        return {a.stage: a.reused for a in self.artifacts().values()}
 
 
 __all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
@@ -66,6 +76,10 @@ def build_shared_stages(cfg: Config) -> SharedStages:
     proxy, judge = pm_parts(cfg)
     safety, helpful = build_reward_pms(cfg, init)
     pm, judge_pm = build_pm(cfg, init, proxy), build_pm(cfg, init, judge) if judge else None
-    pi0 = build_safety_pi0(cfg, hhh, safety)  # itself when stages.pi0.safety_preprompt=none
-    pi0 = build_gatt_pi0(cfg, pi0)  # the π0 methods start from; the PMs stay the HHH π0's
-    return SharedStages(base, pi0, pm, judge_pm, safety_pm=safety, helpful_pm=helpful)
+    safe = build_safety_pi0(cfg, hhh, safety)  # hhh itself when stages.pi0.safety_preprompt=none
+    pi0 = build_gatt_pi0(cfg, safe)  # the π0 methods start from (safe itself without GAtt)
+    chain = [hhh]  # the π0 stages in build order, each once
+    for a in (safe, pi0):
+        if a is not chain[-1]:
+            chain.append(a)
+    return SharedStages(base, pi0, pm, judge_pm, safety_pm=safety, helpful_pm=helpful, earlier_pi0=tuple(chain[:-1]))
