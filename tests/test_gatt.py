@@ -15,6 +15,7 @@ from alignbench.data.instructions import (HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIO
 from alignbench.data.hh import parse_transcript
 from alignbench.data.synth import SynthConfig, generate_hh_synth, gold_reward, parse_task
 from alignbench.eval.gatt import adherence_by_turn
+from alignbench.report.gatt import adherence_table, by_config, claim_paragraphs
 from alignbench.models import train_tokenizer
 from alignbench.runner import run_job
 from alignbench.stages.cache import data_key
@@ -161,7 +162,6 @@ def test_gatt_stage_and_adherence_rows_end_to_end(tiny_overrides, tmp_path):
 
 
 def test_report_section_says_what_the_intervals_show():
-    from alignbench.report.gatt import adherence_table, by_config, claim_paragraphs
     rows = []
     for seed, (on3, off3) in enumerate([(0.9, 0.2), (0.8, 0.3), (0.85, 0.25)]):
         for gatt, cfg, vals in ((True, "cd_gatt", (0.95, 0.9, on3)), (False, "cd", (0.95, 0.5, off3))):

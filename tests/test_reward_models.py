@@ -256,7 +256,7 @@ def test_iterated_rlhf_retrains_both_reward_pms_on_their_groups(tiny_overrides, 
     assert metrics["reward"]["used_safety_share"] == used / scored
 
 
-def _fake_run(tmp_path, config: str, family: str, kind: str, seed: int, values: dict, pms=None):
+def _fake_run(tmp_path, config: str, *, family: str, kind: str, seed: int, values: dict, pms=None):
     rows = [{"evaluator": "safety", "metric": m, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
             for m, v in values.items() if m != "judge"]
     rows.append({"evaluator": "policy", "metric": "gold_reward", "value": values["judge"], "ci_low": -1, "ci_high": 1})
@@ -273,10 +273,10 @@ def test_report_section_compares_two_rm_ppo_with_single_rm_ppo(tmp_path):
     runs = []
     for s, fr_two in enumerate([0.2, 0.3, 0.25]):
         base = {"gold_harmless": 0.1, "gold_helpful": -0.5, "judge": -0.3}
-        runs.append(_fake_run(tmp_path, "ppo_rm1", "ppo", "single", s,
-                              {**base, "violation_rate": 0.3, "false_refusal_rate": 0.25}))
-        runs.append(_fake_run(tmp_path, "ppo_rm2", "ppo", "safety_helpful", s,
-                              {**base, "violation_rate": 0.1, "false_refusal_rate": fr_two}, pms=pms))
+        runs.append(_fake_run(tmp_path, "ppo_rm1", family="ppo", kind="single", seed=s,
+                              values={**base, "violation_rate": 0.3, "false_refusal_rate": 0.25}))
+        runs.append(_fake_run(tmp_path, "ppo_rm2", family="ppo", kind="safety_helpful", seed=s,
+                              values={**base, "violation_rate": 0.1, "false_refusal_rate": fr_two}, pms=pms))
     md = to_markdown(safety_blocks(Sweep(name="x", dir=tmp_path, runs=runs)))
     assert "## Safety and helpfulness (two reward models)" in md
     # Δviolation = −0.2 on every seed; Δfalse-refusal = −0.05, +0.05, 0: its interval holds 0

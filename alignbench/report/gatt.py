@@ -144,4 +144,4 @@ def gatt_blocks(sweep: Sweep, out_dir: Path, figure) -> list:
     agg = by_config(frame)
     return [Heading("Ghost Attention"), Para(EXPLAIN), adherence_table(agg), *claim_paragraphs(agg),
             *figure(out_dir, "gatt_adherence.png", lambda p: adherence_plot(agg, p),
-                    "Instruction adherence by turn, with and without GAtt", "no adherence rows")]
+                    caption="Instruction adherence by turn, with and without GAtt", missing="no adherence rows")]

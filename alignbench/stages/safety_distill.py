@@ -174,11 +174,12 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
         enc = student_examples(undistilled.prompt_ids, distilled.response_ids, undistilled.response_ids, keep)
         if lora.enabled(cfg.model):
             model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
-        batches = batch_schedule(len(enc), sc.batch_size, sc.safety_epochs, cfg.stages.seed, sc.max_steps)
+        batches = batch_schedule(len(enc), batch_size=sc.batch_size, epochs=sc.safety_epochs, seed=cfg.stages.seed,
+                                 max_steps=sc.max_steps)
         with Tracker(out / "tb", cfg.train.report_to, "pi0-safety") as tracker:
             res = supervised_loop(model, batches, lambda idx: pad_batch([enc[i] for i in idx], tok.pad_token_id),
-                                  lm_loss, sc.lr, "π0 safety context distillation", cfg.train.grad_clip,
-                                  device=device, precision=cfg.train.precision,
+                                  lm_loss, lr=sc.lr, desc="π0 safety context distillation",
+                                  grad_clip=cfg.train.grad_clip, device=device, precision=cfg.train.precision,
                                   gradient_checkpointing=cfg.train.gradient_checkpointing, log_step=tracker.log_step)
         metrics = {"preprompt": sc.safety_preprompt, "targeted": sc.safety_targeted, "prompts": len(prompts),
                    "harmless_subset_prompts": sum(harmless), "kept_distilled": sum(keep),
