@@ -46,13 +46,12 @@ import torch
 from alignbench import lora
 from alignbench.config import ConfigError, opt
 from alignbench.cost import forward_flops
-from alignbench.data import load_data
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
 from alignbench.data.types import PreferencePair, harm_group
 from alignbench.eval.pm_accuracy import gold_agreement
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact, nested_method_config
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
-from alignbench.stages.access import iterated_comparisons, iterated_parts
+from alignbench.stages.access import iterated_comparisons, iterated_parts, whitening_pairs
 from alignbench.stages.preference import (REWARD_PM_STAGES, PMScorer, SampleScorer, _score_heldout, build_pm,
                                           score_stats, train_pm)
 from alignbench.stages.reward import combined_scorer, uncounted
@@ -207,9 +206,8 @@ def whitening_stats(ctx, scorer: PMScorer, group: str) -> dict:
     """A retrained PM's ``score_stats`` on the eval split's comparisons of its harm group, as
     ``build_pm`` computes them for the shared PMs; charged (2·N FLOPs per token read): the reward
     the policy then trains on needs them."""
-    pairs = [p for p in load_data(ctx.cfg.data).eval if harm_group(p.subset) == group]
     tokens = scorer.tokens
-    stats = score_stats(_score_heldout(scorer, pairs))
+    stats = score_stats(_score_heldout(scorer, whitening_pairs(ctx.cfg, group)))
     ctx.cost.flops += forward_flops(ctx.n_params(scorer.model), scorer.tokens - tokens)
     return stats
 

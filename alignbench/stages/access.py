@@ -26,6 +26,7 @@ from typing import Optional
 from alignbench.config import Config, ConfigError
 from alignbench.data import load_data, pairwise_config
 from alignbench.data.splits import conversation_key, pm_half, stratified_sample
+from alignbench.data.types import harm_group
 
 # Part of the PM and Preferred-FT π0 cache keys: bump when a rule above changes which pairs they see.
 ACCESS_RULES = "conversation-halves-v2"
@@ -60,6 +61,13 @@ def iterated_comparisons(cfg: Config) -> tuple[list, list]:
 def pm_pairs(cfg: Config, data, part: str) -> list:
     """The training comparisons of the PM of ``part`` ("all", "a", "b", or "a1"/"a2": ``iterated_parts``)."""
     return pm_half(data.train, part, cfg.data.seed)
+
+
+def whitening_pairs(cfg: Config, group: str) -> list:
+    """The comparisons a reward PM (``reward.kind=safety_helpful``, ``alignbench.stages.reward``)
+    standardises its scores on, shared and retrained ones alike: the eval split's of its harm group
+    (only responses are read, no label; the test split stays measurement)."""
+    return [p for p in load_data(cfg.data).eval if harm_group(p.subset) == group]
 
 
 def method_pairs(cfg: Config, data) -> list:

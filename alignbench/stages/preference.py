@@ -31,7 +31,7 @@ from alignbench.data.types import harm_group
 from alignbench.eval import pm_accuracy
 from alignbench.formats import end_of_turn_id
 from alignbench.models import load_lm, load_pm, load_tokenizer, pick_device, pm_from_lm
-from alignbench.stages.access import ACCESS_RULES, pm_pairs, pm_parts, pmp_pairs
+from alignbench.stages.access import ACCESS_RULES, pm_pairs, pm_parts, pmp_pairs, whitening_pairs
 from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.pm_objectives import (Ranked, classifier_loss, element_weights, first_judgements,
                                              pairwise_loss, ranked_batch, ranking_loss, score_matrix,
@@ -117,11 +117,9 @@ class PMScorer:
         return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt)
                             for p, r in zip(prompts, responses)])
 
-    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                  prompts: Sequence[str] | None = None) -> torch.Tensor:
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Already-tokenised sequences (e.g. samples, see ``scored_ids``), read at their last token;
-        prompts too long for this PM keep their end (``prompt_window``). ``prompts`` (the texts) is
-        for scorers that tag prompts (``reward.SafetyHelpfulScorer``); a PM does not read it."""
+        prompts too long for this PM keep their end (``prompt_window``)."""
         return self._score([encode_ids(prompt_window(p, self.max_len, len(r)), r)
                             for p, r in zip(prompt_ids, response_ids)])
 
@@ -194,7 +192,10 @@ class SampleScorer:
 
     def __call__(self, samples) -> torch.Tensor:
         if self.by_ids:
-            return self.pm.score_ids(samples.prompt_ids, scored_ids(samples, self.eos_id), prompts=samples.prompts)
+            ids = scored_ids(samples, self.eos_id)
+            if getattr(self.pm, "reads_prompt_text", False):  # the two-PM reward tags prompts by their text
+                return self.pm.score_ids(samples.prompt_ids, ids, prompts=samples.prompts)
+            return self.pm.score_ids(samples.prompt_ids, ids)
         return self.pm.score(samples.prompts, samples.responses)
 
 
@@ -303,7 +304,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
         metrics.update(heldout_metrics(heldout))
         if harm:  # what whitening standardises by (alignbench.stages.reward): the eval split's
             # comparisons of its harm group (the test split stays measurement only)
-            record["score_stats"] = score_stats(_score_heldout(scorer, [p for p in data.eval if in_group(p)]))
+            record["score_stats"] = score_stats(_score_heldout(scorer, whitening_pairs(cfg, harm)))
         return {**record, "metrics": metrics, "variant": variant,
                 "data_counts": {"train_pairs": len(train), "judgements": len(train), "heldout_pairs": len(heldout),
                                 **counts}}

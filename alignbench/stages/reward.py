@@ -81,6 +81,8 @@ class SafetyHelpfulScorer:
     and charged, are the tokens the two PMs read. ``harmful_tags`` maps a prompt to its tag
     (tag=subset); None asks the safety PM (tag=classifier, once per prompt, charged too)."""
 
+    reads_prompt_text = True  # SampleScorer passes the samples' prompt texts to score_ids (the tag)
+
     def __init__(self, safety: PMScorer, helpful: PMScorer, stats: tuple[dict, dict], *, threshold: float,
                  harmful_tags: Optional[dict] = None, classifier_threshold: float = 0.5):
         self.safety, self.helpful, self.stats = safety, helpful, stats
