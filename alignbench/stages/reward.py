@@ -34,6 +34,11 @@ def whiten(scores: torch.Tensor, stats: dict) -> torch.Tensor:
     return (scores.double() - stats["mean"]) / stats["std"]
 
 
+def uses_safety(safety: torch.Tensor, harmful: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The responses Llama 2's rule gives to the safety PM: tagged harmful or σ(z_s) < threshold."""
+    return harmful.bool() | (torch.sigmoid(safety) < threshold)
+
+
 def combine_rewards(safety: torch.Tensor, helpful: torch.Tensor, harmful: torch.Tensor,
                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Llama 2's combination (§3.2.2), on whitened scores z_s, z_h:
@@ -44,7 +49,7 @@ def combine_rewards(safety: torch.Tensor, helpful: torch.Tensor, harmful: torch.
 
     ``harmful``: a bool tensor. Returns (R, used_safety) where ``used_safety`` marks the responses
     scored by the safety PM."""
-    used_safety = harmful.bool() | (torch.sigmoid(safety) < threshold)
+    used_safety = uses_safety(safety, harmful, threshold)
     return torch.where(used_safety, safety, helpful), used_safety
 
 
@@ -122,7 +127,7 @@ class SafetyHelpfulScorer:
         safety = whiten(safety_raw, self.stats[0])
         harmful = self.harmful(prompts)
         helpful = torch.zeros_like(safety)
-        rest = [i for i, use in enumerate((harmful | (torch.sigmoid(safety) < self.threshold)).tolist()) if not use]
+        rest = [i for i, use in enumerate(uses_safety(safety, harmful, self.threshold).tolist()) if not use]
         if rest:
             helpful[rest] = whiten(helpful_score(rest), self.stats[1])
         reward, used = combine_rewards(safety, helpful, harmful, self.threshold)
