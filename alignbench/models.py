@@ -191,13 +191,37 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT table (missing and unexpected weights): for a PM
+    built on an LM the missing scalar head is expected, and ``pm_from_lm`` says so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
     """A preference model: the LM's trunk with a scalar head. It is read by
     ``alignbench.stages.preference.pm_scores`` at the last attended token (the end-of-context
-    token), not by the class's own pooling, which skips an EOS that doubles as the pad token."""
+    token), not by the class's own pooling, which skips an EOS that doubles as the pad token.
+
+    The head (``score``) is new, seeded by ``seed``: one log line says so. Any other weight the
+    checkpoint lacks would leave part of the trunk random: that is a warning naming the weights."""
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        lm_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True)
+    quiet = _NoLoadReport()
+    report_log = logging.getLogger("transformers.modeling_utils")
+    report_log.addFilter(quiet)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            lm_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True, output_loading_info=True)
+    finally:
+        report_log.removeFilter(quiet)
+    missing = sorted(info.get("missing_keys", []))
+    head = [k for k in missing if k.split(".")[0] == "score"]
+    if len(head) < len(missing):
+        log.warning("PM from %s: weights missing from the checkpoint, left at random init: %s", lm_dir,
+                    [k for k in missing if k not in head])
+    log.info("PM from %s: a new scalar head (%s, seed %d) on the LM's trunk; the LM head is not used",
+             lm_dir, ", ".join(head) or "none missing", seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

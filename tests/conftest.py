@@ -14,6 +14,12 @@ import pytest
 # tests run SmolLM2 in-process for minutes and assert behaviour, not memory: they
 # (and their subprocesses, read by glibc at start) keep a 32 MiB static threshold, glibc's own cap.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+# Under pytest-xdist (the README's test command: two workers on two cores) each worker and the processes
+# its tests start compute on one thread: two workers at two threads each would oversubscribe the cores.
+# Set before torch is imported, which reads it once; tiny models run fastest on one thread anyway.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # The offline data sits in ../shared beside the repo; a git worktree elsewhere uses the nearest
@@ -59,9 +65,30 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory of this test session that every xdist worker shares (one per worker would build
+    each stage once per worker). Stage caches are safe to share: a stage is built under its lock by
+    whichever process comes first and read by the others (``alignbench.stages.cache.build_stage``)."""
+    root = tmp_path_factory.getbasetemp()
+    path = (root.parent if XDIST_WORKER else root) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def stage_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stage-cache")
+    return shared_dir(tmp_path_factory, "stage-cache")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Modules holding end-to-end tests marked ``slow`` run first, each module's tests kept together
+    and in order (module fixtures are set up once). Under xdist's ``loadscope`` scheduling (whole
+    modules to a worker) the long modules are dealt out at the start, instead of one worker starting
+    a several-minute module while the other has run out of tests."""
+    slow_modules = {item.module.__name__ for item in items
+                    if item.get_closest_marker("slow") is not None and getattr(item, "module", None)}
+    items.sort(key=lambda item: getattr(item, "module", None) is None or item.module.__name__ not in slow_modules)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from alignbench.sampling import sample
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.preference import PMScorer
 from alignbench.train import encode, pad_batch, response_logprobs
+from tests.conftest import shared_dir
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma"]
 # head_dim 16: even (rotary) and a multiple of 8 (NeoX rotates a quarter of it)
@@ -43,7 +44,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def arch_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("arch-cache")
+    return shared_dir(tmp_path_factory, "arch-cache")
 
 
 @pytest.fixture(scope="module", autouse=True)

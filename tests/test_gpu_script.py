@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, shared_data, shared_dir
 from tests.test_smollm2_e2e import smollm2_file
 
 SCRIPT = REPO / "scripts" / "hh_smollm2_gpu.sh"
@@ -29,9 +29,10 @@ def test_preflight_names_the_missing_gguf(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # a few minutes on 2 free cores; far longer when the cores are shared
-def test_smoke_run_reports_every_method(tmp_path):
-    env = _env(ALIGNBENCH_SMOLLM2=str(smollm2_file()), ALIGNBENCH_HH_PATH=str(shared_data("hh-rlhf")))
-    env.pop("ALIGNBENCH_CACHE", None)
+def test_smoke_run_reports_every_method(tmp_path, tmp_path_factory):
+    # the stage cache the SmolLM2 end-to-end tests use: the GGUF is converted once per session
+    env = _env(ALIGNBENCH_SMOLLM2=str(smollm2_file()), ALIGNBENCH_HH_PATH=str(shared_data("hh-rlhf")),
+               ALIGNBENCH_CACHE=str(shared_dir(tmp_path_factory, "smollm2-cache")))
     res = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=3500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import alignbench.models
 from alignbench.config import ConfigError, ModelConfig
-from alignbench.models import load_lm, load_tokenizer, smollm2_gguf, tiny_lm, train_tokenizer
+from alignbench.models import load_lm, load_tokenizer, pm_from_lm, smollm2_gguf, tiny_lm, train_tokenizer
 
 
 def test_tiny_tokenizer_round_trips_unseen_text_and_builds_a_seeded_model():
@@ -19,6 +20,31 @@ def test_tiny_tokenizer_round_trips_unseen_text_and_builds_a_seeded_model():
     cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     a, b = tiny_lm(cfg, tok, seed=3), tiny_lm(cfg, tok, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_a_pm_on_an_lm_says_its_new_head_in_one_line_not_a_load_report(tmp_path, caplog):
+    """The PM's fresh scalar head is expected: one info line names it; transformers' multi-line
+    LOAD REPORT table (``score.weight | MISSING``) is not printed. A trunk weight the checkpoint
+    lacks is still a warning naming it."""
+    tok = train_tokenizer(["\n\nHuman: Hi\n\nAssistant: Hello."] * 20, vocab_size=300)
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    tiny_lm(cfg, tok, seed=0).save_pretrained(tmp_path)
+    with caplog.at_level("INFO"):
+        pm = pm_from_lm(tmp_path, tok, seed=0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("LOAD REPORT" in m for m in messages)
+    head = [m for m in messages if "new scalar head (score.weight, seed 0)" in m]
+    assert len(head) == 1 and "\n" not in head[0] and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert pm.score.weight.shape == (1, 32)
+
+    # a checkpoint that lost a trunk weight
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0.mlp.up_proj" not in k}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    caplog.clear()
+    pm_from_lm(tmp_path, tok, seed=0)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "layers.0.mlp.up_proj.weight" in warned[0]
 
 
 def test_tokenizer_without_pad_pads_with_eos_like_gpt2():

@@ -17,7 +17,7 @@ from alignbench.config import ConfigError
 from alignbench.models import smollm2_gguf
 from alignbench.report.build import build_report
 from alignbench.runner import run_job
-from tests.conftest import shared_data
+from tests.conftest import shared_data, shared_dir
 
 
 def smollm2_file() -> Path:
@@ -46,7 +46,7 @@ def smollm2_overrides(tmp_path: Path, fmt: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gguf_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("smollm2-cache")
+    return shared_dir(tmp_path_factory, "smollm2-cache")
 
 
 RUNS = {  # method -> its overrides (a handful of steps each)
