@@ -144,7 +144,8 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                "stages": ctx.stages.keys(), "stages_reused": ctx.stages.reused(), "info": artifact.info,
                "pm": pm_record(ctx), "reward": _reward_record(ctx, artifact),
                "pi0_safety": pi0_safety_record(ctx.cfg, ctx.stages.pi0),
-               "judge": ctx.judge_name, "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
+               "judge": ctx.judge_name, "judge_pm": judge_record(ctx),
+               "eval_prompts": prompt_mix(ctx.eval_meta, cfg.eval.split),
                "hardware": {"processes": ctx.dist.world, "device": str(ctx.device), "precision": cfg.train.precision}}
     picked = selection(ctx, artifact, model)
     if picked is not None:
@@ -184,6 +185,17 @@ def pm_rows(ctx: RunContext) -> list[dict]:
         rows += pm_accuracy.gold_agreement(sc, sr, [r["gold_chosen"] for r in recs],
                                            [r["gold_rejected"] for r in recs], **ident)
     return rows
+
+
+def judge_record(ctx: RunContext) -> Optional[dict]:
+    """The test-PM judge's held-out accuracy against the human labels on the HH test pairs, from its
+    stage record (``heldout_accuracy``, ties half right; ``heldout_pairs``), for the report's
+    Findings; None when the judge is the gold reward (exact, nothing held out to measure)."""
+    pm = ctx.stages.judge_pm
+    if ctx.judge_name != "test_pm" or pm is None:
+        return None
+    return {"key": pm.key, "heldout_accuracy": pm.record.get("metrics", {}).get("heldout_accuracy"),
+            "heldout_pairs": pm.record.get("data_counts", {}).get("heldout_pairs")}
 
 
 def pm_record(ctx: RunContext) -> dict:

@@ -73,3 +73,31 @@ def test_report_page_loads_every_image_and_runs_no_script(browser, tmp_path):
     anchors = browser.execute_script("return Array.from(document.querySelectorAll('nav a')).map(a => a.hash)")
     assert anchors and all(browser.execute_script(f"return document.getElementById('{a[1:]}') !== null")
                            for a in anchors)
+
+
+# [page width, viewport width, tables outside a box, boxes that scroll sideways]
+WIDTHS = ("return [document.documentElement.scrollWidth, window.innerWidth, "
+          "Array.from(document.querySelectorAll('table'))"
+          ".filter(t => !t.parentElement.classList.contains('wide')).length, "
+          "Array.from(document.querySelectorAll('div.wide')).filter(d => d.scrollWidth > d.clientWidth + 1).length]")
+
+
+def test_wide_tables_scroll_in_their_own_box_and_never_widen_the_page(browser, tmp_path):
+    """At 640 px the configuration table (13 columns) and a response with a 400-character word are far wider
+    than the window: their boxes scroll, the page does not. With the boxes' class removed the same page
+    overflows, so the check can fail."""
+    sweep = make_sweep(tmp_path / "sweep")
+    _inject(sweep, "wide_" + "x" * 400)  # one unbreakable word in every response and prompt
+    out = tmp_path / "out"
+    build_report(sweep, out, n_boot=50)
+    size = browser.get_window_size()
+    try:
+        browser.set_window_size(640, 900)
+        browser.get((out / "index.html").as_uri())
+        page_width, viewport, unboxed, scrolling = browser.execute_script(WIDTHS)
+        assert unboxed == 0 and scrolling >= 2, (unboxed, scrolling)
+        assert page_width <= viewport, (page_width, viewport)
+        browser.execute_script("document.querySelectorAll('div.wide').forEach(d => d.className = '')")
+        assert browser.execute_script(WIDTHS)[0] > viewport  # control: without the boxes the page widens
+    finally:
+        browser.set_window_size(size["width"], size["height"])

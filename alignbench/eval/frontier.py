@@ -11,6 +11,13 @@ those families of their smallest final sqrt KL), so that no family drops out of 
 family's best configuration among those whose final sqrt KL is ≤ L is chosen by its gold reward on the selection prompts (the EVAL split, never the reported
 test prompts) when every run of the family records one; otherwise by the reported prompts, which
 is optimistic and labelled so.
+
+Choice at a common eval-split KL (the report's Findings): the level is the smallest, over families
+with more than one configuration measured on the eval split, of the family's largest eval-split KL
+(metrics.json ``selection.kl``), so every such family's KL range reaches it. Each family takes the
+configuration with the highest eval-split judge reward among those at or below it, else its
+lowest-KL configuration; a family with one configuration takes it, and a family whose runs lack the
+selection measurement takes its first configuration by name, labelled so.
 """
 from __future__ import annotations
 
@@ -71,6 +78,47 @@ def choose_configs(configs: pd.DataFrame, level: float) -> pd.DataFrame:
     return best.drop_duplicates("family").reset_index(drop=True)
 
 
+COMMON_BEST = "eval split: best judge reward at KL ≤ level"
+COMMON_LOWEST = "eval split: none at KL ≤ level, lowest KL"
+COMMON_ONLY = "only configuration"
+COMMON_FIRST = "no eval-split selection: first configuration by name"
+
+
+def common_kl_level(configs: pd.DataFrame) -> float:
+    """L = min over families F with more than one configuration of max{selection_kl(c) : c in F,
+    measured}, counting only configurations selected on the eval split (``selected_on`` ==
+    SELECTED_EVAL) with a known eval-split KL. ``configs``: columns family, config, selection_kl,
+    selected_on (``config_frame``). NaN when no family qualifies."""
+    sizes = configs.groupby("family")["config"].nunique()
+    measured = configs[(configs["selected_on"] == SELECTED_EVAL) & configs["selection_kl"].notna()
+                       & (configs["family"].map(sizes) > 1)]
+    top = measured.groupby("family")["selection_kl"].max()
+    return float(top.min()) if len(top) else float("nan")
+
+
+def choose_at_common_kl(configs: pd.DataFrame, level: float) -> pd.DataFrame:
+    """One row per family (sorted), the columns of ``configs`` with ``how`` (one of the COMMON_*
+    labels): a family of one configuration takes it; a family not selected on the eval split its
+    first configuration by name; otherwise ``choose_configs`` on the eval-split KL (the highest
+    eval-split judge reward at KL ≤ level), else the configuration with the lowest eval-split KL
+    (then by name). A NaN level leaves no configuration eligible."""
+    out = []
+    for _, g in configs.sort_values("config").groupby("family", sort=True):
+        if len(g) == 1:
+            pick, how = g.iloc[0], COMMON_ONLY
+        elif not (g["selected_on"] == SELECTED_EVAL).all():
+            pick, how = g.iloc[0], COMMON_FIRST
+        else:
+            best = choose_configs(g.assign(final_d=g["selection_kl"]), level)
+            if len(best):
+                pick, how = g[g["config"] == best["config"].iloc[0]].iloc[0], COMMON_BEST
+            else:
+                pick = g.sort_values(["selection_kl", "config"], na_position="last").iloc[0]
+                how = COMMON_LOWEST
+        out.append({**pick.to_dict(), "how": how})
+    return pd.DataFrame(out, columns=[*configs.columns, "how"])
+
+
 def prompt_means(samples: pd.DataFrame, config: str, column: str = "judge_reward") -> pd.Series:
     """A configuration's reward per prompt, mean over its seeds (index prompt_id)."""
     mine = samples[samples["config"] == config]
@@ -84,8 +132,9 @@ def seed_means(samples: pd.DataFrame, config: str, column: str = "judge_reward")
 
 
 def ranking_rows(samples: pd.DataFrame, chosen: pd.DataFrame, level: float, n_boot: int = 2000, seed: int = 0,
-                 **ident) -> list[dict]:
-    """Rows (evaluator "frontier") for the matched-KL ranking of the ``chosen`` configurations:
+                 evaluator: str = EVALUATOR, **ident) -> list[dict]:
+    """Rows (evaluator "frontier", or ``evaluator``) for the matched-KL ranking of the ``chosen``
+    configurations:
 
     * "matched_sqrt_kl": L (config "", n = families ranked);
     * per family (config and method = the family, slice = "<chosen config>|<how it was selected>"):
@@ -96,11 +145,11 @@ def ranking_rows(samples: pd.DataFrame, chosen: pd.DataFrame, level: float, n_bo
       mean over the prompts both answered of (seed-mean A − seed-mean B), paired percentile bootstrap
       over prompts; it separates the two when the interval excludes 0.
     """
-    rows = [make_row(evaluator=EVALUATOR, metric="matched_sqrt_kl", config="", method="", value=level,
+    rows = [make_row(evaluator=evaluator, metric="matched_sqrt_kl", config="", method="", value=level,
                      n=int(len(chosen)), **ident)]
     per_prompt = {}
     for c in chosen.itertuples():
-        common = dict(evaluator=EVALUATOR, config=c.family, method=c.family, slice=f"{c.config}|{c.selected_on}",
+        common = dict(evaluator=evaluator, config=c.family, method=c.family, slice=f"{c.config}|{c.selected_on}",
                       **ident)
         per_prompt[c.family] = prompt_means(samples, c.config)
         value, lo, hi = bootstrap_ci(per_prompt[c.family].to_numpy(), n_boot=n_boot, seed=seed)
@@ -116,7 +165,7 @@ def ranking_rows(samples: pd.DataFrame, chosen: pd.DataFrame, level: float, n_bo
         both = per_prompt[a].index.intersection(per_prompt[b].index)
         diff = (per_prompt[a][both] - per_prompt[b][both]).to_numpy(float)
         value, lo, hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-        rows.append(make_row(evaluator=EVALUATOR, metric="matched_gold_diff", config=a, method=a, slice=f"vs:{b}",
+        rows.append(make_row(evaluator=evaluator, metric="matched_gold_diff", config=a, method=a, slice=f"vs:{b}",
                              value=value, ci_low=lo, ci_high=hi, n=int(both.size), **ident))
     return rows
 

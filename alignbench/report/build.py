@@ -16,7 +16,8 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import chains, frontier, gatt, iterated, plots, pm_objectives, safety, tables, views, walltime
+from alignbench.report import (chains, findings, frontier, gatt, iterated, plots, pm_objectives, safety, tables, views,
+                               walltime)
 from alignbench.report.safety_distill import safety_distill_blocks
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
                                          nlp_deltas, prompt_meta, response_texts, samples_frame, subset_rows,
@@ -201,7 +202,8 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                                                                                 seed=seed)),
                                                columns=list(COLUMNS))], ignore_index=True)
     front = frontier.frontier_data(sweep, samples, n_boot=n_boot, seed=seed)
-    derived = pd.concat([derived, pd.DataFrame(front.rows, columns=list(COLUMNS))], ignore_index=True)
+    fnd = findings.findings_data(front, samples, n_boot=n_boot, seed=seed, sweep=sweep.name, run="")
+    derived = pd.concat([derived, pd.DataFrame(front.rows + fnd.rows, columns=list(COLUMNS))], ignore_index=True)
     points = points_frame(train_points(sweep))
     deltas = nlp_deltas(agg, base)
     cost = cost_frame(sweep, samples, n_boot=n_boot, seed=seed)
@@ -221,6 +223,11 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                    "A configuration is a method with its own overrides; its runs differ only by seed, and only "
                    "they are combined. All rows are in results.csv."),
               *(Note(n) for n in notes),
+              Heading("Findings"),
+              *findings.findings_blocks(fnd, findings.headline_frame(fnd, derived, cost, win_base), win_base,
+                                        judge=findings.judge_sentence(sweep, samples, agg),
+                                        figure=frontier.frontier_figure(front, out_dir, _figure),
+                                        is_pi0=win_base == base),
               *companion_blocks(out_dir),
               Heading("Runs"), tables.runs_table(sweep, cost),
               Heading("Configurations"), tables.config_table(sweep, cost, derived, agg=agg, baseline=win_base),
@@ -250,7 +257,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
               *_figure(out_dir, "win_rates.png", lambda p: plots.win_matrix(derived, p),
                        "Win-rate matrix and Elo", "fewer than two configurations with usable samples"),
               Heading("Reward–KL frontier"),
-              *frontier.frontier_blocks(front, derived, out_dir, _figure),
+              *frontier.frontier_blocks(front, derived),
               *_bon_block(tables.bon_kl_table(derived)),
               *_figure(out_dir, "reward_vs_kl.png", lambda p: plots.reward_vs_kl(points, p),
                        "Proxy and judge reward vs sqrt(KL) per configuration, with fitted curves where there are enough "

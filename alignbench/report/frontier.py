@@ -60,28 +60,42 @@ def _final_d(log: list[dict]) -> float:
 
 
 def run_frame(sweep: Sweep, samples: pd.DataFrame) -> pd.DataFrame:
-    """Per usable run: config, family, seed, final sqrt KL, selection gold (metrics.json
-    ``selection.judge_reward``, eval split; NaN when absent) and its mean gold on the reported prompts."""
+    """Per usable run: config, family, seed, final sqrt KL and its square (final_kl), selection gold
+    and KL (metrics.json ``selection.judge_reward`` and ``selection.kl``, eval split; NaN when absent)
+    and its mean gold on the reported prompts."""
     out = []
     for r in sweep.ok_runs:
         labels = [p.get("label") for p in r.train_log]
         selection = r.metrics.get("selection") if isinstance(r.metrics, dict) else None
+        selection = selection if isinstance(selection, dict) else {}
         mine = samples[samples["run"] == r.run_id] if "run" in samples else pd.DataFrame()
+        final_d = _final_d(r.train_log)
         out.append(dict(run=r.run_id, config=r.config or r.method, method=r.method, seed=r.seed,
-                        family=family_of(r.method, r.metrics, labels), final_d=_final_d(r.train_log),
-                        selection=(selection or {}).get("judge_reward", np.nan) if isinstance(selection, dict)
-                        else np.nan,
+                        family=family_of(r.method, r.metrics, labels), final_d=final_d, final_kl=final_d ** 2,
+                        selection=selection.get("judge_reward", np.nan),
+                        selection_kl=_number(selection.get("kl")),
                         test=mine["judge_reward"].mean() if "judge_reward" in mine else np.nan))
-    return pd.DataFrame(out, columns=["run", "config", "method", "seed", "family", "final_d", "selection", "test"])
+    return pd.DataFrame(out, columns=["run", "config", "method", "seed", "family", "final_d", "final_kl", "selection",
+                                      "selection_kl", "test"])
+
+
+def _number(value) -> float:
+    """A float, NaN for None or anything not a number (a plugin's own KL record)."""
+    try:
+        return float(value) if value is not None else np.nan
+    except (TypeError, ValueError):
+        return np.nan
 
 
 def config_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per configuration (seed means): family, final_d, and the score it is selected by: the
-    selection gold when every run of its family has one, else the reported prompts' gold."""
-    runs = runs.astype({"selection": float, "test": float})
+    """Per configuration (seed means): family, final_d, final_kl, selection, selection_kl, and the
+    score it is selected by: the selection gold when every run of its family has one, else the
+    reported prompts' gold."""
+    runs = runs.astype({"selection": float, "selection_kl": float, "test": float})
     on_eval = runs.groupby("family")["selection"].apply(lambda s: bool(s.notna().all()))
     out = runs.groupby(["family", "config"], as_index=False).agg(
-        final_d=("final_d", "mean"), selection=("selection", "mean"), test=("test", "mean"))
+        final_d=("final_d", "mean"), final_kl=("final_kl", "mean"), selection=("selection", "mean"),
+        selection_kl=("selection_kl", "mean"), test=("test", "mean"))
     use_eval = out["family"].map(on_eval).astype(bool)
     out["select"] = np.where(use_eval, out["selection"], out["test"])
     out["selected_on"] = np.where(use_eval, SELECTED_EVAL, SELECTED_TEST)
@@ -263,15 +277,23 @@ def ranking_blocks(front: pd.DataFrame) -> list:
             Para(sentence)]
 
 
-def frontier_blocks(data: FrontierData, derived: pd.DataFrame, out_dir: Path, figure) -> list:
-    """The section's blocks. ``derived``: the report's cross-run rows, ``data.rows`` among them
-    (configurations' and families' fits, the ranking); ``figure``: build's ``_figure`` helper."""
+def frontier_figure(data: FrontierData, out_dir: Path, figure) -> list:
+    """frontier.png (``frontier_plot``) with its caption; ``figure``: build's ``_figure`` helper. The
+    report shows it once, in Findings."""
+    return figure(out_dir, "frontier.png", lambda p: frontier_plot(data, p),
+                  "Reward–KL frontier: judge reward (solid) and proxy reward (dashed) vs sqrt(KL(π‖π0)), every "
+                  "configuration's seed means per log point, each family's upper envelope (thick), fit (dotted) "
+                  "and peak (star); the dash-dotted line is the matched sqrt KL of the ranking in \"Reward–KL "
+                  "frontier\"", "no train_log points with KL")
+
+
+def frontier_blocks(data: FrontierData, derived: pd.DataFrame) -> list:
+    """The section's blocks (its figure, ``frontier_figure``, is in Findings). ``derived``: the
+    report's cross-run rows, ``data.rows`` among them (configurations' and families' fits, the
+    ranking)."""
     kl_rows = derived[derived["evaluator"] == KL_EVAL]
     fits, peaks = fits_table(kl_rows, data), peak_table(kl_rows, data)
-    return [*figure(out_dir, "frontier.png", lambda p: frontier_plot(data, p),
-                    "Reward–KL frontier: judge reward (solid) and proxy reward (dashed) vs sqrt(KL(π‖π0)), every "
-                    "configuration's seed means per log point, each family's upper envelope (thick), fit (dotted) "
-                    "and peak (star)", "no train_log points with KL"),
+    return [Para("The frontier figure (frontier.png) is shown in Findings, at the top of the report."),
             Para(FITS_TEXT),
             *([fits] if fits is not None else [Note("no table: no train_log points.")]),
             *([peaks] if peaks is not None else [Note("no peak table: no family has judge rewards.")]),

@@ -7,8 +7,10 @@ code or emphasis or split a table cell (``\ ` * [ ] |``); free text (prompts, re
 ``html.escape``d text in a ``<pre>`` block, which Markdown passes through as HTML, so it shows
 verbatim and nothing in it is markup. The HTML has no script and no external resource: images are
 base64 data URIs, and a Content-Security-Policy meta forbids scripts, so a payload that escaped the
-escaping still could not run. Every heading below the title gets a stable, unique anchor (``slugs``)
-and both renderers open with a table of contents linking to them.
+escaping still could not run. Each HTML table sits in a box that scrolls sideways (``WIDE``, a class
+of the page's own style sheet, which the CSP allows), so a wide table never widens the page. Every
+heading below the title gets a stable, unique anchor (``slugs``) and both renderers open with a
+table of contents linking to them.
 """
 from __future__ import annotations
 
@@ -67,11 +69,13 @@ class Links:
 
 Block = Heading | Para | Note | Table | Image | Samples | Links
 
+WIDE = "wide"  # the class of the box around each table: it scrolls sideways, so a wide table never widens the page
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}.note{background:#fff6dd;border-left:4px solid #e0b000;padding:4px 8px}
 img{max-width:100%}pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:90%}
-nav ul{list-style:none;padding-left:0}nav .toc3{padding-left:1.5em}"""
+nav ul{list-style:none;padding-left:0}nav .toc3{padding-left:1.5em}
+p,li,h1,h2,h3,figcaption{overflow-wrap:break-word}""" + f".{WIDE}{{overflow-x:auto;max-width:100%}}"
 
 
 # No script, no fetch: only inline styles and data-URI images may load.
@@ -165,7 +169,7 @@ def _data_uri(path: Path) -> str:
 def _html_table(header, rows, cell=_h) -> str:
     head = "".join(f"<th>{_h(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="{WIDE}"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _html_toc(blocks: list[Block], anchors: dict[int, str]) -> str:
