@@ -99,6 +99,7 @@ def cmd_run(argv: list[str]) -> int:
                 return None
             raise
 
+    check_inputs_first(argv)  # a missing GGUF or HH folder: one line, before Hydra writes anything
     sys.argv = [sys.argv[0]] + argv
     # the sweep's index.json records the command that made it (the report prints it at its top);
     # an environment variable reaches the launcher's worker processes too
@@ -110,6 +111,30 @@ def cmd_run(argv: list[str]) -> int:
     return 2 if bad_jobs else 0
 
 
+def check_inputs_first(argv: list[str]) -> None:
+    """``stages.graph.check_inputs`` on the config of every value of every swept key (one key at a
+    time, the others at their command-line values), before Hydra creates the sweep's folders. Other
+    bad values are left to the jobs, which report them one by one (a sweep's other jobs go on)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from alignbench.config import to_config
+    from alignbench.stages.graph import check_inputs
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # not plain overrides (e.g. a flag's value): Hydra itself reports it
+        return
+    parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    variants = [plain] + [plain + [f"{o.input_line.split('=', 1)[0]}={v}"]
+                          for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()]
+    for overrides in variants:
+        try:
+            cfg = to_config(compose(overrides))
+        except _bad_input_types():
+            continue
+        check_inputs(cfg)
+
+
 def cmd_stages(argv: list[str]) -> int:
     from alignbench.config import to_config
     from alignbench.models import set_threads
@@ -118,7 +143,7 @@ def cmd_stages(argv: list[str]) -> int:
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
     stages = build_shared_stages(cfg)
-    print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
+    print(json.dumps({a.stage: {"path": str(a.home), "model_dir": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
                       for a in stages.artifacts().values()}, indent=2, default=str))
     return 0
