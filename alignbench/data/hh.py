@@ -203,6 +203,24 @@ def read_hh_file(
     return pairs, rejected
 
 
+def check_hh_folder(path: str | None, subsets: Sequence[str], splits: Sequence[str]) -> None:
+    """Before anything trains: a one-line DataError unless the local HH folder ``path`` (data.path;
+    None reads the Hub) holds every ``<subset>/<split>.jsonl.gz`` (or ``.jsonl``) the config reads.
+    The message names ALIGNBENCH_HH_PATH, the variable the HH presets read data.path from."""
+    if path is None:
+        return
+    root = Path(path).expanduser()
+    where = f"data.path={path}" + (f" = {root.resolve()}" if not root.is_absolute() else "")
+    fix = "set ALIGNBENCH_HH_PATH (or data.path) to the HH-RLHF folder"
+    if not root.is_dir():
+        raise DataError(f"data.path: no HH-RLHF folder at {path}; {fix} ({where})")
+    missing = [f"{s}/{sp}.jsonl.gz" for s in subsets for sp in splits
+               if not any((root / s / f"{sp}{ext}").is_file() for ext in (".jsonl.gz", ".jsonl"))]
+    if missing:
+        raise DataError(f"data.path: {path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                        f"(expected <subset>/<split>.jsonl.gz); {fix} ({where})")
+
+
 def _local_file(root: Path, subset: str, split: str) -> Path:
     for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
         if (root / subset / name).is_file():

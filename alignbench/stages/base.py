@@ -6,13 +6,15 @@ import dataclasses
 import math
 
 import torch
+from transformers import AutoConfig
 
 from alignbench import lora
 from alignbench.config import Config
 from alignbench.data import load_data, pairwise_config
 from alignbench.formats import check_format, set_chat_template
-from alignbench.models import PAD_IS_EOS, count_params, load_pretrained_lm, pick_device, tiny_lm, train_tokenizer
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, precision_key
+from alignbench.models import (PAD_IS_EOS, count_params, gguf_stage, load_pretrained_lm, load_tokenizer, pick_device,
+                               tiny_lm, train_tokenizer)
+from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, pointer_to, precision_key
 from alignbench.stages.prompts import hhh_prompt
 from alignbench.tracking import Tracker
 from alignbench.train import batch_schedule, encode_dialogue, lm_loss, pad_batch, supervised_loop
@@ -48,6 +50,20 @@ def model_key(mc) -> dict:
     if key["arch"] == "llama":
         del key["arch"]
     return key
+
+
+def unchanged_source(cfg: Config, model, tok) -> Artifact | None:
+    """The cached GGUF conversion when the base LM is exactly it (not fine-tuned, no chat template
+    added, the same pad token), so the base stage can point at it; else None (the base LM is saved).
+    A Hub or local checkpoint is outside the cache (not content-addressed): it is always copied."""
+    mc = cfg.model
+    if mc.kind != "gguf" or cfg.stages.base.finetune_pretrained or mc.chat_template is not None:
+        return None
+    source = gguf_stage(mc, cfg.paths.cache_dir)
+    saved = load_tokenizer(source.path)
+    same = (saved.pad_token == tok.pad_token and len(saved) == len(tok)
+            and AutoConfig.from_pretrained(source.path).pad_token_id == model.config.pad_token_id)
+    return source if same else None
 
 
 def build_base(cfg: Config) -> Artifact:
@@ -87,9 +103,13 @@ def build_base(cfg: Config) -> Artifact:
         heldout = dialogue_corpus(data.eval)[:512]
         nll = mean_nll(model, tok, heldout, max_len, device, fmt=fmt)
         metrics.update(heldout_nll=nll, heldout_ppl=math.exp(min(nll, 50)))
+        fields = {"metrics": metrics, "data_counts": {"train_texts": len(corpus), "heldout_texts": len(heldout)},
+                  "data_stats": data.stats, "max_len": max_len}
+        source = unchanged_source(cfg, model, tok)
+        if source is not None:  # the converted checkpoint as is: point at it, no copy (~40 s for SmolLM2)
+            return {**fields, **pointer_to(source)}
         lora.save_pretrained_here(model.to("cpu"), out)
         tok.save_pretrained(out)
-        return {"metrics": metrics, "data_counts": {"train_texts": len(corpus), "heldout_texts": len(heldout)},
-                "data_stats": data.stats, "max_len": max_len}
+        return fields
 
     return build_stage("base", key, cfg.paths.cache_dir, build)

@@ -6,6 +6,12 @@ upstream invalidates exactly what depends on it. A stage is built in a temporary
 renamed into place only when ``record.json`` (written last) says it is complete; a directory without
 a complete record is never trusted. A file lock around each build makes parallel jobs that need the
 same stage build it once: the others wait, then reuse it.
+
+A stage whose model is an upstream stage's, unchanged (π0 with ``stages.pi0.mode=none``, a pretrained
+base LM that is not fine-tuned), copies nothing: its record names that stage's directory
+(``weights_from``, a sibling name, so the cache can move) and ``Artifact.path`` is where the model
+files are, found by following those links. A link to a stage that is missing or incomplete makes
+the pointing stage incomplete too: it is rebuilt (after its upstream), never half-loaded.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from filelock import FileLock
 
@@ -28,6 +34,10 @@ log = logging.getLogger(__name__)
 # Bump when a stage's training code changes in a way that changes its output.
 STAGE_CODE_VERSION = "1"
 RECORD = "record.json"
+# record field of a stage that holds no model files of its own: the sibling stage directory whose
+# files it uses (which may point on in turn)
+POINTER = "weights_from"
+MAX_LINKS = 8  # longer chains (or cycles) are corrupt
 
 
 def stable_hash(obj: Any) -> str:
@@ -39,9 +49,15 @@ def stable_hash(obj: Any) -> str:
 class Artifact:
     stage: str
     key: str
-    path: Path
+    path: Path  # where the stage's model files are: its own directory, or the one its record points at
     record: dict
     reused: bool  # True when this process found it complete on disk
+    stage_dir: Optional[Path] = None  # the stage's own directory (record.json), when not ``path``
+
+    @property
+    def home(self) -> Path:
+        """The stage's own directory (its record), whether or not it holds model files."""
+        return self.stage_dir or self.path
 
 
 def read_record(path: Path) -> dict | None:
@@ -51,6 +67,41 @@ def read_record(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if record.get("complete") is True else None
+
+
+def pointer_to(artifact: Artifact) -> dict:
+    """Record fields of a stage whose model is ``artifact``'s, unchanged: a link, not a copy."""
+    return {POINTER: artifact.home.name}
+
+
+def model_dir(stage_dir: Path, record: Optional[dict] = None) -> Optional[Path]:
+    """The directory holding the model files of the stage at ``stage_dir`` (its record given or read):
+    itself, or the end of its ``weights_from`` links. None when the stage or any stage it links to is
+    missing or incomplete, or the links run longer than MAX_LINKS (a cycle)."""
+    path = Path(stage_dir)
+    record = read_record(path) if record is None else record
+    for _ in range(MAX_LINKS):
+        if record is None:
+            return None
+        if record.get(POINTER) is None:
+            return path
+        path = path.parent / record[POINTER]
+        record = read_record(path)
+    return None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """What a loader reads for ``path``: a stage directory that points elsewhere resolves to the
+    directory holding its files (``model_dir``); anything else (a run's policy, a Hub id, a stage
+    with files of its own) is itself. A broken link raises, so nothing is half-loaded."""
+    record = read_record(Path(path)) if (Path(path) / RECORD).is_file() else None
+    if record is None or record.get(POINTER) is None:
+        return Path(path)
+    files = model_dir(Path(path), record)
+    if files is None:
+        raise FileNotFoundError(f"stage {path} points at {record[POINTER]}, which is missing or incomplete; "
+                                "rebuild the stages (alignbench stages with the same overrides)")
+    return files
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -111,10 +162,15 @@ def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
     final = root / f"{stage}-{key}"
     with FileLock(str(root / f".{stage}-{key}.lock")):
         record = read_record(final)
-        if record is not None:
+        files = model_dir(final, record) if record is not None else None
+        if files is not None:
             log.info("stage %s: reusing %s", stage, final)
-            return Artifact(stage, key, final, record, reused=True)
-        if final.exists():
+            return _artifact(stage, key, final, record, files, reused=True)
+        if record is not None:  # complete, but the stage it points at is gone: the link is rebuilt
+            log.warning("stage %s: %s points at %s, which is missing or incomplete; rebuilding it",
+                        stage, final, record.get(POINTER))
+            shutil.rmtree(final)
+        elif final.exists():
             log.warning("stage %s: %s has no complete record; rebuilding it", stage, final)
             shutil.rmtree(final)
         for stale in root.glob(f".tmp-{stage}-{key}-*"):  # left by a builder that was killed
@@ -127,13 +183,19 @@ def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
             record = {"stage": stage, "key": key, **key_material, **fields, "complete": True,
                       "build_seconds": round(time.time() - start, 3), "built_by": _who(),
                       "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if model_dir(tmp, record) is None:
+                raise FileNotFoundError(f"stage {stage}: {POINTER}={record.get(POINTER)} is not a complete stage")
             write_json_atomic(tmp / RECORD, record)
             os.replace(tmp, final)  # atomic: the directory appears complete or not at all
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     log.info("stage %s: built %s in %.1fs", stage, final, record["build_seconds"])
-    return Artifact(stage, key, final, record, reused=False)
+    return _artifact(stage, key, final, record, model_dir(final, record), reused=False)
+
+
+def _artifact(stage: str, key: str, final: Path, record: dict, files: Path, reused: bool) -> Artifact:
+    return Artifact(stage, key, files, record, reused=reused, stage_dir=None if files == final else final)
 
 
 def _who() -> dict:

@@ -24,7 +24,7 @@ from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
 from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
+from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, pointer_to, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.tracking import Tracker
 from alignbench.train import Encoded, batch_schedule, encode_chosen, lm_loss, pad_batch, selected_logits, supervised_loop
@@ -82,6 +82,11 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
         key["sft_pairs"] = {"access": ACCESS_RULES, "judge": judge_kind(cfg)}
 
     def build(out):
+        if sc.mode == "none" and not lora.enabled(cfg.model):
+            # π0 is the base LM itself: point at it (no copy, no load). Its held-out NLL is the base
+            # LM's, computed on the same dialogues with the same weights.
+            metrics = {"mode": sc.mode, "heldout_nll": base.record["metrics"]["heldout_nll"]}
+            return {"metrics": metrics, "max_len": base.record["max_len"], **pointer_to(base)}
         tok, model = load_tokenizer(base.path), load_lm(base.path)
         if lora.enabled(cfg.model):  # π0 = the base LM + a trained adapter, saved merged
             model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)

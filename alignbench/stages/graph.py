@@ -19,6 +19,8 @@ from typing import Optional
 
 from alignbench import packing
 from alignbench.config import Config
+from alignbench.data.hh import check_hh_folder
+from alignbench.models import check_gguf
 from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
 from alignbench.stages.cache import Artifact
@@ -60,11 +62,20 @@ class SharedStages:
         return {a.stage: a.reused for a in self.artifacts().values()}
 
 
-__all__ = ["SharedStages", "build_shared_stages", "judge_kind"]
+__all__ = ["SharedStages", "build_shared_stages", "check_inputs", "judge_kind"]
+
+
+def check_inputs(cfg: Config) -> None:
+    """The files a run reads before it trains: the GGUF checkpoint (model.kind=gguf) and the local HH
+    folder (data=hh_rlhf with data.path). A missing one is a one-line error naming the fix."""
+    check_gguf(cfg.model)
+    if cfg.data.name == "hh_rlhf":
+        check_hh_folder(cfg.data.path, cfg.data.subsets, cfg.data.source_splits)
 
 
 def build_shared_stages(cfg: Config) -> SharedStages:
     """Which PM sees which comparisons is decided in alignbench.stages.access."""
+    check_inputs(cfg)  # a missing GGUF or HH folder fails before anything is built
     check_judgements(cfg)  # a bad stages.pm.judgements fails before the base LM trains
     check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
     check_safety_distill(cfg)  # and targeted safety distillation without a preprompt

@@ -1,0 +1,144 @@
+"""`alignbench study`: the parts of a study run in order, each finished part is recorded in
+study.json and skipped on a rerun; a study killed mid-part resumes to the same results."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignbench.cli import main
+from alignbench.config import ConfigError
+from alignbench.study import Part, Study, fingerprint, hms, parse_study, run_study
+
+# tiny everything: a study of three parts takes ~20 s of CPU
+MINI = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+        "model.intermediate_size=64", "model.max_seq_len=256", "data.synth.n_pairs=300", "stages.base.epochs=1",
+        "stages.base.batch_size=64", "stages.pi0.epochs=0.25", "stages.pm.epochs=1", "stages.pm.lr=2e-3",
+        "eval.n_prompts=8", "eval.bootstrap=100", "train.max_new_tokens=8", "train.batch_size=16",
+        "train.num_threads=1"]
+
+STUDY = """
+overrides: [name=mini]
+parts:
+  - name: pi0                     # builds the shared stages inside its one run
+    sweep: [method=context_distilled]
+  - name: dpo
+    sweep: [method=dpo, method.max_steps=6, train.checkpoint_every=2, "seed=0,1"]
+  - name: report
+    report: reports/never-used     # replaced by --out
+"""
+
+
+def _files(root: Path) -> dict:
+    """path -> (size, mtime in ns) of every file under ``root``."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _results(sweep: Path) -> dict:
+    """run -> (final metrics without timings, samples): what must not depend on a kill."""
+    out = {}
+    for run in sorted((sweep / "runs").iterdir()):
+        final = json.loads((run / "metrics.json").read_text())["final"]
+        out[run.name] = ({k: v for k, v in final.items() if not k.endswith("_s")}, (run / "samples.jsonl").read_text())
+    return out
+
+
+def test_killed_study_resumes_without_redoing_finished_parts_and_ends_as_an_uninterrupted_one(tmp_path):
+    study = tmp_path / "mini.yaml"
+    study.write_text(STUDY)
+    common = [str(study), *MINI, f"paths.cache_dir={tmp_path / 'cache'}"]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "alignbench.cli", "study", "--out", str(tmp_path / "report-a"), *common,
+           f"paths.sweep_dir={killed}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        deadline = time.time() + 240
+        # kill it inside part 2: its first run finished, the second one started
+        while time.time() < deadline and proc.poll() is None:
+            if (list(killed.glob("runs/dpo_s0*/DONE")) and list(killed.glob("runs/dpo_s1*/status.json"))
+                    and not list(killed.glob("runs/dpo_s1*/DONE"))):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    progress = json.loads((killed / "study.json").read_text())
+    assert list(progress["parts"]) == ["pi0"]  # part 1 recorded, part 2 not
+    part1 = {r: _files(r) for r in killed.glob("runs/context_distilled*")}
+    dpo_s0 = {r: _files(r) for r in killed.glob("runs/dpo_s0*")}
+    assert len(part1) == 1 and len(dpo_s0) == 1
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    banners = [line for line in again.stdout.splitlines() if line.startswith("== [study mini]")]
+    assert banners[0].startswith("== [study mini] part 1/3 'pi0' (sweep): finished earlier in ")
+    assert banners[-1].startswith("== [study mini] complete: pi0 ")
+    assert not any("part 1/3 'pi0' (sweep): starting" in line for line in banners)
+    assert {r: _files(r) for r in part1} == part1  # part 1 not redone: its runs' files untouched
+    assert {r: _files(r) for r in dpo_s0} == dpo_s0  # nor part 2's finished run
+    done = json.loads((killed / "study.json").read_text())["parts"]
+    assert set(done) == {"pi0", "dpo", "report"} and done["pi0"] == progress["parts"]["pi0"]
+    assert all(p["seconds"] > 0 for p in done.values()) and (tmp_path / "report-a" / "report.md").is_file()
+
+    whole = tmp_path / "whole"  # the same study uninterrupted (in this process; stages cached)
+    assert main(["study", "--out", str(tmp_path / "report-b"), *common, f"paths.sweep_dir={whole}"]) == 0
+    assert len(_results(killed)) == 3 and _results(killed) == _results(whole)
+    assert ((tmp_path / "report-a" / "results.csv").read_text().splitlines()[0]
+            == (tmp_path / "report-b" / "results.csv").read_text().splitlines()[0])
+
+
+def test_finished_parts_are_skipped_and_a_changed_part_reruns(tmp_path, capsys):
+    study = parse_study("s", "parts:\n  - {name: a, stages: [x=1]}\n  - {name: b, report: out}\n")
+    calls = []
+
+    def run_part(part, overrides, report_dir):
+        calls.append((part.name, overrides, report_dir))
+        return 0
+
+    assert run_study(study, tmp_path, ["y=2"], None, run_part) == 0
+    assert calls == [("a", ["x=1", "y=2"], None), ("b", [], "out")]
+    assert run_study(study, tmp_path, ["y=2"], None, run_part) == 0 and len(calls) == 2  # all skipped
+    assert run_study(study, tmp_path, ["y=3"], "elsewhere", run_part) == 0  # both changed: both rerun
+    assert calls[2:] == [("a", ["x=1", "y=3"], None), ("b", [], "elsewhere")]
+    assert "finished earlier" in capsys.readouterr().out
+
+
+def test_a_failing_part_stops_the_study_and_is_not_recorded(tmp_path):
+    study = parse_study("s", "parts:\n  - {name: a, stages: []}\n  - {name: b, sweep: [method=dpo]}\n"
+                             "  - {name: c, report: out}\n")
+    ran = []
+    assert run_study(study, tmp_path, [], None, lambda p, o, r: ran.append(p.name) or (2 if p.name == "b" else 0)) == 2
+    assert ran == ["a", "b"] and list(json.loads((tmp_path / "study.json").read_text())["parts"]) == ["a"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("parts: []", "parts is empty"),
+    ("parts:\n  - {name: a}", r"parts\[0\]: needs a name and exactly one of stages, sweep, report"),
+    ("parts:\n  - {name: a, stages: [], sweep: []}", "exactly one of"),
+    ("parts:\n  - {name: a, stages: []}\n  - {name: a, report: r}", "'a' is used twice"),
+    ("parts:\n  - {name: a, sweep: x=1}", r"parts\[0\].sweep: a list of overrides"),
+    ("parts:\n  - {name: a, report: [r]}", r"parts\[0\].report: the report's output directory"),
+    ("steps: []", "keys are overrides and parts"),
+])
+def test_bad_study_definitions_are_one_line_config_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_study("s", text)
+
+
+def test_study_helpers():
+    assert [hms(s) for s in (3.44, 123, 3723)] == ["3.4s", "2m 03s", "1h 02m 03s"]
+    study, part = Study("s", ("a=1",), ()), Part("p", "sweep", ("b=2",))
+    assert fingerprint(study, part, [], None) != fingerprint(study, part, ["c=3"], None)
+
+
+def test_the_cpu_study_of_smollm2_parses_and_names_its_report():
+    study = parse_study("hh_smollm2_cpu", (Path(__file__).parents[1] / "conf/study/hh_smollm2_cpu.yaml").read_text())
+    assert "experiment=hh_smollm2" in study.overrides
+    assert study.parts[0].kind == "stages" and study.parts[-1].args == ("reports/hh-smollm2-cpu",)
+    assert {p.kind for p in study.parts[1:-1]} == {"sweep"}
