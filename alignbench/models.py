@@ -241,7 +241,8 @@ def pm_from_lm(lm_dir: str | Path, tokenizer, seed: int) -> PreTrainedModel:
     report_log.addFilter(quiet)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_dir(lm_dir), num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True, output_loading_info=True)
+            resolve_model_dir(lm_dir), num_labels=1, pad_token_id=tokenizer.pad_token_id, use_safetensors=True,
+            output_loading_info=True)
     finally:
         report_log.removeFilter(quiet)
     missing = sorted(info.get("missing_keys", []))
