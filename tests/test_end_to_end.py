@@ -19,6 +19,7 @@ def test_baseline_run_writes_a_complete_run_directory(tiny_overrides, tmp_path):
     assert (run / "DONE").exists() and json.loads((run / "status.json").read_text())["status"] == "done"
     samples = _read_jsonl(run / "samples.jsonl")
     assert len(samples) == 24 and {s["judge"] for s in samples} == {"gold"}
+    assert metrics["judge_pm"] is None  # the gold judge is exact: no held-out accuracy to record
     log = _read_jsonl(run / "train_log.jsonl")
     assert [p["label"] for p in log] == ["pi0", "final"]
     # π0 is the policy here, so its KL to itself is zero and both points agree exactly
@@ -65,3 +66,6 @@ def test_tiny_pm_on_real_hh_reports_accuracy_by_subset_and_turn(tmp_path):
     assert (by_turn.ci_high > by_turn.ci_low).all()
     samples = _read_jsonl(tmp_path / "sweep" / "runs" / "context_distilled_s0" / "samples.jsonl")
     assert {s["judge"] for s in samples} == {"test_pm"}  # judged by the held-out half's PM
+    metrics = json.loads((tmp_path / "sweep" / "runs" / "context_distilled_s0" / "metrics.json").read_text())
+    judge_pm = metrics["judge_pm"]
+    assert 0 <= judge_pm["heldout_accuracy"] <= 1 and judge_pm["heldout_pairs"] > 0  # the report's Findings read it

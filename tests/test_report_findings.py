@@ -89,8 +89,20 @@ def test_sentences_name_what_separates_and_what_does_not():
         "+0.050 [-0.100, 0.200]).",
         "JUDGE."]
     assert 3 <= len(got) <= 6
+    # a pair without shared prompts (NaN difference) falls back to its own intervals and says so
+    unpaired = diffs.copy()
+    unpaired.loc[unpaired["slice"] == "vs:dpo", ["value", "ci_low", "ci_high", "n"]] = [np.nan, np.nan, np.nan, 0]
+    unpaired = pd.concat([unpaired, pd.DataFrame([dict(config="ppo", slice="vs:rrhf", value=np.nan, ci_low=np.nan,
+                                                       ci_high=np.nan, n=0)])])
+    got = findings.finding_sentences(head, unpaired, "cd", "J.")
+    assert got[3] == ("best_of_n beats rrhf: difference +0.750 [0.500, 1.000] (paired over 40 prompts); ppo beats "
+                      "rrhf (no shared prompts to pair: their intervals 0.050 [-0.050, 0.150] and -0.400 [-0.500, "
+                      "-0.300] do not overlap).")
+    assert got[4] == ("best_of_n and dpo cannot be separated from each other (no shared prompts to pair: their "
+                      "intervals 0.350 [0.250, 0.450] and 0.300 [0.200, 0.400] overlap).")
     # against another baseline than π0 (build's fallback) the sentences name it
-    assert findings.finding_sentences(head, diffs, "cd", "J.", ref="cd")[1].startswith("best_of_n beats cd: gain +0.350")
+    named = findings.finding_sentences(head, diffs, "cd", "J.", ref="cd")
+    assert named[1].startswith("best_of_n beats cd: gain +0.350")
 
 
 # --- the report on a fake sweep ----------------------------------------------------------------

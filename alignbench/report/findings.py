@@ -142,7 +142,8 @@ def finding_sentences(head: pd.DataFrame, diffs: pd.DataFrame, baseline: str, ju
     ``ref`` in the text; ``judge``: ``judge_sentence``. In order: the highest and lowest test judge
     reward; the families whose gain over π0 separates from 0 (beats / falls below); those whose
     interval includes 0; the family pairs (π0's family left out) whose paired difference separates,
-    then those whose does not; the judge."""
+    then those whose does not (a pair without shared prompts: by whether their own intervals overlap,
+    said so); the judge."""
     out = []
     known = head.dropna(subset=["judge"])
     if len(known):
@@ -164,18 +165,28 @@ def finding_sentences(head: pd.DataFrame, diffs: pd.DataFrame, baseline: str, ju
     if others.empty and len(head) > 1:
         out.append(f"No family has a judge gain over {ref}: it has no judged samples on prompts shared with it.")
     base_family = set(head.loc[head["config"] == baseline, "family"])
-    pairs = diffs[~diffs["config"].isin(base_family) & ~diffs["slice"].str.removeprefix("vs:").isin(base_family)
-                  & diffs["value"].notna()]  # NaN: the two share no judged prompt
-    split = [r for r in pairs.itertuples() if separates(r.ci_low, r.ci_high)]
+    pairs = diffs[~diffs["config"].isin(base_family) & ~diffs["slice"].str.removeprefix("vs:").isin(base_family)]
+    split, tied = [], []
+    for r in pairs.itertuples():
+        a, b = r.config, r.slice.removeprefix("vs:")
+        if pd.notna(r.value):
+            (split if separates(r.ci_low, r.ci_high) else tied).append(
+                (a, b, f"{_signed(r.value, r.ci_low, r.ci_high)}", f" (paired over {fmt_n(r.n)} prompts)"))
+            continue
+        # no judged prompt in common, so no paired difference: their own intervals, and the sentence says so
+        ia, ib = (head[head["family"] == f].iloc[0] for f in (a, b))
+        apart = ia.judge_lo > ib.judge_hi or ib.judge_lo > ia.judge_hi
+        (split if apart else tied).append((a, b, None, f" (no shared prompts to pair: their intervals "
+                                                      f"{fmt_ci(ia.judge, ia.judge_lo, ia.judge_hi)} and "
+                                                      f"{fmt_ci(ib.judge, ib.judge_lo, ib.judge_hi)} "
+                                                      f"{'do not overlap' if apart else 'overlap'})"))
     if split:
-        out.append("; ".join(f"{r.config} beats {r.slice.removeprefix('vs:')}: difference "
-                             f"{_signed(r.value, r.ci_low, r.ci_high)} (paired over {fmt_n(r.n)} prompts)"
-                             for r in split) + ".")
-    tied = [r for r in pairs.itertuples() if not separates(r.ci_low, r.ci_high)]
+        out.append("; ".join(f"{a} beats {b}" + (f": difference {d}" if d else "") + why for a, b, d, why in split)
+                   + ".")
     if tied:
-        out.append("; ".join(f"{r.config} and {r.slice.removeprefix('vs:')} cannot be separated from each other "
-                             f"(paired interval of their difference includes 0: "
-                             f"{_signed(r.value, r.ci_low, r.ci_high)})" for r in tied) + ".")
+        out.append("; ".join(f"{a} and {b} cannot be separated from each other"
+                             + (f" (paired interval of their difference includes 0: {d})" if d else why)
+                             for a, b, d, why in tied) + ".")
     return out + [judge]
 
 
