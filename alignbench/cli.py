@@ -190,7 +190,7 @@ def cmd_study(argv: list[str]) -> int:
     import argparse
     from pathlib import Path
 
-    from alignbench.study import failed_runs, parse_study, run_study, study_file
+    from alignbench.study import failed_runs, parse_study, part_overrides, run_study, study_file
     ap = argparse.ArgumentParser(prog="alignbench study")
     ap.add_argument("name", help="conf/study/<name>.yaml, or a study .yaml file")
     ap.add_argument("--out", default=None, help="the report part's output directory (replaces the study's)")
@@ -200,6 +200,9 @@ def cmd_study(argv: list[str]) -> int:
     study = parse_study(path.stem, path.read_text())
     sweep_dir = Path(compose([*study.overrides, *args.overrides]).paths.sweep_dir)
     command = "alignbench study " + shlex.join(argv)
+    for part in study.parts:  # a missing GGUF or HH folder fails before the first part starts
+        if part.kind != "report":
+            check_inputs_first(part_overrides(study, part, args.overrides))
 
     def run_part(part, overrides: list[str], report_dir) -> int:
         if part.kind == "stages":

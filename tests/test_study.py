@@ -142,3 +142,12 @@ def test_the_cpu_study_of_smollm2_parses_and_names_its_report():
     assert "experiment=hh_smollm2" in study.overrides
     assert study.parts[0].kind == "stages" and study.parts[-1].args == ("reports/hh-smollm2-cpu",)
     assert {p.kind for p in study.parts[1:-1]} == {"sweep"}
+
+
+def test_a_study_with_a_missing_input_fails_before_its_first_part(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ALIGNBENCH_SMOLLM2", str(tmp_path / "gone.gguf"))
+    assert main(["study", "hh_smollm2_cpu", f"paths.sweep_dir={tmp_path / 'sweep'}",
+                 f"paths.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignbench")]
+    assert len(err) == 1 and "ALIGNBENCH_SMOLLM2" in err[0] and "alignbench fetch-model smollm2" in err[0]
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
