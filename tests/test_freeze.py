@@ -1,15 +1,25 @@
 """model.trainable_layers: train only the top K blocks, the final norm and the head (issue 23 §2)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignbench import freeze
-from alignbench.config import ConfigError, ModelConfig, check
-from alignbench.models import tiny_config, train_tokenizer
+from alignbench.cli import compose
+from alignbench.config import ConfigError, ModelConfig, check, to_config
+from alignbench.evaluate import build_context
+from alignbench.methods import method_config
+from alignbench.models import TINY_CLASSES, count_params, tiny_config as arch_config, train_tokenizer
+from alignbench.runner import run_job
+from alignbench.stages.base import model_key
+from alignbench.stages.cache import lora_key
+from alignbench.stages.graph import build_shared_stages
 from alignbench.train import make_optimizer
+from methods.dpo import DPO
 
 IDS = torch.tensor([[5, 9, 2, 33, 7, 1], [3, 3, 8, 40, 12, 6]])
 
@@ -101,12 +111,11 @@ def test_frozen_params_get_no_grad_and_nothing_below_the_cut_is_saved_for_backwa
      ["model.layers.1.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]),
 ])
 def test_every_tiny_architecture_freezes_its_embeddings_and_lower_blocks(arch, frozen, kept):
-    from alignbench.models import TINY_CLASSES
     mc = ModelConfig(arch=arch, vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                      trainable_layers=1)
     tok = train_tokenizer(["hello there, how are you"] * 4, mc.vocab_size, pad_token=arch not in ("gpt2", "gpt_neox"))
     torch.manual_seed(0)
-    model = freeze.prepare(TINY_CLASSES[arch](tiny_config(mc, tok)), mc)
+    model = freeze.prepare(TINY_CLASSES[arch](arch_config(mc, tok)), mc)
     names = trainable(model)
     assert not names & set(frozen) and set(kept) <= names
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
@@ -137,16 +146,14 @@ def test_untied_model_saves_and_reloads_both_tensors(tmp_path):
 
 
 def test_stage_keys_name_k_only_when_set(tiny_config):
-    import dataclasses
-    from alignbench.stages.base import model_key
-    from alignbench.stages.cache import lora_key
     frozen = dataclasses.replace(tiny_config, model=dataclasses.replace(tiny_config.model, trainable_layers=2))
     assert lora_key(tiny_config) == {} and lora_key(frozen) == {"trainable_layers": 2}
     assert model_key(frozen.model) == model_key(tiny_config.model)  # the base LM's key never has it
 
 
 def test_bad_k_and_lora_fail_with_the_key():
-    with pytest.raises(ConfigError, match=r"^model.trainable_layers: must be between 0 and the model's 3 layers, got 4"):
+    too_many = r"^model.trainable_layers: must be between 0 and the model's 3 layers, got 4$"
+    with pytest.raises(ConfigError, match=too_many):
         freeze.prepare(tiny_llama(layers=3), ModelConfig(trainable_layers=4))
     with pytest.raises(ConfigError, match=r"^model.trainable_layers: must be >= 0, got -1"):
         check(ModelConfig(trainable_layers=-1), "model")
@@ -199,10 +206,6 @@ def _frozen_and_trained(saved: dict, start: dict, prefix: str = "model.") -> tup
 
 
 def test_dpo_and_the_pm_stage_leave_the_frozen_tensors_bitwise_unchanged(tiny_overrides, tmp_path):
-    from alignbench.cli import compose
-    from alignbench.config import to_config
-    from alignbench.runner import run_job
-    from alignbench.stages.graph import build_shared_stages
     over = FROZEN + ["method=dpo", "method.max_steps=4", "method.eval_every=2"]
     metrics = run_job(compose(tiny_overrides + over), over)
     assert metrics["final"]["kl_k3"] > 0
@@ -229,11 +232,6 @@ def test_dpo_and_the_pm_stage_leave_the_frozen_tensors_bitwise_unchanged(tiny_ov
 
 
 def test_reference_shares_the_policys_frozen_trunk(tiny_overrides, tmp_path):
-    from alignbench.cli import compose
-    from alignbench.config import to_config
-    from alignbench.evaluate import build_context
-    from alignbench.methods import method_config
-    from methods.dpo import DPO
     cfg = to_config(compose(tiny_overrides + FROZEN + ["method=dpo"]))
     ctx = build_context(cfg, method_config(DPO, {"name": "dpo"}), tmp_path / "run")
     early = ctx.reference()  # loaded before any policy (the runner's π0 point does this)
@@ -249,5 +247,4 @@ def test_reference_shares_the_policys_frozen_trunk(tiny_overrides, tmp_path):
         assert all(got[n] == mine[n] for n in frozen) and all(got[n] != mine[n] for n in mine if n not in frozen)
     assert ptr["model.embed_tokens.weight"] != sub_policy.model.embed_tokens.weight.data_ptr()
     # N of the policy is π0's as loaded: the untied head copy is not counted twice
-    from alignbench.models import count_params
     assert ctx._policy_params == count_params(ctx.pi0())
