@@ -49,7 +49,7 @@ import torch
 from alignbench import packing
 from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, build_setup, copy_model, hh_files, lm_sequences,
                                    mfu, padding_fraction, precision, steps, sync, work)
-from alignbench.bench_memory import check_model, pm_ours, ppo_ours, prepare, resolve_model, variant
+from alignbench.bench_memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
 from alignbench.bench_peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.sampling import sample
@@ -113,8 +113,10 @@ def generate_ours(setup: Setup, args) -> Side:
 
 
 def loop_ours(setup: Setup, args) -> Side:
-    side = Side("train-loop", "alignbench", "alignbench.train.supervised_loop")
-    seqs, model, marks = lm_sequences(setup, args), copy_model(setup), []
+    impl = "alignbench.train.supervised_loop"
+    side = Side("train-loop", "alignbench", impl if args.trainable_layers is None else variant(impl, args))
+    # --trainable-layers only: the loop's other variants (LoRA, checkpointing) are the stages' business
+    seqs, model, marks = lm_sequences(setup, args), freeze_top(copy_model(setup), args), []
     batches = steps(list(range(len(seqs))), args.batch_size)
 
     def timed_batch(idx):  # the clock starts when the loop asks for a batch ...
@@ -198,6 +200,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--data-path", default=None, help="a local hh-rlhf directory (<subset>/<split>.jsonl.gz)")
     ap.add_argument("--lora", action="store_true", help="dpo, pm, ppo: train LoRA adapters (model.peft=lora)")
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    ap.add_argument("--trainable-layers", type=int, default=None, metavar="K",
+                    help="dpo, pm, ppo, train-loop: train only the top K blocks, the final norm and the head "
+                         "(model.trainable_layers)")
     ap.add_argument("--grad-ckpt", action="store_true", help="dpo, pm, ppo: gradient checkpointing")
     ap.add_argument("--no-peer", action="store_true", help="run our side only")
     ap.add_argument("--no-packing", action="store_true",
@@ -227,6 +232,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         _error(f"--seq-len: must be >= 16, got {args.seq_len}")
     if args.beta <= 0:
         _error(f"--beta: must be > 0, got {args.beta}")
+    if args.trainable_layers is not None and args.trainable_layers < 0:
+        _error(f"--trainable-layers: must be >= 0, got {args.trainable_layers}")
+    if args.trainable_layers is not None and args.lora:
+        _error("--trainable-layers: cannot be combined with --lora (LoRA already freezes the base weights)")
+    if args.trainable_layers is not None and args.model is None and args.trainable_layers > args.num_layers:
+        _error(f"--trainable-layers: must be between 0 and the model's {args.num_layers} layers (--num-layers), "
+               f"got {args.trainable_layers}")
     args.data = args.data or ("hh_rlhf" if args.data_path else "hh_synth")
     try:
         check_model(args.model)
@@ -280,8 +292,8 @@ def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None)
     lines = []
     for what in (WHAT if args.what == "all" else (args.what,)):
         log.info("bench %s (%s)", what, "one process per side" if args.isolate else setup.desc)
-        # one side: no peer (ppo), --no-peer, or --lora / --grad-ckpt (the TRL sides have neither)
-        solo = what in SOLO or args.lora or args.grad_ckpt or args.no_peer
+        # one side: no peer (ppo), --no-peer, or --lora / --trainable-layers / --grad-ckpt (the peers have none)
+        solo = what in SOLO or args.lora or args.trainable_layers is not None or args.grad_ckpt or args.no_peer
         sides = []
         for k in range(1 if solo else 2):
             if args.isolate:

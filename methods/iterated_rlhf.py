@@ -43,7 +43,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.config import ConfigError, opt
 from alignbench.cost import forward_flops
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
@@ -229,8 +229,8 @@ def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path]
     tok = load_tokenizer(pm_init_stage(ctx).path)
     torch.manual_seed(seed)
     model = pm_from_lm(pm_init_stage(ctx).path, tok, seed) if init is None else load_pm(init)
-    if lora.enabled(ctx.cfg.model):  # adapters + the scalar head train; saved merged
-        model = lora.wrap(model, ctx.cfg.model, task="SEQ_CLS", seed=seed)
+    # LoRA: adapters + the scalar head train, saved merged; trainable_layers: the top + the head
+    model = freeze.prepare(model, ctx.cfg.model, task="SEQ_CLS", seed=seed)
     metrics = train_pm_on(ctx, model, tok, comparisons, epochs=cfg.pm_epochs, desc=f"PM round {out.parent.name}")
     ctx.charge_step(metrics["train_tokens"], model=model)
     if ctx.dist.is_main:

@@ -142,3 +142,23 @@ def test_solo_benches_with_lora_and_gradient_checkpointing(what, capsys):
     assert r["side"] == "alignbench" and summ["peer_tok_s"] is None and summ["ratio"] is None  # no peer under --lora
     assert r["bench"] == what and r["steps"] == 2 and r["tokens"] > 0 and r["tokens_per_s"] > 0, r
     assert "LoRA r=4, grad ckpt" in r["impl"] and r["process_maxrss_mb"] > 0
+
+
+@pytest.mark.parametrize("what", ["pm", "ppo", "dpo", "train-loop"])
+def test_solo_benches_train_only_the_top_layers(what, capsys):
+    assert main([what, *MINI, "--num-layers", "2", "--trainable-layers", "1"]) == 0
+    r, summ = _lines(capsys)
+    assert r["side"] == "alignbench" and summ["peer_tok_s"] is None  # the peers train every weight: no peer
+    assert r["bench"] == what and r["steps"] == 2 and r["tokens"] > 0 and "top 1 layers" in r["impl"], r
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pm", "--trainable-layers", "-1"], "--trainable-layers: must be >= 0, got -1"),
+    (["pm", "--trainable-layers", "5"], "--trainable-layers: must be between 0 and the model's 4 layers"),
+    (["dpo", "--trainable-layers", "1", "--lora"], "--trainable-layers: cannot be combined with --lora"),
+])
+def test_bad_trainable_layers_fail_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("alignbench bench: error: " + message), err

@@ -8,7 +8,7 @@ import math
 import torch
 from transformers import AutoConfig
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.config import Config
 from alignbench.data import load_data, pairwise_config
 from alignbench.formats import check_format, set_chat_template
@@ -42,11 +42,13 @@ def mean_nll(model, tokenizer, texts: list[str], max_len: int, device, batch_siz
 
 def model_key(mc) -> dict:
     """The model config as part of a stage key. ``arch`` is left out at its default (llama), so
-    the keys (and caches) of every Llama run made before the key existed stay valid. ``peft`` and
-    ``lora`` are left out too: LoRA trains the later stages only (π0 and the PMs add them to their
-    own keys, ``stages.cache.lora_key``), so the base LM is the same with or without it;
+    the keys (and caches) of every Llama run made before the key existed stay valid. ``peft``,
+    ``lora`` and ``trainable_layers`` are left out too: they shape the later stages' training only
+    (π0 and the PMs add them to their own keys, ``stages.cache.lora_key``), so the base LM is the
+    same with or without them;
     ``chat_template`` is part of ``stages.cache.format_key``."""
-    key = {k: v for k, v in dataclasses.asdict(mc).items() if k not in ("peft", "lora", "chat_template")}
+    key = {k: v for k, v in dataclasses.asdict(mc).items()
+           if k not in ("peft", "lora", "trainable_layers", "chat_template")}
     if key["arch"] == "llama":
         del key["arch"]
     return key
@@ -87,6 +89,7 @@ def build_base(cfg: Config) -> Artifact:
                 model.resize_token_embeddings(len(tok))
             check_format(tok, fmt)
         lora.check_targets(mc, model)  # a bad model.lora.target_modules fails before any training
+        freeze.check_layers(mc, model)  # and so does a model.trainable_layers above the model's layers
         max_len = min(mc.max_seq_len, getattr(model.config, "max_position_embeddings", mc.max_seq_len))
         device = pick_device(cfg.train.device)
         metrics = {"params": count_params(model)}

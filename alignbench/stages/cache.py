@@ -120,12 +120,14 @@ def precision_key(cfg) -> dict:
 
 
 def lora_key(cfg) -> dict:
-    """Part of the key of a stage that trains under model.peft (π0, the PMs): LoRA-trained stages
-    are cached apart; full fine-tuning keys are unchanged. Gradient checkpointing is not part of
-    any key: it recomputes the same activations, so it changes memory, not the result."""
+    """Part of the key of a stage that trains under model.peft or model.trainable_layers (π0, the
+    PMs, safety distillation, GAtt): LoRA-trained and partly frozen stages are cached apart; full
+    fine-tuning keys are unchanged. Gradient checkpointing is not part of any key: it recomputes
+    the same activations, so it changes memory, not the result."""
+    out = {"trainable_layers": cfg.model.trainable_layers} if cfg.model.trainable_layers is not None else {}
     if cfg.model.peft == "none":
-        return {}
-    return {"peft": cfg.model.peft, "lora": dataclasses.asdict(cfg.model.lora)}
+        return out
+    return {"peft": cfg.model.peft, "lora": dataclasses.asdict(cfg.model.lora), **out}
 
 
 def data_key(cfg) -> dict:

@@ -11,13 +11,12 @@ the judge's half); ``mode=none``: π0 is the base LM itself.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Optional
 
 import torch
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.config import Config
 from alignbench.data import load_data, pairwise_config
 from alignbench.models import load_lm, load_tokenizer, pick_device
@@ -88,8 +87,8 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
             metrics = {"mode": sc.mode, "heldout_nll": base.record["metrics"]["heldout_nll"]}
             return {"metrics": metrics, "max_len": base.record["max_len"], **pointer_to(base)}
         tok, model = load_tokenizer(base.path), load_lm(base.path)
-        if lora.enabled(cfg.model):  # π0 = the base LM + a trained adapter, saved merged
-            model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
+        # π0 = the base LM + a trained adapter (saved merged) under LoRA; its top layers under trainable_layers
+        model = freeze.prepare(model, cfg.model, seed=cfg.stages.seed)
         device, max_len = pick_device(cfg.train.device), base.record["max_len"]
         metrics: dict = {"mode": sc.mode}
         tracker = Tracker(out / "tb", cfg.train.report_to if sc.mode != "none" else [], "pi0")
@@ -117,9 +116,10 @@ def build_pi0(cfg: Config, base: Artifact) -> Artifact:
 
 def _distill(student, tok, prompt: str, texts: list[str], max_len: int, sc, cfg: Config, device,
              tracker: Optional[Tracker] = None) -> dict:
-    # Under LoRA the teacher is the student with its adapter disabled (the base LM, no second copy)
+    # Under LoRA the teacher is the student with its adapter disabled (the base LM, no second copy);
+    # otherwise a frozen copy taken before training, sharing the student's frozen trunk (trainable_layers)
     teacher = (lora.AdapterDisabled(student) if lora.is_peft(student)
-               else copy.deepcopy(student).to(device).eval().requires_grad_(False))
+               else freeze.frozen_copy(student).to(device))
     # Every dialogue X is s_pre + X for the student and h + X for the teacher: raw, s_pre is empty
     # and h the prompt's text; chat, h renders the prompt as a system message and s_pre is what the
     # template writes without it (e.g. a default system message), seen but not distilled.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.config import Config, ConfigError
 from alignbench.data import load_data, pairwise_config
 from alignbench.data.hh import ASSISTANT_TAG, parse_transcript
@@ -147,8 +147,7 @@ def build_gatt_pi0(cfg: Config, pi0: Artifact) -> Artifact:
         if not examples:
             raise RuntimeError("stages.pi0.gatt: no sampled turn followed its instruction; raise "
                                "stages.gatt.candidates or train π0 longer")
-        if lora.enabled(cfg.model):  # like π0: a trained adapter, saved merged
-            model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
+        model = freeze.prepare(model, cfg.model, seed=cfg.stages.seed)  # like π0: LoRA, or the top layers only
         tracker = Tracker(out / "tb", cfg.train.report_to, "pi0-gatt")
         batches = batch_schedule(len(examples), batch_size=sc.batch_size, epochs=sc.epochs, seed=cfg.stages.seed,
                                  max_steps=sc.max_steps)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignbench import lora, packing
+from alignbench import freeze, lora, packing
 from alignbench.config import Config, ConfigError, PMStageConfig
 from alignbench.data import load_data, pairwise_config
 from alignbench.data.types import harm_group
@@ -281,8 +281,8 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
         else:
             record = {"max_len": max_len}
             model = pm_from_lm(init.path, tok, cfg.stages.seed)
-            if lora.enabled(cfg.model):  # adapters + the scalar head train; saved merged
-                model = lora.wrap(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
+            # LoRA: adapters + the scalar head train, saved merged; trainable_layers: the top + the head
+            model = freeze.prepare(model, cfg.model, task="SEQ_CLS", seed=cfg.stages.seed)
             tracker = Tracker(out / "tb", cfg.train.report_to, f"pm-{part}")
             common = dict(cfg=cfg, device=device, max_len=max_len, settings=sc)
             if sc.pmp_path:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from alignbench import lora
+from alignbench import freeze, lora
 from alignbench.config import Config, ConfigError
 from alignbench.data import load_data
 from alignbench.data.synth import gold_parts, parse_task
@@ -172,8 +172,7 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
         else:
             keep = [True] * len(prompts)
         enc = student_examples(undistilled.prompt_ids, distilled.response_ids, undistilled.response_ids, keep)
-        if lora.enabled(cfg.model):
-            model = lora.wrap(model, cfg.model, seed=cfg.stages.seed)
+        model = freeze.prepare(model, cfg.model, seed=cfg.stages.seed)  # LoRA, or the top layers only
         batches = batch_schedule(len(enc), batch_size=sc.batch_size, epochs=sc.safety_epochs, seed=cfg.stages.seed,
                                  max_steps=sc.max_steps)
         with Tracker(out / "tb", cfg.train.report_to, "pi0-safety") as tracker:
