@@ -81,7 +81,8 @@ def _hh_folder_without_files(tmp_path):
 MISSING_INPUTS = {  # what is missing -> (environment, what the one line must name)
     "gguf": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(tmp / "SmolLM2.gguf")},
              ["model.name_or_path", "alignbench fetch-model smollm2", "ALIGNBENCH_SMOLLM2", "SmolLM2.gguf"]),
-    "hh_folder": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")), "ALIGNBENCH_HH_PATH": str(tmp / "no")},
+    "hh_folder": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")),
+                               "ALIGNBENCH_HH_PATH": str(tmp / "no")},
                   ["data.path", "ALIGNBENCH_HH_PATH", "no HH-RLHF folder"]),
     "hh_files": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")),
                               "ALIGNBENCH_HH_PATH": str(_hh_folder_without_files(tmp))},
