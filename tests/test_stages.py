@@ -79,7 +79,7 @@ def test_pi0_mode_none_points_at_the_base_lm_and_costs_nothing(tmp_path):
     t0 = time.time()
     pi0 = build_pi0(cfg, base)
     seconds = time.time() - t0
-    assert seconds < 0.3 and not pi0.reused
+    assert seconds < 0.5 and not pi0.reused  # no copy, no load: a record (the old copy took ~0.5-40 s)
     assert [p.name for p in pi0.home.iterdir()] == ["record.json"]  # no weights, no tokenizer: a link
     assert pi0.record["weights_from"] == base.home.name == f"base-{base.key}" and pi0.path == base.path
     assert pi0.record["metrics"]["heldout_nll"] == base.record["metrics"]["heldout_nll"]
