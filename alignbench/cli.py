@@ -112,12 +112,16 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_stages(argv: list[str]) -> int:
     from alignbench.config import to_config
-    from alignbench.models import set_threads
+    from alignbench.models import pick_device, set_threads
+    from alignbench.precision import check_precision, precision_scope
     from alignbench.stages.graph import build_shared_stages
     cfg = to_config(compose(argv))
+    device = pick_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)  # before any stage trains, as in a run
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
-    stages = build_shared_stages(cfg)
+    with precision_scope(cfg.train.precision, device):
+        stages = build_shared_stages(cfg)
     print(json.dumps({a.stage: {"path": str(a.path), "reused": a.reused, "metrics": a.record.get("metrics"),
                                 "build_seconds": a.record.get("build_seconds")}
                       for a in stages.artifacts().values()}, indent=2, default=str))
