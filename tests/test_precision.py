@@ -5,6 +5,7 @@ The numerics of bf16 against fp32 are in tests/test_bf16_parity.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.precision import check_precision, cpu_flags, has_native_bf16, precision_scope
 from alignbench.runner import run_job
+from alignbench.stages.cache import read_record
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\nbugs\t\t: none\n"
 SAPPHIRE = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -95,4 +97,7 @@ def test_a_bf16_run_puts_every_forward_under_autocast(method, extra, monkeypatch
     assert len(seen) > 100 and all(seen), f"{seen.count(False)} of {len(seen)} linear calls ran outside autocast"
     record = json.loads(next((tmp_path / "sweep" / "runs").glob("*/metrics.json")).read_text())
     assert record["hardware"] == {"processes": 1, "device": "cpu", "precision": "bf16"}
-    assert all(k.get("precision") == "bf16" for k in record["stages"].values() if isinstance(k, dict))
+    cache = Path(next(o.split("=", 1)[1] for o in tiny_overrides if o.startswith("paths.cache_dir=")))
+    for stage in ("base", "pi0", "pm"):  # trained in bf16, so cached apart from the fp32 stages
+        (path,) = cache.rglob(f"*-{record['stages'][stage]}")
+        assert read_record(path)["precision"] == "bf16", stage
