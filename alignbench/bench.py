@@ -13,8 +13,11 @@
 How the peers are configured: ``alignbench.bench_peers``. What the batches are, how real tokens,
 ``padding_fraction``, ``batch_sha`` and ``mfu`` are defined: ``alignbench.bench_core``. Both sides
 train on the same weights, batches (``--data hh_synth`` or ``hh_rlhf --data-path DIR``: seeded
-random items that fit ``--max-len`` untruncated), batch size, max length, steps and learning rate;
-fp32 on CPU, bf16 mixed precision on CUDA.
+random items that fit ``--max-len`` untruncated), batch size, max length, steps, learning rate and
+precision: ``--precision fp32|bf16`` (default fp32 on CPU, bf16 mixed precision on CUDA); bf16 is
+torch.autocast with fp32 weights on both sides (TRL: ``bf16=True``), and every row says which in
+``precision``. On a CPU without native bf16 (``alignbench.precision.native_bf16``) bf16 still runs,
+emulated, and its rows carry ``precision_note`` saying so.
 
 Why: the framework replaces TRL's trainers and HF's ``generate`` with its own short loops (one code
 path for every method, seeded sampling, cost accounting); this shows what that costs or saves.
@@ -48,10 +51,11 @@ import torch
 
 from alignbench import packing
 from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, build_setup, copy_model, hh_files, lm_sequences,
-                                   mfu, padding_fraction, precision, steps, sync, work)
+                                   mfu, padding_fraction, steps, sync, work)
 from alignbench.bench_memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
 from alignbench.bench_peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
+from alignbench.precision import native_bf16
 from alignbench.sampling import sample
 from alignbench.train import autocast, lm_loss, make_optimizer, pad_batch, supervised_loop
 from alignbench_methods.dpo import EncodedPair, dpo_step, reference_logps
@@ -71,7 +75,7 @@ def dpo_ours(setup: Setup, args) -> Side:
         policy = prepare(copy_model(setup), args).train()
         t_ref = time.perf_counter()
         # the reference is π0 = these very weights before the first step, so the policy serves as it
-        with autocast(precision(dev), dev):
+        with autocast(setup.precision, dev):
             ref = reference_logps(policy, encoded, pad_id=pad, device=dev, batch_size=args.batch_size,
                                   desc="bench: our reference pass")
         sync(dev)
@@ -82,7 +86,7 @@ def dpo_ours(setup: Setup, args) -> Side:
         for s in range(args.steps):
             idx = list(range(s * args.batch_size, (s + 1) * args.batch_size))
             t = time.perf_counter()
-            with autocast(precision(dev), dev):
+            with autocast(setup.precision, dev):
                 out, _ = dpo_step(policy, opt, sched, encoded=encoded, ref=ref, idx=idx, pad_id=pad, device=dev,
                                   beta=args.beta, loss_type="sigmoid")
             sync(dev)
@@ -101,7 +105,7 @@ def generate_ours(setup: Setup, args) -> Side:
         t0 = time.perf_counter()
         for s, chunk in enumerate(steps(work(setup, args, "prompts").items, args.batch_size)):
             t = time.perf_counter()
-            with autocast(precision(dev), dev):
+            with autocast(setup.precision, dev):
                 out = sample(model, setup.tokenizer, [p for p, _ in chunk], max_new_tokens=args.max_new_tokens,
                              temperature=1.0, seed=args.seed + s, batch_size=args.batch_size, max_len=setup.seq_len,
                              fmt=setup.fmt)
@@ -131,7 +135,7 @@ def loop_ours(setup: Setup, args) -> Side:
         t0 = time.perf_counter()
         res = supervised_loop(model, batches, make_batch=timed_batch, loss_fn=lm_loss, lr=args.lr,
                               desc="bench: supervised_loop", device=setup.device, on_step=on_step,
-                              precision=precision(setup.device))
+                              precision=setup.precision)
         wall = time.perf_counter() - t0
     return side.finish(wall, mem.peak_mb, res.losses)
 
@@ -171,7 +175,8 @@ def summary(what: str, sides: list[dict]) -> dict:
            "padding_fraction": ours["padding_fraction"], "peer": get("impl"),
            "same_batches": None if peer is None else ours["batch_sha"] == peer["batch_sha"],
            "ours_mfu": ours["mfu"], "peer_mfu": get("mfu")}
-    for key in ("mfu_note", "data", "dropped_fraction", "model", "device", "batch_size", "seq_len", "steps"):
+    for key in ("mfu_note", "data", "dropped_fraction", "model", "device", "precision", "precision_note", "batch_size",
+                "seq_len", "steps"):
         out[key] = ours.get(key)
     return out
 
@@ -208,6 +213,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-packing", action="store_true",
                     help="our training sides on right-padded batches (train.packing=false): packing's before/after")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                    help="both sides' precision: fp32, or bf16 autocast with fp32 weights (default: fp32 on CPU, "
+                         "bf16 on CUDA)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared or small machine more threads than free cores "
                          "make small-op timings erratic; 0: torch's default)")
@@ -274,8 +282,11 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
                mfu=None if value is None else round(value, 4), data=args.data,
                dropped_fraction=round(sel.dropped_fraction, 4), model=setup.desc, device=str(setup.device),
                batch_size=args.batch_size, seq_len=args.seq_len, threads=torch.get_num_threads(),
+               precision=setup.precision,
                packing=not args.no_packing and row["side"] == "alignbench" and what != "generate",
                isolated=args.isolate)
+    if setup.precision == "bf16" and not native_bf16(setup.device):
+        row["precision_note"] = f"bf16 emulated: {setup.device.type} has no native bf16 (slower than native)"
     if value is None:
         row["mfu_note"] = f"no peak bf16 FLOP/s known for {name!r}" if name else "mfu is measured on CUDA only"
     return row

@@ -110,9 +110,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def precision(device: torch.device) -> str:
-    """bf16 mixed precision on CUDA (both sides), fp32 on CPU."""
-    return "bf16" if device.type == "cuda" else "fp32"
+def precision(device: torch.device, requested: Optional[str] = None) -> str:
+    """Both sides' precision: ``--precision`` when given, else bf16 mixed precision on CUDA and
+    fp32 on CPU."""
+    return requested or ("bf16" if device.type == "cuda" else "fp32")
 
 
 @dataclass
@@ -307,6 +308,7 @@ class Setup:
     # experiment=hh_smollm2), raw otherwise; a response then ends at the end-of-turn token, or EOS / "\n\nHuman:"
     fmt: str = "raw"
     work: dict = field(default_factory=dict)  # benchmark kind -> Selection, drawn once, shared by both sides
+    precision: str = "fp32"  # fp32 | bf16 (torch.autocast, fp32 weights), every side's forwards and backwards
 
 
 def build_setup(args) -> Setup:
@@ -331,7 +333,8 @@ def build_setup(args) -> Setup:
     tok.padding_side = "right"
     n_params = count_params(model) if model is not None else 0
     return Setup(model=model.to(device) if model is not None else None, tokenizer=tok, pool=pool, device=device,
-                 seq_len=args.seq_len, desc=desc, n_params=n_params, fmt="chat" if tok.chat_template else "raw")
+                 seq_len=args.seq_len, desc=desc, n_params=n_params, fmt="chat" if tok.chat_template else "raw",
+                 precision=precision(device, getattr(args, "precision", None)))
 
 
 def work(setup: Setup, args, kind: str) -> Selection:

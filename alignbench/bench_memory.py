@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from alignbench import freeze, lora
-from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, precision, steps,
+from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, steps,
                                    sync, work)
 from alignbench.config import ConfigError, LoraConfig, ModelConfig, PathsConfig
 from alignbench.models import convert_gguf, count_params, pm_from_lm, smollm2_gguf
@@ -105,7 +105,7 @@ def pm_ours(setup: Setup, args) -> Side:
                 seqs = [w.chosen for w in chunk] + [w.rejected for w in chunk]  # the stage's pair_batch layout
                 t = time.perf_counter()
                 batch = pad_batch(seqs, tok.pad_token_id, dev)
-                with autocast(precision(dev), dev):
+                with autocast(setup.precision, dev):
                     loss = pm_loss(model, batch)
                 optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)
                 sync(dev)
@@ -131,7 +131,7 @@ def ppo_ours(setup: Setup, args) -> Side:
             b = pad_batch(seqs, tok.pad_token_id, dev)
             ids, attn, mask = b["input_ids"], b["attention_mask"], b["response_mask"][:, 1:].float()
             t = time.perf_counter()
-            with torch.no_grad(), autocast(precision(dev), dev):  # the rollout's forwards
+            with torch.no_grad(), autocast(setup.precision, dev):  # the rollout's forwards
                 old_lp, old_v, _ = model(ids, attn, positions=mask)
                 ref_lp, _, _ = selected_logprobs(reference, ids, attn, mask)
                 rewards, _ = kl_penalized_rewards(old_lp, ref_lp, torch.zeros(len(seqs), device=dev), mask,
@@ -139,7 +139,7 @@ def ppo_ours(setup: Setup, args) -> Side:
                 adv, ret = gae(rewards, old_v * mask, mask, gamma=1.0, lam=0.95)
                 adv = masked_whiten(adv + torch.randn_like(adv), mask)  # any non-zero advantages will do
             policy.train()
-            with autocast(precision(dev), dev):
+            with autocast(setup.precision, dev):
                 lp, v, _ = model(ids, attn, positions=mask)
                 loss, _ = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
             optimizer_step(loss, model.parameters(), opt, sched, grad_clip=1.0)

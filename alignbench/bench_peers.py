@@ -1,6 +1,7 @@
 """The peers `alignbench bench` measures us against, each configured at its best where it offers
-options, on the same weights, batches, batch size, max length and learning rate as our side (fp32 on
-CPU; bf16 mixed precision on CUDA, as ours).
+options, on the same weights, batches, batch size, max length, learning rate and precision as our side
+(``--precision``: fp32 or bf16 autocast; by default fp32 on CPU, bf16 on CUDA). TRL's trainers get
+``bf16=True`` for bf16: accelerate's ``mixed_precision="bf16"``, torch.autocast on CPU as on CUDA.
 
     dpo         trl.DPOTrainer, reference log-probs precomputed (``precompute_ref_log_probs``), no
                 activation checkpointing. Its ``padding_free`` mode is not used: TRL 1.16 disables it
@@ -31,7 +32,7 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from alignbench.bench_core import PeakMemory, Setup, Side, copy_model, lm_sequences, model_dir, precision, \
+from alignbench.bench_core import PeakMemory, Setup, Side, copy_model, lm_sequences, model_dir, \
     sampled_tokens, steps, sync, work
 from alignbench import formats
 from alignbench.models import count_params, pm_from_lm
@@ -90,7 +91,8 @@ def _trainer_args(setup: Setup, args, out_dir: str) -> dict:
     return dict(output_dir=out_dir, report_to="none", use_cpu=not cuda, seed=args.seed,
                 per_device_train_batch_size=args.batch_size, max_steps=args.steps, num_train_epochs=1,
                 learning_rate=args.lr, lr_scheduler_type="cosine", max_grad_norm=1.0, max_length=setup.seq_len,
-                activation_checkpointing=False, bf16=cuda, fp16=False,  # TRL defaults: recompute on, bf16 on
+                activation_checkpointing=False, bf16=setup.precision == "bf16", fp16=False,  # TRL defaults: recompute on,
+                # bf16 on (on CPU too, as accelerate's autocast: our side's precision either way)
                 train_sampling_strategy="sequential", save_strategy="no", logging_strategy="no",
                 disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
 
@@ -154,7 +156,7 @@ def generate_hf(setup: Setup, args) -> Side:
             width = input_ids.shape[1]
             torch.manual_seed(args.seed + s)
             t = time.perf_counter()
-            with autocast(precision(dev), dev):
+            with autocast(setup.precision, dev):
                 out = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), do_sample=True,
                                      max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                                      pad_token_id=tok.pad_token_id, eos_token_id=eos, **stop)
@@ -177,7 +179,7 @@ def loop_plain(setup: Setup, args) -> Side:
             t = time.perf_counter()
             b = pad_batch(chunk, setup.tokenizer.pad_token_id, dev)
             labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-            with autocast(precision(dev), dev):
+            with autocast(setup.precision, dev):
                 loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -140,12 +140,16 @@ def check_inputs_first(argv: list[str]) -> None:
 
 def cmd_stages(argv: list[str]) -> int:
     from alignbench.config import to_config
-    from alignbench.models import set_threads
+    from alignbench.models import pick_device, set_threads
+    from alignbench.precision import check_precision, precision_scope
     from alignbench.stages.graph import build_shared_stages
     cfg = to_config(compose(argv))
+    device = pick_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)  # before any stage trains, as in a run
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap
-    stages = build_shared_stages(cfg)
+    with precision_scope(cfg.train.precision, device):
+        stages = build_shared_stages(cfg)
     # path: the stage's own directory; model_dir: where its model files are (itself, or a linked stage)
     print(json.dumps({a.stage: {"path": str(a.home), "model_dir": str(a.path), "reused": a.reused,
                                 "metrics": a.record.get("metrics"),

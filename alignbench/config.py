@@ -247,6 +247,8 @@ class TrainConfig:
     # preallocates prompt width + max_new_tokens (fixed shapes, for GPUs; ended rows stay, masked)
     kv_cache: str = opt("dynamic", choices=["dynamic", "static"])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # bf16: every forward of the run under torch.autocast(bfloat16), fp32 weights (alignbench.precision);
+    # only on a device with native bf16 (a CUDA GPU that supports it, a CPU with avx512_bf16/amx_bf16/bf16)
     precision: str = opt("fp32", choices=["fp32", "bf16"])
     checkpoint_every: int = opt(0, ge=0)  # steps; 0 = no mid-training checkpoints
     num_threads: int = opt(0, ge=0)  # torch CPU threads; 0 = torch's default

@@ -28,7 +28,8 @@ from alignbench.config import Config, to_config
 from alignbench.distributed import Dist, launched_world_size, main_only_logging
 from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.methods import PolicyArtifact, get_method, method_config
-from alignbench.models import set_threads
+from alignbench.models import pick_device, set_threads
+from alignbench.precision import check_precision, precision_scope
 from alignbench.stages.cache import write_json_atomic
 from alignbench.subruns import SUBRUNS_DIR
 from alignbench.walltime import RunClock, RunTimes, stage_times
@@ -117,6 +118,8 @@ def check_writable(key: str, path: Path) -> None:
 def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict:
     cfg, mcfg, method_cls = validate(cfg_node)
     dist = Dist.from_env(cfg.train.device)
+    device = dist.device or pick_device(cfg.train.device)  # the device every stage and the method run on
+    check_precision(cfg.train.precision, device)  # bf16 where the device has none: fails before any training
     run_dir = Path(cfg.paths.sweep_dir) / "runs" / run_id_for(cfg, overrides)
     config_id = config_id_for(cfg, overrides)
     if (run_dir / "DONE").exists():
@@ -131,7 +134,7 @@ def run_job(cfg_node: DictConfig, overrides: Optional[list[str]] = None) -> dict
         _update_index(cfg)
     dist.wait()
     try:
-        with main_only_logging(dist):
+        with main_only_logging(dist), precision_scope(cfg.train.precision, device):
             metrics = _train_and_evaluate(cfg, mcfg, method_cls, run_dir, dist, config_id)
         if dist.is_main:
             status.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from alignbench.bench import main, markdown, summary
 from alignbench.bench_core import (Side, batch_digest, mfu, padding_fraction, peak_bf16_flops, real_tokens,
                                    sampled_tokens, select)
+from alignbench.precision import native_bf16
 from tests.conftest import shared_data
 
 # A model and batch small enough for seconds: the point is that both sides run, not the numbers.
@@ -35,6 +37,7 @@ def test_bench_reports_both_sides_and_a_summary(what, capsys, tmp_path):
         assert r["bench"] == what and r["steps"] == 2 and r["data"] == "hh_synth", r
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0 and r["peak_mem_mb"] >= 0, r
         assert r["batch_size"] == 2 and r["threads"] == 1 and r["mfu"] is None  # mfu: CUDA only
+        assert r["precision"] == "fp32" and "precision_note" not in r  # the CPU default
     assert SUMMARY_KEYS <= set(summ) and "side" not in summ and summ["bench"] == what
     assert summ["ratio"] == pytest.approx(summ["ours_tok_s"] / summ["peer_tok_s"], rel=1e-2)
     assert (summ["ours_tok_s"], summ["peer_tok_s"]) == (ours["tokens_per_s"], peer["tokens_per_s"])
@@ -50,6 +53,27 @@ def test_bench_reports_both_sides_and_a_summary(what, capsys, tmp_path):
         assert 0 < ours["tokens"] <= 2 * 2 * 4 and 0 < peer["tokens"] <= 2 * 2 * 4
     if what == "dpo":
         assert ours["ref_precompute_s"] > 0
+
+
+@pytest.mark.parametrize("what", ["dpo", "pm", "generate", "train-loop"])
+def test_precision_bf16_runs_both_sides_under_bf16_autocast(what, capsys, monkeypatch):
+    """--precision bf16: every F.linear of both sides (ours, TRL's trainers with their reference pass,
+    HF generate, the plain loop) runs under bf16 autocast, and every row says bf16."""
+    linear, seen = torch.nn.functional.linear, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    assert main([what, *MINI, "--precision", "bf16"]) == 0
+    ours, peer, summ = _lines(capsys)
+    assert ours["precision"] == peer["precision"] == summ["precision"] == "bf16"
+    assert len(seen) > 10 and all(seen), f"{seen.count(False)} of {len(seen)} linear calls outside autocast"
+    emulated = not native_bf16(torch.device("cpu"))  # this machine's CPU: its rows say so
+    assert all(("precision_note" in r) == emulated for r in (ours, peer)), ours
+    if what != "generate":  # same start, same batches, both in bf16: the losses agree as in fp32
+        assert ours["mean_loss"] == pytest.approx(peer["mean_loss"], rel=0.05)
 
 
 def test_token_counting_and_padding_on_a_hand_built_batch():
@@ -103,7 +127,8 @@ def test_summary_and_markdown_table():
     assert summary("ppo", rows[:1])["ratio"] is None  # no peer
 
 
-@pytest.mark.parametrize("argv", [["nope"], ["dpo", "--steps", "0"], ["dpo", "--beta", "0"], ["dpo", "--seq-len", "8"]])
+@pytest.mark.parametrize("argv", [["nope"], ["dpo", "--steps", "0"], ["dpo", "--beta", "0"], ["dpo", "--seq-len", "8"],
+                                  ["dpo", "--precision", "fp16"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
