@@ -125,19 +125,11 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     # grouped by window length (stable: equal lengths keep the caller's order), so a batch pads little
     order = sorted(range(len(expanded)), key=lambda r: len(windows[expanded[r]]))
     rows: list[list[int]] = [[] for _ in expanded]
-    for start in range(0, len(order), batch_size):
-        if before_batch is not None:
-            before_batch()
-        chunk = order[start:start + batch_size]
-        ids = [windows[expanded[r]] for r in chunk]
-        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)
-        new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new=max_new_tokens,
-                           temperature=temperature, eos_id=end_id, gen=gen, greedy=greedy, stop_ids=stop_ids,
-                           kv_cache=kv_cache)
-        for r, row in zip(chunk, new):
-            rows[r] = row
-        if after_batch is not None:
-            after_batch(sum(map(len, ids)), sum(map(len, new)))
+    with _keep_autocast_casts(device):
+        _sample_batches(model, tokenizer, order=order, windows=windows, expanded=expanded, rows=rows,
+                        batch_size=batch_size, before_batch=before_batch, after_batch=after_batch, device=device,
+                        decode=dict(max_new=max_new_tokens, temperature=temperature, eos_id=end_id, gen=gen,
+                                    greedy=greedy, stop_ids=stop_ids, kv_cache=kv_cache))
     out = SampleBatch([], [], [], sum(map(len, rows)), temperature=temperature)
     for i, row in zip(expanded, rows):
         resp, finished = cut_ids(tokenizer, row, fmt)
@@ -148,6 +140,35 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
         out.response_ids.append(resp)
         out.finished.append(finished)
     return out
+
+
+def _keep_autocast_casts(device: torch.device) -> torch.autocast:
+    """A no-op autocast region (the caller's autocast state, unchanged) around the whole sampling
+    call, so torch.autocast's weight-cast cache outlives each forward: under train.precision=bf16
+    (``distributed.autocast_forward`` opens an autocast region per forward, and the cache is cleared
+    when the outermost region closes) each fp32 weight is cast to bf16 once per ``sample`` call
+    instead of once per prefilled prompt and per decode step. The same casts, so the same numbers;
+    the bf16 copies (half the fp32 weights' size) live until the call returns. torch caches the
+    casts of leaf weights that require grad only (a frozen model is cast per forward, as before)."""
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                          enabled=torch.is_autocast_enabled(device.type), cache_enabled=torch.is_autocast_cache_enabled())
+
+
+def _sample_batches(model, tokenizer, *, order, windows, expanded, rows, batch_size, before_batch, after_batch,
+                    device, decode) -> None:
+    """``sample``'s batches: each batch of ``batch_size`` rows of ``order`` decoded (``_decode_loop``
+    with ``decode``) into ``rows``, with the caller's before/after hooks."""
+    for start in range(0, len(order), batch_size):
+        if before_batch is not None:
+            before_batch()
+        chunk = order[start:start + batch_size]
+        ids = [windows[expanded[r]] for r in chunk]
+        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)
+        new = _decode_loop(model, input_ids.to(device), attn.to(device), **decode)
+        for r, row in zip(chunk, new):
+            rows[r] = row
+        if after_batch is not None:
+            after_batch(sum(map(len, ids)), sum(map(len, new)))
 
 
 def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -294,3 +294,40 @@ def test_slab_layer_writes_in_place_and_compacts_in_order():
     layer.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2))  # fills the capacity of 5
     with pytest.raises(ValueError, match="capacity 5"):
         layer.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2))
+
+
+def test_under_bf16_autocast_each_weight_is_cast_once_per_call_with_the_same_samples(tok, lm, monkeypatch):
+    """train.precision=bf16 wraps every forward in its own autocast region; the sampler keeps the
+    weight-cast cache alive for the whole call: the head's weight is cast once, not once per
+    forward (prefills and decode steps), and the samples are those of the per-forward casts."""
+    import contextlib
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignbench.distributed import autocast_forward
+
+    class HeadCasts(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.casts, self.forwards = weight, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            src = args[0] if args else None
+            if func is torch.ops.aten._to_copy.default and isinstance(src, torch.Tensor) \
+                    and src.shape == self.weight.shape and (kwargs or {}).get("dtype") == torch.bfloat16:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    model = autocast_forward(copy.deepcopy(lm), "bf16", torch.device("cpu"))
+    kw = dict(n=3, max_new_tokens=6, seed=4)
+    forwards = []
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    with HeadCasts(model.lm_head.weight) as counter:
+        cached = sample(model, tok, PROMPTS, **kw)
+    assert counter.casts == 1 and len(forwards) > len(PROMPTS) * 3
+    monkeypatch.setattr(sampling, "_keep_autocast_casts", lambda device: contextlib.nullcontext())
+    with HeadCasts(model.lm_head.weight) as counter:
+        per_forward = sample(model, tok, PROMPTS, **kw)
+    hook.remove()
+    assert counter.casts == len(forwards) // 2 and per_forward == cached
