@@ -35,6 +35,13 @@ process-lifetime high-water mark and cannot be reset between sides; it is report
 Output (default ``--format jsonl``): per benchmark one JSON line per side, then one summary line
 ``{"bench", "ours_tok_s", "peer_tok_s", "ratio" (ours/peer), "ours_peak_mb", "peer_peak_mb",
 "padding_fraction", ...}``; ``--format markdown`` prints a table; ``--out FILE`` writes the JSON lines.
+
+The arithmetic bound (every summary line): the machine's matmul FLOP/s measured at the bench's
+thread count on a decode step's MLP shape (batch × hidden × intermediate, the fastest of 10 calls),
+fp32 and bf16 (``matmul_gflops_fp32``/``_bf16``); ``bound_gflops`` is the faster (bf16 on a CPU
+with native bf16 FMAs or a GPU, fp32 on an AVX2-only CPU, where bf16 is emulated), and
+``ours_bound_fraction``/``peer_bound_fraction`` = k·N · tokens/s / ``bound_gflops`` (k = 2
+generate, 6 a training step): how much of the machine's arithmetic each side turns into model FLOPs.
 """
 from __future__ import annotations
 
@@ -45,16 +52,20 @@ import logging
 import multiprocessing as mp
 import sys
 import time
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
+from transformers import AutoConfig
 
 from alignbench import packing
-from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, build_setup, copy_model, hh_files, lm_sequences,
-                                   mfu, padding_fraction, steps, sync, work)
+from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, arithmetic_bound, build_setup, copy_model,
+                                   decode_matmul_shape, hh_files, lm_sequences, mfu, padding_fraction, steps,
+                                   sync, work)
 from alignbench.bench_memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
 from alignbench.bench_peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
+from alignbench.models import pick_device
 from alignbench.precision import native_bf16
 from alignbench.sampling import sample
 from alignbench.train import autocast, lm_loss, make_optimizer, pad_batch, supervised_loop
@@ -165,8 +176,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def summary(what: str, sides: list[dict]) -> dict:
-    """The benchmark's one summary line from its side rows (peer fields null without a peer)."""
+def bound_fraction(side: dict, what: str, bound_gflops: Optional[float]) -> Optional[float]:
+    """k·N · tokens/s / the measured matmul bound (``bench_core.arithmetic_bound``; k = 2 generate,
+    6 a training step): the share of the machine's arithmetic the side turns into model FLOPs."""
+    if not bound_gflops:
+        return None
+    return round(FLOPS_PER_PARAM.get(what, 6) * side["n_params"] * side["tokens_per_s"] / (bound_gflops * 1e9), 4)
+
+
+def summary(what: str, sides: list[dict], bound: Optional[dict] = None) -> dict:
+    """The benchmark's one summary line from its side rows (peer fields null without a peer);
+    ``bound``: the machine's measured matmul FLOP/s (``bench_core.arithmetic_bound``), for the bound fractions."""
     ours, peer = sides[0], (sides[1] if len(sides) > 1 else None)
     get = (lambda k: None) if peer is None else peer.get  # noqa: E731
     ratio = None if peer is None else round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
@@ -175,6 +195,9 @@ def summary(what: str, sides: list[dict]) -> dict:
            "padding_fraction": ours["padding_fraction"], "peer": get("impl"),
            "same_batches": None if peer is None else ours["batch_sha"] == peer["batch_sha"],
            "ours_mfu": ours["mfu"], "peer_mfu": get("mfu")}
+    if bound is not None:
+        out.update(bound, ours_bound_fraction=bound_fraction(ours, what, bound["bound_gflops"]),
+                   peer_bound_fraction=None if peer is None else bound_fraction(peer, what, bound["bound_gflops"]))
     for key in ("mfu_note", "data", "dropped_fraction", "model", "device", "precision", "precision_note", "batch_size",
                 "seq_len", "steps"):
         out[key] = ours.get(key)
@@ -292,6 +315,21 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
     return row
 
 
+def measure_bound(args: argparse.Namespace, setup: Optional[Setup]) -> dict:
+    """The arithmetic bound of this machine at the bench's thread count: fp32 and bf16 FLOP/s of a
+    decode step's MLP matmul at the bench's batch size (``bench_core.decode_matmul_shape``)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if setup is not None and setup.model is not None:
+        config = setup.model.config
+    elif args.model:  # --isolate (no setup in this process) or pm --model: the config alone gives the shape
+        config = AutoConfig.from_pretrained(args.model)
+    else:  # the tiny Llama of the size flags
+        config = SimpleNamespace(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
+    device = setup.device if setup is not None else pick_device(args.device)
+    return arithmetic_bound(decode_matmul_shape(config, args.batch_size), device)
+
+
 def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Run the chosen benchmarks: per benchmark its side rows, then its summary line (each also
     passed to ``emit`` as soon as it is measured: a long run shows its results as it goes).
@@ -313,11 +351,12 @@ def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None)
             else:
                 sides.append(_side_row(args, what, k, setup))
         ours = sides[0]
+        bound = measure_bound(args, setup)
         print(f"alignbench bench {what}: {args.data} batches: kept {args.batch_size * args.steps} items, "
               f"{100 * ours['dropped_fraction']:.1f}% of those scanned dropped (longer than --max-len "
               f"{args.seq_len} untruncated); padding {100 * ours['padding_fraction']:.1f}% of padded slots",
               file=sys.stderr)
-        for line in sides + [summary(what, sides)]:
+        for line in sides + [summary(what, sides, bound)]:
             lines.append(line)
             if emit:
                 emit(line)

@@ -41,6 +41,7 @@ import re
 import resource
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -210,6 +211,46 @@ def mfu(flops_per_token: float, tokens_per_s: float, device_name: str) -> Option
     """flops_per_token · tokens/s / the device's peak bf16 FLOP/s (k·N per token: 6N train, 2N generate)."""
     peak = peak_bf16_flops(device_name)
     return None if peak is None else flops_per_token * tokens_per_s / peak
+
+
+def matmul_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """FLOP/s of one ``[m, k] @ [k, n]`` matmul (``shape`` = (m, k, n)) in ``dtype`` on ``device``:
+    2·m·k·n / the fastest of ``reps`` timed calls after one warm-up, at torch's current thread count.
+    The fastest, not the mean: on a shared machine the slow calls measure the neighbours."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up: kernel selection, page faults of the operands
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / max(best, 1e-9)
+
+
+def decode_matmul_shape(config, batch_size: int) -> tuple[int, int, int]:
+    """(m, k, n) of a decode step's MLP up-projection: one token per row of the batch times
+    [hidden, intermediate] of the model ``config`` (576 × 1536 for SmolLM2-135M), the matmul shape
+    that carries most of a decode step's FLOPs (GPT-2 style configs: n_embd, n_inner or 4·n_embd)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return batch_size, int(hidden), int(inter)
+
+
+def arithmetic_bound(shape: tuple[int, int, int], device: torch.device, reps: int = 10) -> dict:
+    """The machine's measured matmul FLOP/s at ``shape``, fp32 and bf16, and the bound: the faster
+    of the two (bf16 where the CPU has native bf16 FMAs, avx512_bf16/AMX, or on a GPU; fp32 on an
+    AVX2-only CPU, where bf16 matmuls are emulated and far slower). The bound fractions are
+    ``k·N · tokens/s / bound`` (k = 2 generate, 6 a training step)."""
+    fp32 = matmul_flops(shape, torch.float32, device, reps) / 1e9
+    bf16 = matmul_flops(shape, torch.bfloat16, device, reps) / 1e9
+    return {"matmul_shape": list(shape), "matmul_gflops_fp32": round(fp32, 2), "matmul_gflops_bf16": round(bf16, 2),
+            "bound_gflops": round(max(fp32, bf16), 2), "bound_dtype": "bf16" if bf16 >= fp32 else "fp32"}
 
 
 # --------------------------------------------------------------------------- data

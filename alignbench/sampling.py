@@ -125,19 +125,11 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     # grouped by window length (stable: equal lengths keep the caller's order), so a batch pads little
     order = sorted(range(len(expanded)), key=lambda r: len(windows[expanded[r]]))
     rows: list[list[int]] = [[] for _ in expanded]
-    for start in range(0, len(order), batch_size):
-        if before_batch is not None:
-            before_batch()
-        chunk = order[start:start + batch_size]
-        ids = [windows[expanded[r]] for r in chunk]
-        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)
-        new = _decode_loop(model, input_ids.to(device), attn.to(device), max_new=max_new_tokens,
-                           temperature=temperature, eos_id=end_id, gen=gen, greedy=greedy, stop_ids=stop_ids,
-                           kv_cache=kv_cache)
-        for r, row in zip(chunk, new):
-            rows[r] = row
-        if after_batch is not None:
-            after_batch(sum(map(len, ids)), sum(map(len, new)))
+    with _keep_autocast_casts(device):
+        _sample_batches(model, tokenizer, order=order, windows=windows, expanded=expanded, rows=rows,
+                        batch_size=batch_size, before_batch=before_batch, after_batch=after_batch, device=device,
+                        decode=dict(max_new=max_new_tokens, temperature=temperature, eos_id=end_id, gen=gen,
+                                    greedy=greedy, stop_ids=stop_ids, kv_cache=kv_cache))
     out = SampleBatch([], [], [], sum(map(len, rows)), temperature=temperature)
     for i, row in zip(expanded, rows):
         resp, finished = cut_ids(tokenizer, row, fmt)
@@ -148,6 +140,35 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
         out.response_ids.append(resp)
         out.finished.append(finished)
     return out
+
+
+def _keep_autocast_casts(device: torch.device) -> torch.autocast:
+    """A no-op autocast region (the caller's autocast state, unchanged) around the whole sampling
+    call, so torch.autocast's weight-cast cache outlives each forward: under train.precision=bf16
+    (``distributed.autocast_forward`` opens an autocast region per forward, and the cache is cleared
+    when the outermost region closes) each fp32 weight is cast to bf16 once per ``sample`` call
+    instead of once per prefilled prompt and per decode step. The same casts, so the same numbers;
+    the bf16 copies (half the fp32 weights' size) live until the call returns. torch caches the
+    casts of leaf weights that require grad only (a frozen model is cast per forward, as before)."""
+    return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                          enabled=torch.is_autocast_enabled(device.type), cache_enabled=torch.is_autocast_cache_enabled())
+
+
+def _sample_batches(model, tokenizer, *, order, windows, expanded, rows, batch_size, before_batch, after_batch,
+                    device, decode) -> None:
+    """``sample``'s batches: each batch of ``batch_size`` rows of ``order`` decoded (``_decode_loop``
+    with ``decode``) into ``rows``, with the caller's before/after hooks."""
+    for start in range(0, len(order), batch_size):
+        if before_batch is not None:
+            before_batch()
+        chunk = order[start:start + batch_size]
+        ids = [windows[expanded[r]] for r in chunk]
+        input_ids, attn = left_pad(ids, tokenizer.pad_token_id)
+        new = _decode_loop(model, input_ids.to(device), attn.to(device), **decode)
+        for r, row in zip(chunk, new):
+            rows[r] = row
+        if after_batch is not None:
+            after_batch(sum(map(len, ids)), sum(map(len, new)))
 
 
 def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +198,14 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
 
     Written out (rather than `generate()`) so the random stream is ours and seeded per call. The
     prefill computes logits at the last prompt position only (on CPU each prompt alone, see
-    ``_prefill_rows``). Tokens, lengths and the end test stay on the model's device; the host
-    reads which rows ended (a sync) every step on CPU and every ``SYNC_EVERY`` steps on an
-    accelerator, then drops the ended rows from the batch, the KV cache, the attention mask and
-    the position ids; the loop stops when no row is left. Under
+    ``_prefill_rows``, into a ``SlabLayer`` cache preallocated to prompt width + max_new: each step
+    writes its keys and values in place instead of concatenating a new copy of the whole cache).
+    Tokens, lengths and the end test stay on the model's device; the host reads which rows ended (a
+    sync) every step on CPU and every ``SYNC_EVERY`` steps on an accelerator, then drops the ended
+    rows from the batch, the KV cache, the attention mask and the position ids (in order: a row's
+    logits depend, in the last float bits, on which rows share its batch, so the batch is exactly
+    the rows still running); the loop stops when no row is left. The attention mask is allocated
+    once at its final width (each step passes a view one column wider). Under
     ``kv_cache="static"`` (a StaticCache of prompt width + max_new, fixed shapes) ended rows stay
     in the batch, their samples replaced by filler and not counted, and the loop stops when all
     have ended: shrinking would mean copying the whole preallocated cache."""
@@ -188,7 +213,8 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
     device = input_ids.device
     cache = StaticCache(config=model.config, max_cache_len=width + max_new) if kv_cache == "static" else None
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    prefilled = _prefill_rows(model, input_ids, attn) if cache is None and device.type == "cpu" else None
+    prefilled = _prefill_rows(model, input_ids, attn, capacity=width + max_new) \
+        if cache is None and device.type == "cpu" else None
     if prefilled is None:
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
                     **({CACHE_KW: cache} if cache is not None else {}))
@@ -201,6 +227,8 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device) if stop_ids else None
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     next_pos = pos[:, -1:] + 1
+    # the mask at its final width: prompt mask, then ones (step s passes columns [0, width + s + 1))
+    mask = torch.cat([attn, attn.new_ones(batch, max_new)], 1)
     for step in range(max_new):
         nxt = next_tokens(logits, temperature, gen, greedy).masked_fill(done, eos_id)
         lengths[alive] += (~done).long()
@@ -216,40 +244,82 @@ def _decode_loop(model, input_ids, attn, *, max_new, temperature, eos_id, gen, g
                 break
             if kv_cache == "dynamic" and len(keep) < len(done):
                 cache.batch_select_indices(keep)
-                alive, done, attn, next_pos, nxt = alive[keep], done[keep], attn[keep], next_pos[keep], nxt[keep]
-        attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                    **{CACHE_KW: cache})
+                alive, done, mask, next_pos, nxt = alive[keep], done[keep], mask[keep], next_pos[keep], nxt[keep]
+        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :width + step + 1], position_ids=next_pos,
+                    use_cache=True, **{CACHE_KW: cache})
         cache, logits, next_pos = getattr(out, CACHE_KW), out.logits[:, -1], next_pos + 1
+        del out  # the step's other outputs: free before the next step allocates its own
     return [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
 
 
-def _prefill_rows(model, input_ids, attn) -> Optional[tuple[DynamicCache, torch.Tensor]]:
+class SlabLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers preallocated to ``[batch, heads,
+    capacity, head_dim]``: ``update`` writes the new positions in place and ``keys``/``values``
+    are views of the first ``rows`` rows and ``length`` positions, the same values (and shapes) a
+    DynamicLayer would hold after its concatenations, without copying the cache each step.
+    ``batch_select_indices`` moves the kept rows up in place (order kept), copying only the rows
+    that move and only their ``length`` filled positions."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.key_buf, self.value_buf, self.rows, self.length = keys, values, keys.shape[0], length
+        self.device, self.is_initialized = keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.key_buf[:self.rows, :, :self.length]
+        self.values = self.value_buf[:self.rows, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buf.shape[2] or key_states.shape[0] != self.rows:
+            raise ValueError(f"SlabLayer: {key_states.shape[0]} rows up to position {end} do not fit "
+                             f"{self.rows} rows of capacity {self.key_buf.shape[2]}")
+        self.key_buf[:self.rows, :, self.length:end] = key_states
+        self.value_buf[:self.rows, :, self.length:end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_max_length(self) -> int:
+        return -1  # as a DynamicLayer: the mask is built for the filled length only
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for dst, src in enumerate(indices.tolist()):  # ascending: a row moves up, never onto one still to move
+            if src != dst:
+                self.key_buf[dst, :, :self.length] = self.key_buf[src, :, :self.length]
+                self.value_buf[dst, :, :self.length] = self.value_buf[src, :, :self.length]
+        self.rows = len(indices)
+        self._views()
+
+
+def _prefill_rows(model, input_ids, attn, capacity: Optional[int] = None
+                  ) -> Optional[tuple[DynamicCache, torch.Tensor]]:
     """(KV cache, last-position logits) of the left-padded prompts, each prompt run alone so no
     padding is computed (on CPU a padded position costs as much as a real one; real HH prompts in a
     batch of 8 are ~45% padding), its keys and values then left-padded with zeros (masked, never
-    read) into one batch cache. The same cache and logits as one padded forward, up to float
-    rounding. None when the model's cache is not a plain DynamicCache of DynamicLayers (sliding
-    windows, ...): the caller then runs the padded forward."""
+    read) into one batch cache of ``SlabLayer``s with room for ``capacity`` positions (default: the
+    prompt width). The same cache and logits as one padded forward, up to float rounding. None when
+    the model's cache is not a plain DynamicCache of DynamicLayers (sliding windows, ...): the
+    caller then runs the padded forward."""
     (batch, width), keys, values, logits = input_ids.shape, [], [], []
+    capacity = max(capacity or width, width)
     for r, (ids, mask) in enumerate(zip(input_ids, attn)):
         out = model(input_ids=ids[mask.bool()][None], use_cache=True, logits_to_keep=1)
         cache = getattr(out, CACHE_KW)
         if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
             return None
         if not keys:  # the batch cache, allocated once: each row's keys/values are copied in, left-padded
-            keys = [layer.keys.new_zeros((batch, layer.keys.shape[1], width, layer.keys.shape[3]))
+            keys = [layer.keys.new_zeros((batch, layer.keys.shape[1], capacity, layer.keys.shape[3]))
                     for layer in cache.layers]
-            values = [layer.values.new_zeros((batch, layer.values.shape[1], width, layer.values.shape[3]))
+            values = [layer.values.new_zeros((batch, layer.values.shape[1], capacity, layer.values.shape[3]))
                       for layer in cache.layers]
         n = int(mask.sum())
         for k, v, layer in zip(keys, values, cache.layers):
-            k[r, :, width - n:] = layer.keys[0]
-            v[r, :, width - n:] = layer.values[0]
+            k[r, :, width - n:width] = layer.keys[0]
+            v[r, :, width - n:width] = layer.values[0]
         logits.append(out.logits[:, -1])
         del out, cache  # this row's own cache: copied, free it before the next row
     merged = DynamicCache()
-    for layer_idx in range(len(keys)):  # update() copies: drop each layer's buffers once copied
-        merged.update(keys[layer_idx], values[layer_idx], layer_idx)
-        keys[layer_idx] = values[layer_idx] = None
+    merged.layers = [SlabLayer(k, v, width) for k, v in zip(keys, values)]
     return merged, torch.cat(logits)

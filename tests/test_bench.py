@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from alignbench.bench import main, markdown, summary
-from alignbench.bench_core import (Side, batch_digest, mfu, padding_fraction, peak_bf16_flops, real_tokens,
-                                   sampled_tokens, select)
+from alignbench.bench import bound_fraction, main, markdown, summary
+from alignbench.bench_core import (Side, arithmetic_bound, batch_digest, decode_matmul_shape, mfu, padding_fraction,
+                                   peak_bf16_flops, real_tokens, sampled_tokens, select)
 from alignbench.precision import native_bf16
 from tests.conftest import shared_data
 
@@ -39,6 +39,7 @@ def test_bench_reports_both_sides_and_a_summary(what, capsys, tmp_path):
         assert r["batch_size"] == 2 and r["threads"] == 1 and r["mfu"] is None  # mfu: CUDA only
         assert r["precision"] == "fp32" and "precision_note" not in r  # the CPU default
     assert SUMMARY_KEYS <= set(summ) and "side" not in summ and summ["bench"] == what
+    assert summ["ours_bound_fraction"] > 0 and summ["peer_bound_fraction"] > 0 and summ["matmul_shape"] == [2, 32, 64]
     assert summ["ratio"] == pytest.approx(summ["ours_tok_s"] / summ["peer_tok_s"], rel=1e-2)
     assert (summ["ours_tok_s"], summ["peer_tok_s"]) == (ours["tokens_per_s"], peer["tokens_per_s"])
     assert (summ["ours_peak_mb"], summ["peer_peak_mb"]) == (ours["peak_mem_mb"], peer["peak_mem_mb"])
@@ -125,6 +126,31 @@ def test_summary_and_markdown_table():
     table = markdown(rows + [summ]).splitlines()
     assert len(table) == 4 and table[2].endswith("| 1.50x |") and "| trl |" in table[3]
     assert summary("ppo", rows[:1])["ratio"] is None  # no peer
+
+
+def test_bound_fractions_are_model_flops_over_the_measured_matmul_rate():
+    """generate: 2·N per sampled token; a training bench 6·N; over the faster measured matmul."""
+    rows = [{"bench": "generate", "side": s, "impl": s, "tokens_per_s": t, "peak_mem_mb": 1.0, "n_params": 100_000_000,
+             "padding_fraction": 0.1, "batch_sha": "ab", "mfu": None} for s, t in (("alignbench", 150.0), ("hf", 60.0))]
+    bound = {"matmul_shape": [32, 576, 1536], "matmul_gflops_fp32": 80.0, "matmul_gflops_bf16": 200.0,
+             "bound_gflops": 200.0, "bound_dtype": "bf16"}
+    summ = summary("generate", rows, bound)
+    # 2 · 1e8 · 150 / 2e11 = 0.15; 2 · 1e8 · 60 / 2e11 = 0.06
+    assert (summ["ours_bound_fraction"], summ["peer_bound_fraction"]) == (0.15, 0.06)
+    assert summ["matmul_gflops_fp32"] == 80.0 and summ["bound_dtype"] == "bf16"
+    assert bound_fraction(rows[0], "dpo", 200.0) == 0.45  # 6 · 1e8 · 150 / 2e11
+    assert summary("generate", rows[:1], bound)["peer_bound_fraction"] is None and bound_fraction(rows[0], "dpo", 0) is None
+
+
+def test_arithmetic_bound_measures_both_dtypes_on_the_decode_shape():
+    from types import SimpleNamespace
+    shape = decode_matmul_shape(SimpleNamespace(hidden_size=576, intermediate_size=1536), 32)
+    assert shape == (32, 576, 1536)
+    assert decode_matmul_shape(SimpleNamespace(n_embd=64, n_inner=None), 4) == (4, 64, 256)  # GPT-2: 4·n_embd
+    bound = arithmetic_bound((8, 32, 48), torch.device("cpu"), reps=2)
+    assert bound["matmul_gflops_fp32"] > 0 and bound["matmul_gflops_bf16"] > 0
+    assert bound["bound_gflops"] == max(bound["matmul_gflops_fp32"], bound["matmul_gflops_bf16"])
+    assert bound["bound_dtype"] == ("bf16" if bound["bound_gflops"] == bound["matmul_gflops_bf16"] else "fp32")
 
 
 @pytest.mark.parametrize("argv", [["nope"], ["dpo", "--steps", "0"], ["dpo", "--beta", "0"], ["dpo", "--seq-len", "8"],

@@ -4,7 +4,6 @@ Its preflight fails in seconds, naming what is missing."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest

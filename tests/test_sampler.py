@@ -8,8 +8,10 @@ from collections import Counter
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from alignbench import sampling
 from alignbench.models import train_tokenizer
 from alignbench.sampling import CACHE_KW, STOP, sample
 from alignbench.train import prompt_window
@@ -240,3 +242,92 @@ def test_every_architecture_samples_greedily_as_before(tok, arch):
     old = reference_sample(model, tok, PROMPTS, **kw)
     for kv_cache in ("dynamic", "static"):
         assert sample(model, tok, PROMPTS, kv_cache=kv_cache, **kw) == old, kv_cache
+
+
+_slab_prefill = sampling._prefill_rows
+
+
+def _concatenating_prefill(model, input_ids, attn, capacity=None):
+    """The sampler's cache before issue 23: a plain DynamicCache, grown by torch.cat every step and
+    copied by index on every row drop (the same prefill values, moved out of the slab)."""
+    slab, logits = _slab_prefill(model, input_ids, attn)
+    plain = DynamicCache()
+    for i, layer in enumerate(slab.layers):
+        plain.update(layer.keys.clone(), layer.values.clone(), i)
+    return plain, logits
+
+
+@pytest.mark.parametrize("kw", [dict(n=6, max_new_tokens=12, seed=5, batch_size=64),
+                                dict(n=3, max_new_tokens=9, seed=2, batch_size=5, temperature=0.7)])
+def test_the_slab_cache_samples_the_very_tokens_of_a_concatenating_cache(tok, lm, monkeypatch, kw):
+    """Bitwise, not in law: same seed, same ids, rows ending at many different steps (each end
+    compacts the batch), as the DynamicCache the sampler used before the in-place cache."""
+    seen = []
+    hook = lm.register_forward_hook(lambda mod, inp, out: seen.append(type(getattr(out, CACHE_KW).layers[0])))
+    try:
+        new = sample(lm, tok, PROMPTS, **kw)
+    finally:
+        hook.remove()
+    # each prompt prefilled alone (its own DynamicCache), every decode step on the slab
+    assert Counter(seen).keys() == {DynamicLayer, sampling.SlabLayer}
+    assert Counter(seen)[DynamicLayer] == len(PROMPTS) * kw["n"]
+    monkeypatch.setattr(sampling, "_prefill_rows", _concatenating_prefill)
+    old = sample(lm, tok, PROMPTS, **kw)
+    assert new == old
+    lengths = {len(r) for r in new.response_ids}
+    assert len(lengths) >= 4 and any(new.finished) and not all(new.finished)  # rows ended at various steps
+
+
+def test_slab_layer_writes_in_place_and_compacts_in_order():
+    """update() writes into the preallocated buffer (no new cache tensor); batch_select_indices keeps
+    the chosen rows, in order, with their filled positions; a write past the capacity fails."""
+    keys = torch.arange(4 * 1 * 5 * 2, dtype=torch.float32).reshape(4, 1, 5, 2)
+    layer = sampling.SlabLayer(keys.clone(), -keys.clone(), length=2)
+    buf = layer.key_buf.data_ptr()
+    k, v = layer.update(torch.full((4, 1, 1, 2), 100.0), torch.full((4, 1, 1, 2), -100.0))
+    assert k.shape == (4, 1, 3, 2) and k.data_ptr() == buf and layer.get_seq_length() == 3
+    assert torch.equal(k[:, :, :2], keys[:, :, :2]) and (k[:, :, 2] == 100).all() and (v[:, :, 2] == -100).all()
+    expected = k[[1, 3]].clone()
+    layer.batch_select_indices(torch.tensor([1, 3]))
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
+    assert layer.key_buf.data_ptr() == buf
+    layer.update(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2))  # fills the capacity of 5
+    with pytest.raises(ValueError, match="capacity 5"):
+        layer.update(torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2))
+
+
+def test_under_bf16_autocast_each_weight_is_cast_once_per_call_with_the_same_samples(tok, lm, monkeypatch):
+    """train.precision=bf16 wraps every forward in its own autocast region; the sampler keeps the
+    weight-cast cache alive for the whole call: the head's weight is cast once, not once per
+    forward (prefills and decode steps), and the samples are those of the per-forward casts."""
+    import contextlib
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alignbench.distributed import autocast_forward
+
+    class HeadCasts(TorchDispatchMode):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.casts, self.forwards = weight, 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            src = args[0] if args else None
+            if func is torch.ops.aten._to_copy.default and isinstance(src, torch.Tensor) \
+                    and src.shape == self.weight.shape and (kwargs or {}).get("dtype") == torch.bfloat16:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    model = autocast_forward(copy.deepcopy(lm), "bf16", torch.device("cpu"))
+    kw = dict(n=3, max_new_tokens=6, seed=4)
+    forwards = []
+    hook = model.register_forward_hook(lambda *a: forwards.append(1))
+    with HeadCasts(model.lm_head.weight) as counter:
+        cached = sample(model, tok, PROMPTS, **kw)
+    assert counter.casts == 1 and len(forwards) > len(PROMPTS) * 3
+    monkeypatch.setattr(sampling, "_keep_autocast_casts", lambda device: contextlib.nullcontext())
+    with HeadCasts(model.lm_head.weight) as counter:
+        per_forward = sample(model, tok, PROMPTS, **kw)
+    hook.remove()
+    assert counter.casts == len(forwards) // 2 and per_forward == cached
