@@ -151,7 +151,8 @@ def _keep_autocast_casts(device: torch.device) -> torch.autocast:
     the bf16 copies (half the fp32 weights' size) live until the call returns. torch caches the
     casts of leaf weights that require grad only (a frozen model is cast per forward, as before)."""
     return torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
-                          enabled=torch.is_autocast_enabled(device.type), cache_enabled=torch.is_autocast_cache_enabled())
+                          enabled=torch.is_autocast_enabled(device.type),
+                          cache_enabled=torch.is_autocast_cache_enabled())
 
 
 def _sample_batches(model, tokenizer, *, order, windows, expanded, rows, batch_size, before_batch, after_batch,
