@@ -80,15 +80,25 @@ def stage_cache(tmp_path_factory) -> Path:
     return shared_dir(tmp_path_factory, "stage-cache")
 
 
+def xdist_scope(nodeid: str) -> str:
+    """The unit pytest-xdist's ``loadscope`` gives one worker: the module, or the class of a method."""
+    return nodeid.rsplit("::", 1)[0]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """Modules holding end-to-end tests marked ``slow`` run first, each module's tests kept together
-    and in order (module fixtures are set up once). Under xdist's ``loadscope`` scheduling (whole
-    modules to a worker) the long modules are dealt out at the start, instead of one worker starting
-    a several-minute module while the other has run out of tests."""
-    slow_modules = {item.module.__name__ for item in items
-                    if item.get_closest_marker("slow") is not None and getattr(item, "module", None)}
-    items.sort(key=lambda item: getattr(item, "module", None) is None or item.module.__name__ not in slow_modules)
+    """The longest units run first (stable order otherwise), each unit's tests kept together and in
+    order (module fixtures are set up once): units holding tests marked ``slow``, by the largest
+    ``slow(minutes=...)`` among them (default 1). Under xdist's ``loadscope`` scheduling (whole units
+    to a worker; ``--no-loadscope-reorder`` keeps this order) the long units are dealt out at the
+    start, instead of one worker starting a several-minute unit while the other has run out."""
+    minutes: dict[str, float] = {}
+    for item in items:
+        slow = item.get_closest_marker("slow")
+        if slow is not None:
+            scope = xdist_scope(item.nodeid)
+            minutes[scope] = max(minutes.get(scope, 0.0), float(slow.kwargs.get("minutes", 1)))
+    items.sort(key=lambda item: -minutes.get(xdist_scope(item.nodeid), 0.0))
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """Every method's policy trains without dropout (in train mode), and π0's teacher sees the HHH
 prompt and the dialogue separated by exactly one blank line."""
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,11 +135,13 @@ def test_teacher_sees_one_blank_line_between_hhh_prompt_and_dialogue(monkeypatch
                                   max_seq_len=512), tok, seed=0)
     teachers = []
 
-    def deepcopy(model):
-        teachers.append(Recorder(copy.deepcopy(model)))
+    frozen_copy = distill.freeze.frozen_copy
+
+    def recorded_copy(model):  # the teacher: π0's frozen copy, recording what it reads
+        teachers.append(Recorder(frozen_copy(model)))
         return teachers[-1]
 
-    monkeypatch.setattr(distill, "copy", SimpleNamespace(deepcopy=deepcopy))
+    monkeypatch.setattr(distill.freeze, "frozen_copy", recorded_copy)
     prompt = distill.hhh_prompt(cfg)
     distill._distill(student, tok, prompt, texts, 512, Pi0StageConfig(batch_size=len(texts), max_steps=1), cfg, "cpu")
     seen = [tok.decode(ids, skip_special_tokens=True) for ids in teachers[0].inputs]

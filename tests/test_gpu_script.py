@@ -26,7 +26,7 @@ def test_preflight_names_the_missing_gguf(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=3)
 @pytest.mark.timeout(3600)  # a few minutes on 2 free cores; far longer when the cores are shared
 def test_smoke_run_reports_every_method(tmp_path, tmp_path_factory):
     # the stage cache the SmolLM2 end-to-end tests use: the GGUF is converted once per session

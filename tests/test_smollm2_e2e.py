@@ -79,10 +79,23 @@ def test_hh_smollm2_preset_sets_each_method_at_a_pretrained_scale(monkeypatch):
     assert (plain.lr, plain.beta) == (None, 0.5)
 
 
-@pytest.mark.slow
+# One class per format: pytest-xdist's loadscope scheduling gives each class its own worker (about 7
+# minutes each on one thread), so the two formats run side by side; minutes orders them first (conftest).
+@pytest.mark.slow(minutes=7)
 @pytest.mark.timeout(3600)  # minutes on 2 free cores; far longer when the cores are shared
-@pytest.mark.parametrize("fmt", ["raw", "chat"])
-def test_smollm2_learns_on_real_hh_through_every_method_and_evaluator(tmp_path, fmt, gguf_cache):
+class TestRawFormat:
+    def test_smollm2_learns_on_real_hh_through_every_method_and_evaluator(self, tmp_path, gguf_cache):
+        smollm2_learns_through_every_method_and_evaluator(tmp_path, "raw", gguf_cache)
+
+
+@pytest.mark.slow(minutes=7)
+@pytest.mark.timeout(3600)
+class TestChatFormat:
+    def test_smollm2_learns_on_real_hh_through_every_method_and_evaluator(self, tmp_path, gguf_cache):
+        smollm2_learns_through_every_method_and_evaluator(tmp_path, "chat", gguf_cache)
+
+
+def smollm2_learns_through_every_method_and_evaluator(tmp_path: Path, fmt: str, gguf_cache: Path) -> None:
     # both formats share one GGUF conversion (the gguf stage); every other stage is per format
     (tmp_path / "cache").symlink_to(gguf_cache, target_is_directory=True)
     base = smollm2_overrides(tmp_path, fmt)
