@@ -20,7 +20,7 @@ from alignbench.sampling import sample
 from alignbench.stages.preference import pm_loss
 from alignbench.train import Encoded, lm_loss, pad_batch, response_logprobs
 from alignbench_methods.dpo import dpo_loss
-from tests.test_sampler import ALPHA, CORPUS, KW, PROMPTS, _chi2_pvalue, _features
+from tests.test_sampler import ALPHA, CORPUS, KW, PROMPTS, _chi2_pvalue, _features, peaked_lm
 
 # tests/conftest.py TINY: vocab 512, hidden 48, 2 layers, 2 heads, MLP 96
 TINY = dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
@@ -145,17 +145,7 @@ def tok():
 @pytest.fixture(scope="module")
 def sampler_lm(tok):
     """tests/test_sampler.py's peaked tiny Llama (logit std ~2, an EOS bias so rows end now and then)."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-        model.lm_head.weight[tok.eos_token_id] = 0.0
-        model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
-        model.lm_head.bias[tok.eos_token_id] = 5.0
-    return model
+    return peaked_lm(tok)
 
 
 def test_sampling_distribution_under_bf16_matches_fp32(tok, sampler_lm):

@@ -31,6 +31,10 @@ def tok():
 
 @pytest.fixture(scope="module")
 def lm(tok):
+    return peaked_lm(tok)
+
+
+def peaked_lm(tok):
     """A random tiny Llama whose next-token laws are peaked (logit std ~2: a few tokens carry most
     mass, so frequencies are informative) and that ends a response now and then (EOS bias)."""
     torch.manual_seed(0)
