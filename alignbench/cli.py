@@ -201,7 +201,7 @@ def cmd_study(argv: list[str]) -> int:
     ap.add_argument("name", help="conf/study/<name>.yaml, or a study .yaml file")
     ap.add_argument("--out", default=None, help="the report part's output directory (replaces the study's)")
     ap.add_argument("overrides", nargs="*", help="applied to every part, after the study's own")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # NAME --out DIR k=v works as well as --out DIR NAME k=v
     path = study_file(args.name, Path(importlib.import_module("alignbench_conf").__file__).parent)
     study = parse_study(path.stem, path.read_text())
     sweep_dir = Path(compose([*study.overrides, *args.overrides]).paths.sweep_dir)

@@ -295,6 +295,7 @@ class EvalConfig:
     nlp_tasks: List[str] = opt(factory=list)
     nlp_limit: Optional[int] = opt(None, gt=0)
     nlp_data_dir: Optional[str] = None
+    nlp_seeds: Optional[List[int]] = None  # only runs with these seeds run nlp_tasks (null: every run)
     # sampling temperatures of the temperature/diversity evaluation ([] = off; each in (0, 2])
     temperatures: List[float] = opt(factory=list)
     diversity_samples: int = opt(4, ge=2)  # k samples per prompt and temperature (self-BLEU needs 2)

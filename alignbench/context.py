@@ -24,6 +24,7 @@ from alignbench.distributed import Dist, autocast_forward
 from alignbench.eval.robustness import pairwise_agreement, rank_correlation
 from alignbench.cost import (ANNOTATE_USES, SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost,
                              forward_flops, train_flops)
+from alignbench.measured import MeasureMemo, Measured, fingerprint
 from alignbench.methods import point_steps
 from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
@@ -122,6 +123,9 @@ class RunContext:
     _policy_ref: Any = None  # weakref to the last LoRA policy (model.peft=lora): the reference's weights
     _frozen_ref: Any = None  # weakref to the last partly frozen policy (model.trainable_layers): its frozen trunk
     _pi0_scores: Optional[tuple] = None  # (proxy, judge) of π0's eval samples, kept from its "pi0" point
+    _measure_memo: Optional[MeasureMemo] = None  # weights measured before (``_memo``)
+    _derived: bool = False  # a sub-context (``derive``): its memo stays in memory
+    last_measured: Optional[Measured] = None  # what the last point read (the final evaluation's samples)
 
     # ---- models
     @property
@@ -213,7 +217,8 @@ class RunContext:
         policy_dir, step_offset, point_extra, point_hooks, ...). It shares this run's cost, budget,
         tracker, judge and train_log.jsonl; its models are loaded afresh."""
         fresh = dict(_reference=None, _pi0=None, _start=None, _sample_pm=None, _policy_ref=None, _frozen_ref=None,
-                     _policy_params=None, _n_params=weakref.WeakKeyDictionary())
+                     _policy_params=None, _n_params=weakref.WeakKeyDictionary(), _measure_memo=None,
+                     _derived=True, last_measured=None)
         return dataclasses.replace(self, **{**fresh, **changes})
 
     def load(self, path) -> torch.nn.Module:
@@ -418,10 +423,11 @@ class RunContext:
                 scores: Optional[tuple[list[float], list[float]]] = None) -> dict:
         """Proxy and judge reward, truncation rate and KL(π‖π0) (both at the samples' temperature)
         of ``model`` on the fixed held-out prompts; or of given responses (inference-time policies:
-        KL then comes from the method)."""
-        if responses is None:
-            responses = self.eval_sample(model)
-        proxy, judge = scores or self.score_free(responses)
+        KL then comes from the method). Weights measured before are read back (``measured``); such a
+        point carries ``repeats_step``, the step of this run's point it repeats."""
+        got, repeats = self._read(model, responses, scores)
+        self.last_measured = got
+        responses, proxy, judge = got.samples, got.proxy, got.judge
         texts = responses.responses if isinstance(responses, SampleBatch) else responses
         point = {"label": label, "proxy_reward": sum(proxy) / len(proxy), "judge_reward": sum(judge) / len(judge),
                  "judge": self.judge_name, "mean_response_chars": sum(map(len, texts)) / len(texts),
@@ -433,18 +439,58 @@ class RunContext:
             point["proxy_judge_agreement"] = _defined(pairwise_agreement(proxy, judge, *self._pi0_scores))
         if isinstance(responses, SampleBatch):
             point["truncation_rate"] = responses.truncation_rate
-        if model is not None:
-            if not isinstance(responses, SampleBatch):
-                raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
-            pad = self.tokenizer.pad_token_id
-            point.update(kl_estimates(model, self.pi0(), responses, pad_id=pad, device=self.device))
-            start = self._start_model()
-            if start is not None:
-                kl = kl_estimates(model, start, responses, pad_id=pad, device=self.device)
-                point.update(kl_k1_start=kl["kl_k1"], kl_k3_start=kl["kl_k3"])
+        point.update(got.kl)
+        if repeats is not None:
+            point["repeats_step"] = repeats
         for hook in self.point_hooks:
             point.update(hook(self, model, responses))
         return point
+
+    def _read(self, model, responses: Optional[Responses], scores) -> tuple[Measured, Optional[float]]:
+        """What a point reads: from memory or disk when these weights were measured before (then also
+        the step of this run's point that measured them, if any), else sampled, scored and compared
+        to π0 (and to the start) now."""
+        if model is None:  # an inference-time policy's responses: nothing to key them by
+            proxy, judge = scores or self.score_free(responses)
+            return Measured(responses, list(proxy), list(judge), {}), None
+        memo, weights = self._memo(), fingerprint(model)
+        hit, own = memo.get(weights)
+        if hit is not None and (responses is None or (isinstance(responses, SampleBatch) and
+                                                      responses.response_ids == hit.samples.response_ids)):
+            if not own:  # π0's point from another run: this run's own from now on
+                memo.put(weights, hit, to_disk=False)
+            return hit, (hit.step if own else None)
+        if responses is None:
+            responses = self.eval_sample(model)
+        if not isinstance(responses, SampleBatch):
+            raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
+        proxy, judge = scores or self.score_free(responses)
+        pad, pi0 = self.tokenizer.pad_token_id, self.pi0()
+        # π0 against itself: both log-probs are the same numbers, so both estimates are exactly 0
+        kl = {"kl_k1": 0.0, "kl_k3": 0.0} if model is pi0 else kl_estimates(model, pi0, responses, pad_id=pad,
+                                                                              device=self.device)
+        start = self._start_model()
+        if start is not None:
+            on_start = kl_estimates(model, start, responses, pad_id=pad, device=self.device)
+            kl.update(kl_k1_start=on_start["kl_k1"], kl_k3_start=on_start["kl_k3"])
+        got = Measured(responses, list(proxy), list(judge), kl)
+        memo.put(weights, got, to_disk=model is pi0)
+        return got, None
+
+    def _memo(self) -> MeasureMemo:
+        """This run's memo of measured weights; π0's points go to disk for the other runs of the
+        sweep, keyed by all else a point depends on (only in a run's own context: a sub-context may
+        score with another PM or start elsewhere)."""
+        if self._measure_memo is None:
+            c = self.cfg
+            context = {"stages": self.stages.keys(), "prompts": self.eval_prompts, "seed": self.seed + EVAL_SEED_OFFSET,
+                       "temperature": c.eval.temperature, "max_new_tokens": c.train.max_new_tokens,
+                       "max_len": self.max_len, "format": self.fmt, "kv_cache": c.train.kv_cache,
+                       "judge": self.judge_name, "reward": dataclasses.asdict(c.reward),
+                       "precision": c.train.precision, "device": self.device.type}
+            shared = self.start_path is None and self.reference_path is None and not self._derived
+            self._measure_memo = MeasureMemo(context, Path(c.paths.cache_dir) / "measured" if shared else None)
+        return self._measure_memo
 
     def pm_score_free(self, prompts: Responses, responses: Optional[list[str]] = None) -> torch.Tensor:
         """Proxy PM scores for measurement (of a SampleBatch by its ids, or of texts): not charged
@@ -480,6 +526,8 @@ class RunContext:
             point = {"method": self.cfg.method["name"], "seed": self.seed, "step": _offset(step, self.step_offset),
                      **self.measure(model, responses, label, scores), **self.cost.as_dict(), **self.point_extra,
                      **extra}
+            if model is not None and self.last_measured.step is None:  # a later repeat names this point
+                self.last_measured.step = point["step"]
         if model is not None and was_training:
             model.train()
         with open(self.out_dir / "train_log.jsonl", "a") as f:

@@ -34,6 +34,7 @@ from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import SampleBatch
 from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind, method_pairs, method_prompts,
                                      selection_prompts)
+from alignbench.stages.cache import same_weights
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant
 from alignbench.stages.reward import reward_pms, reward_record, reward_scorer
@@ -90,20 +91,22 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
     """``config_id``: the run's configuration (``runner.config_id_for``); None: the method name."""
     cfg, prompts = ctx.cfg, ctx.eval_prompts
     config_id = config_id or cfg.method["name"]
-    model = None
+    model, kl_info = None, {k: v for k, v in artifact.info.items() if k.startswith("kl")}
     if artifact.path is not None:
+        # sampled at eval.temperature, like every other method; weights this run (or, for π0, the
+        # sweep) measured before are read back, and the point says which one it repeats
         model = ctx.load(artifact.path).eval()
-        samples = ctx.eval_sample(model)  # at eval.temperature, like every other method
+        point = ctx.log_point(-1, model=model, label="final", **kl_info)
+        samples, proxy, judge = ctx.last_measured.samples, ctx.last_measured.proxy, ctx.last_measured.judge
     elif artifact.sampler is not None:
         samples = artifact.sampler(prompts, ctx.seed + EVAL_SEED_OFFSET)  # a SampleBatch, or bare texts
+        # per prompt, for samples.jsonl and the rows: a SampleBatch by its ids, a plugin's texts as text
+        proxy, judge = ctx.score_free(samples) if isinstance(samples, SampleBatch) else ctx.score_free(prompts, samples)
+        point = ctx.log_point(-1, responses=samples, label="final", scores=(proxy, judge), **kl_info)
     else:
         raise ValueError(f"method {cfg.method['name']}: train() returned a PolicyArtifact with neither path nor sampler")
     known = isinstance(samples, SampleBatch)  # ids and finished flags (a plugin's sampler may give texts)
     responses = samples.responses if known else samples
-    # per prompt, for samples.jsonl and the rows: a SampleBatch by its ids, a plugin's texts as text
-    proxy, judge = ctx.score_free(samples) if known else ctx.score_free(prompts, responses)
-    point = ctx.log_point(-1, model=model, responses=samples, label="final", scores=(proxy, judge),
-                          **{k: v for k, v in artifact.info.items() if k.startswith("kl")})
     # a context built by hand may lack the chosen responses: their fields are then left out
     chosen_proxy, chosen_judge = chosen_scores(ctx) if ctx.eval_chosen else ([None] * len(prompts),) * 2
     with open(ctx.out_dir / "samples.jsonl", "w") as f:
@@ -217,7 +220,7 @@ def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> lis
     """NLP-task regressions through lm-eval: this run's policy, and for the baseline run also the
     base LM, so the report can show base -> π0 -> policy deltas (the alignment tax)."""
     cfg = ctx.cfg
-    if not cfg.eval.nlp_tasks:
+    if not cfg.eval.nlp_tasks or (cfg.eval.nlp_seeds is not None and cfg.seed not in cfg.eval.nlp_seeds):
         return []
     from alignbench.eval.nlp_tasks import check_local_data, nlp_rows, run_nlp_tasks
     check_local_data(list(cfg.eval.nlp_tasks), cfg.eval.nlp_data_dir)
@@ -226,7 +229,7 @@ def nlp_task_rows(ctx: RunContext, artifact: PolicyArtifact, ident: dict) -> lis
         models.append((artifact.path, ident))
     else:  # inference-time policies (best-of-n) share π0's weights: their NLP scores are π0's
         log.info("nlp tasks: %s has no weights of its own; skipped", ident["method"])
-    if cfg.method["name"] == "context_distilled":
+    if cfg.method["name"] == "context_distilled" and not same_weights(ctx.stages.base.path, ctx.stages.pi0.path):
         models.append((ctx.stages.base.path, {**ident, "run": f"base-{ctx.stages.base.key}", "method": "base_lm",
                                                  "config": "base_lm"}))
     rows = []

@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from alignbench.cli import main
 from alignbench.config import ConfigError
+from alignbench.eval.nlp_tasks import EVALUATOR as NLP_EVAL
 from alignbench.study import Part, Study, fingerprint, hms, parse_study, run_study
 
 # tiny everything: a study of three parts takes ~20 s of CPU
@@ -139,7 +141,7 @@ def test_study_helpers():
 
 def test_the_cpu_study_of_smollm2_parses_and_names_its_report():
     study = parse_study("hh_smollm2_cpu", (Path(__file__).parents[1] / "conf/study/hh_smollm2_cpu.yaml").read_text())
-    assert "experiment=hh_smollm2" in study.overrides
+    assert study.overrides == ("experiment=hh_smollm2_cpu",)
     assert study.parts[0].kind == "stages" and study.parts[-1].args == ("reports/hh-smollm2-cpu",)
     assert {p.kind for p in study.parts[1:-1]} == {"sweep"}
 
@@ -151,3 +153,54 @@ def test_a_study_with_a_missing_input_fails_before_its_first_part(tmp_path, monk
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignbench")]
     assert len(err) == 1 and "ALIGNBENCH_SMOLLM2" in err[0] and "alignbench fetch-model smollm2" in err[0]
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
+
+
+# the study's own parts at tiny sizes: each method's run is one or two steps on 2 prompts
+MINIATURE = {
+    "method=context_distilled": [],
+    "method=dpo": ["method.max_steps=1", "method.probe_pairs=2", "method.ref_batch_size=2"],
+    "method=rejection_sampling": ["method.n=2", "method.kl_pool=2", "method.rounds=1", "method.prompts_per_round=2"],
+    "method=ppo": ["method.steps=1", "method.rollout_batch_size=2", "method.ppo_epochs=1", "method.batch_size=2"],
+    "method=rrhf": ["method.steps=1", "method.prompts_per_step=2", "method.k_samples=1"],
+    "method=chain": ["method.stages=[{name:preferred_ft,max_steps:1,batch_size:2,eval_every:1},"
+                     "{name:dpo,max_steps:1,batch_size:2,probe_pairs:2,ref_batch_size:2,eval_every:1}]"],
+}
+TINY_SMOLLM2 = ["seed=0", "data.max_pairs=64", "model.max_seq_len=64", "stages.pm.judgements=null",
+                "stages.pm.batch_size=2", "stages.pm.max_steps=2", "train.batch_size=2", "train.max_new_tokens=4",
+                "eval.n_prompts=2", "eval.bootstrap=100", "eval.nlp_limit=2"]
+
+
+@pytest.mark.slow(minutes=3)
+@pytest.mark.timeout(1800)  # about 3 minutes on a free core; far longer when the cores are shared
+def test_the_cpu_study_in_miniature_runs_every_part_and_reports_every_method(tmp_path, tmp_path_factory, monkeypatch):
+    from tests.conftest import shared_data, shared_dir
+    from tests.test_smollm2_e2e import smollm2_file
+    real = parse_study("hh_smollm2_cpu", (Path(__file__).parents[1] / "conf/study/hh_smollm2_cpu.yaml").read_text())
+    parts = []
+    for part in real.parts:  # the real parts, in order, each with its method's tiny sizes appended
+        if part.kind == "sweep":
+            method = next(a for a in part.args if a.startswith("method="))
+            parts.append({"name": part.name, "sweep": [*part.args, *MINIATURE[method]]})
+        else:
+            parts.append({"name": part.name, part.kind: list(part.args) if part.kind == "stages" else part.args[0]})
+    mini = tmp_path / "hh_smollm2_cpu.yaml"
+    mini.write_text(json.dumps({"overrides": list(real.overrides), "parts": parts}))
+    monkeypatch.setenv("ALIGNBENCH_SMOLLM2", str(smollm2_file()))
+    monkeypatch.setenv("ALIGNBENCH_HH_PATH", str(shared_data("hh-rlhf")))
+    cache = shared_dir(tmp_path_factory, "smollm2-cache")  # the GGUF is converted once per session
+    sweep = tmp_path / "sweep"
+    assert main(["study", str(mini), "--out", str(tmp_path / "report"), *TINY_SMOLLM2, f"paths.cache_dir={cache}",
+                 f"paths.sweep_dir={sweep}"]) == 0
+    done = json.loads((sweep / "study.json").read_text())["parts"]
+    assert list(done) == [p.name for p in real.parts]
+    metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("runs/*/metrics.json"))]
+    assert {m["seed"] for m in metrics} == {0} and len(metrics) == len(real.parts) - 2  # one run per method part
+    assert sorted(m["method"] for m in metrics) == ["chain", "context_distilled", "dpo", "dpo", "ppo",
+                                                    "rejection_sampling", "rejection_sampling", "rrhf"]
+    assert sum("method.loss=ipo" in m["config"] for m in metrics) == 1  # IPO is its own configuration
+    assert sum("method.mode=finetune" in m["config"] for m in metrics) == 1  # and so is RS fine-tuning
+    rows = pd.read_csv(tmp_path / "report" / "results.csv")
+    nlp = rows[rows.evaluator == NLP_EVAL]  # π0 and every trained policy (best-of-n has no weights of its own)
+    assert set(nlp.slice) == {"local_arc_easy", "local_piqa", "local_sst2"}
+    assert set(nlp.method) == {"context_distilled", "dpo", "ppo", "chain", "rrhf", "rejection_sampling"}
+    assert (tmp_path / "report" / "report.md").read_text().lstrip().startswith("#")

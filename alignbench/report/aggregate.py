@@ -101,9 +101,11 @@ def baseline_config(configs, methods: dict[str, str], baseline: str) -> str | No
 
 
 def train_points(sweep: Sweep) -> list[dict]:
-    """Every usable run's train_log points, with config, method and seed filled in from the run."""
+    """Every usable run's train_log points, with config, method and seed filled in from the run; a
+    point that repeats an earlier one of its run (``repeats_step``: the final evaluation of the
+    weights its last log point measured) is left out, so no measurement counts twice."""
     return [{**p, "method": p.get("method") or r.method, "config": r.config or r.method, "seed": p.get("seed", r.seed)}
-            for r in sweep.ok_runs for p in r.train_log]
+            for r in sweep.ok_runs for p in r.train_log if p.get("repeats_step") is None]
 
 
 def _se(value: float, lo: float, hi: float, n, z: float) -> float:

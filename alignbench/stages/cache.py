@@ -90,6 +90,11 @@ def model_dir(stage_dir: Path, record: Optional[dict] = None) -> Optional[Path]:
     return None
 
 
+def same_weights(a: str | Path, b: str | Path) -> bool:
+    """Whether two model directories load the same files (a no-op stage points at its upstream's)."""
+    return resolve_model_dir(a).resolve() == resolve_model_dir(b).resolve()
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """What a loader reads for ``path``: a stage directory that points elsewhere resolves to the
     directory holding its files (``model_dir``); anything else (a run's policy, a Hub id, a stage
