@@ -201,6 +201,11 @@ class RunContext:
             self._pi0 = self._frozen(self.stages.pi0.path)
         return self._pi0
 
+    def start_policy(self) -> torch.nn.Module:
+        """The policy this run starts from, frozen: a chain stage's or a continued run's start, else
+        π0. What an inference-time method (best-of-n) serves from."""
+        return self._start_model() or self.pi0()
+
     def _start_model(self) -> Optional[torch.nn.Module]:
         """The start policy, frozen, for kl_*_start (None when the run starts at π0)."""
         if self.start_path is None:

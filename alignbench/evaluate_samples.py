@@ -128,7 +128,8 @@ def selection(ctx: RunContext, artifact: PolicyArtifact, model) -> Optional[dict
     seed = ctx.seed + SELECTION_SEED_OFFSET
     if model is not None:
         out = ctx.sample_free(model, prompts, temperature=ctx.cfg.eval.temperature, seed=seed)
-        kl = kl_estimates(model, ctx.reference(), out, ctx.tokenizer.pad_token_id, ctx.device)["kl_k3"]
+        # KL(π‖π0), as every point: the training reference may be another policy (a chain's start)
+        kl = kl_estimates(model, ctx.pi0(), out, ctx.tokenizer.pad_token_id, ctx.device)["kl_k3"]
     else:
         out = (artifact.sampler(prompts, seed, temperature=ctx.cfg.eval.temperature)
                if takes_temperature(artifact.sampler) else artifact.sampler(prompts, seed))

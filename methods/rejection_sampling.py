@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
+from alignbench.context import kl_estimates
 from alignbench.cost import forward_flops
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
 from alignbench.train import (batch_schedule, encode_ids, learning_rate, lm_loss, make_optimizer, optimizer_step,
@@ -229,7 +230,9 @@ def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     its KL is that of n_effective, and ``n_effective`` and the reason are in the info. PM calls are
     planned exactly; tokens, FLOPs and seconds are estimates, so they can miss by the sampling noise
     of the serving draw (far less than one sampler batch at the sizes here)."""
-    pi0, temp = ctx.reference(), ctx.cfg.eval.temperature
+    # best-of-n of the policy the run starts from (π0, or a chain's previous stage), whatever the
+    # training reference; its KL bound and estimate are to that start (``_bon_curve`` adds π0's part)
+    pi0, temp = ctx.start_policy(), ctx.cfg.eval.temperature
     pool = _bon_pool(ctx, pi0, cfg, temp)
     n, why = plan_n(cfg.k, pool["cost"], ctx.budget.caps, ctx.cost.as_dict())
     if n != cfg.k:
@@ -256,7 +259,7 @@ def best_of_n(ctx, cfg: RejectionSamplingConfig) -> PolicyArtifact:
     curve = _bon_curve(ctx, pool, sorted(set(curve_ns(cfg.k)) | {n}))
     served = next(p for p in curve if p["n"] == n)
     info = {"mode": "best_of_n", "n": cfg.k, "n_effective": n, "n_effective_reason": why, "temperature": temp,
-            "kl_bound": bon_kl_bound(n), "kl_estimate": served["kl_estimate"], "kl_pool_size": cfg.kl_pool,
+            "kl_bound": served["kl_bound"], "kl_estimate": served["kl_estimate"], "kl_pool_size": cfg.kl_pool,
             "curve": [{k: p[k] for k in ("n", "proxy_reward", "judge_reward", "kl_bound", "kl_estimate")}
                       for p in curve],
             "cost_per_prompt": {"samples": n, "pm_calls": n if n > 1 else 0},
@@ -281,7 +284,7 @@ def _bon_pool(ctx, pi0, cfg: RejectionSamplingConfig, temp: float) -> dict:
     cost = {"prompts": len(prompts), "tokens_generated": pool.n_tokens,
             "sample_flops": forward_flops(ctx.n_params(pi0), pool.n_prompt_tokens + pool.n_tokens),
             "pm_flops": forward_flops(ctx.n_params(ctx.pm.model), pm_tokens), "sample_s": t1 - t0, "pm_s": t2 - t1}
-    return {"pool": pool, "scores": scores, "ref_scores": ref_scores, "cost": cost}
+    return {"pool": pool, "scores": scores, "ref_scores": ref_scores, "cost": cost, "base": pi0}
 
 
 def _bon_curve(ctx, pool: dict, ns: list[int]) -> list[dict]:
@@ -293,8 +296,14 @@ def _bon_curve(ctx, pool: dict, ns: list[int]) -> list[dict]:
     for k in tqdm(ns, desc="best-of-n curve", leave=False):
         idx = select_best(scores[:, :k])  # already canonical: identical texts share a score
         responses = samples.select([i * n + j for i, j in enumerate(idx.tolist())])
-        point = ctx.log_point(step=k, responses=responses, label=f"n={k}", kl_bound=bon_kl_bound(k),
-                              kl_estimate=bon_kl_plugin(ref_scores, k))
+        kl = {"kl_bound": bon_kl_bound(k), "kl_estimate": bon_kl_plugin(ref_scores, k)}  # to the start
+        if ctx.start_path is not None:  # KL(BoN‖π0) = KL(BoN‖start) + E_BoN[log start/π0], the last from its samples
+            with ctx.cost.measuring():
+                cross = kl_estimates(pool["base"], ctx.pi0(), responses, pad_id=ctx.tokenizer.pad_token_id,
+                                     device=ctx.device)["kl_k1"]
+            kl = {"kl_bound_start": kl["kl_bound"], "kl_estimate_start": kl["kl_estimate"],
+                  "kl_bound": kl["kl_bound"] + cross, "kl_estimate": kl["kl_estimate"] + cross}
+        point = ctx.log_point(step=k, responses=responses, label=f"n={k}", **kl)
         points.append({**point, "n": k})
     return points
 

@@ -232,3 +232,21 @@ def test_chain_presets_compose_the_chain_and_its_stages_alone_with_the_same_sett
         single = validate(compose([f"experiment={preset}", f"method={name}"]))[1]
         assert getattr(stage, key) == getattr(single, key) == value
         assert stage == single  # the stage alone is the same method config
+
+
+def test_best_of_n_at_the_end_of_a_chain_serves_from_the_previous_stage_and_adds_its_kl_to_pi0(tiny_overrides,
+                                                                                                 tmp_path):
+    # issue 24 §1.5: best-of-n sampled ctx.reference() (π0 here), so the first stage was thrown away
+    # while its cost was charged, and its KL bound (to the start) was read as KL to π0
+    from methods.rejection_sampling import bon_kl_bound
+    bon = "{name:rejection_sampling,mode:best_of_n,n:2,kl_pool:2}"
+    chained = _run(tiny_overrides + ["method=chain", f"method.stages=[{{name:preferred_ft,max_steps:6,lr:3e-3}},"
+                                     f"{bon}]", "method.reference=pi0", "eval.n_prompts=8"])
+    alone = _run(tiny_overrides + ["method=rejection_sampling", "method.n=2", "method.kl_pool=2", "eval.n_prompts=8",
+                                   f"paths.sweep_dir={tmp_path / 'alone'}"])
+    served = [p for p in _log(tmp_path / "sweep", chained) if p.get("label") == "n=2"][-1]
+    assert served["kl_bound_start"] == pytest.approx(bon_kl_bound(2))
+    # KL(BoN‖π0) = KL(BoN‖start) + E[log start/π0] over its samples: the fine-tuned start is away from π0
+    assert served["kl_bound"] > served["kl_bound_start"] + 1e-3
+    assert chained["final"]["kl_bound"] == pytest.approx(served["kl_bound"])
+    assert chained["final"]["judge_reward"] != alone["final"]["judge_reward"]  # not π0's best-of-2

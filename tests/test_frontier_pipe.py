@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
@@ -183,3 +184,20 @@ def test_chosen_responses_come_from_the_eval_split_and_never_from_training(tiny_
     tiny_config.eval.selection_prompts = 10
     sel = selection_prompts(tiny_config, data)
     assert len(sel) == 10 and set(sel) <= {p.prompt for p in data.splits["eval"]}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(split=st.sampled_from(["eval", "test"]), n_prompts=st.integers(1, 60), n_select=st.integers(1, 60))
+def test_selection_prompts_never_include_a_reported_prompt(tiny_config, split, n_prompts, n_select):
+    # issue 24 §1.8: with eval.split=eval both sets were one seeded sample of the same split
+    import dataclasses
+    from alignbench.data import load_data
+    from alignbench.stages.access import eval_prompts, selection_prompts
+    cfg = dataclasses.replace(tiny_config, eval=dataclasses.replace(
+        tiny_config.eval, split=split, n_prompts=n_prompts, selection_prompts=n_select))
+    data = load_data(cfg.data)
+    reported, selected = eval_prompts(cfg, data)[0], selection_prompts(cfg, data)
+    eval_split = {p.prompt for p in data.splits["eval"]}
+    assert not set(reported) & set(selected) and set(selected) <= eval_split
+    available = len(eval_split) - (len(set(reported)) if split == "eval" else 0)
+    assert len(selected) == min(n_select, available) and len(set(selected)) == len(selected)

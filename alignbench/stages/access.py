@@ -108,7 +108,13 @@ def chosen_responses(cfg: Config, data, prompts: list[str], split: Optional[str]
 
 def selection_prompts(cfg: Config, data) -> list[str]:
     """``eval.selection_prompts`` prompts of the EVAL split, stratified and seeded like ``eval_prompts``:
-    where a report chooses a family's best configuration, never on the test prompts it reports."""
+    where a report chooses a family's best configuration, never on the prompts it reports. With
+    eval.split=eval (tuning) the reported prompts are the EVAL split's too: they are left out first,
+    so the two sets never share a prompt."""
     if cfg.eval.selection_prompts <= 0:
         return []
-    return stratified_sample(data.splits["eval"], cfg.eval.selection_prompts, cfg.data.seed)[0]
+    pool = data.splits["eval"]
+    if cfg.eval.split == "eval":
+        reported = set(eval_prompts(cfg, data)[0])
+        pool = [p for p in pool if p.prompt not in reported]
+    return stratified_sample(pool, cfg.eval.selection_prompts, cfg.data.seed)[0]
