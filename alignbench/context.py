@@ -482,6 +482,10 @@ class RunContext:
         memo.put(weights, got, to_disk=model is pi0)
         return got, None
 
+    def score_texts_free(self, prompts: list[str], responses: list[str]) -> tuple[list[float], list[float]]:
+        """``score_free`` of fixed texts, read back when this sweep's stages scored them before."""
+        return self._memo().scores(prompts, responses, lambda: self.score_free(prompts, responses))
+
     def _memo(self) -> MeasureMemo:
         """This run's memo of measured weights; π0's points go to disk for the other runs of the
         sweep, keyed by all else a point depends on (only in a run's own context: a sub-context may

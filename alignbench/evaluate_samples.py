@@ -70,8 +70,9 @@ def draw(ctx: RunContext, artifact: PolicyArtifact, model, prompts: list[str], n
 
 
 def chosen_scores(ctx: RunContext) -> tuple[list[float], list[float]]:
-    """(proxy, judge) rewards of the dataset's chosen response to each eval prompt."""
-    return ctx.score_free(ctx.eval_prompts, ctx.eval_chosen)
+    """(proxy, judge) rewards of the dataset's chosen response to each eval prompt (the same texts
+    for every run of a sweep: scored once, ``RunContext.score_texts_free``)."""
+    return ctx.score_texts_free(ctx.eval_prompts, ctx.eval_chosen)
 
 
 def temperature_rows(ctx: RunContext, artifact: PolicyArtifact, model, chosen_judge: list[float], config_id: str,

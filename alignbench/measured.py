@@ -88,6 +88,24 @@ class MeasureMemo:
                 log.warning("measured: ignoring %s (%s)", path, e)
         return None, False
 
+    def scores(self, prompts: list, responses: list, score) -> tuple[list, list]:
+        """(proxy, judge) of fixed texts (the dataset's chosen responses to the eval prompts, which
+        every run of a sweep scores): ``score()`` once, then read from disk."""
+        path = self.disk_dir / f"texts-{stable_hash({'key': self.key, 'texts': [prompts, responses]})}.json" \
+            if self.disk_dir else None
+        if path is not None and path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+                return list(raw["proxy"]), list(raw["judge"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("measured: ignoring %s (%s)", path, e)
+        proxy, judge = score()
+        proxy, judge = [float(x) for x in proxy], [float(x) for x in judge]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"proxy": proxy, "judge": judge})
+        return proxy, judge
+
     def put(self, fp: str, measured: Measured, to_disk: bool) -> None:
         self.last = (fp, measured)
         path = self._file(fp) if to_disk else None

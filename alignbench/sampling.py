@@ -52,6 +52,10 @@ class SampleBatch:
     response_ids: list[list[int]] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     temperature: float = 1.0
+    # per row, the sampled tokens of the stop string that ended it (raw format), cut from response_ids
+    # so the ids decode to the response text; [] for a row ended by EOS / end-of-turn or cut at the cap.
+    # The policy sampled them: PPO credits its score to the last of them (``encode_samples(with_stop)``)
+    stop_ids: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -60,7 +64,8 @@ class SampleBatch:
         """The given rows (e.g. best-of-n's picks), in that order; n_tokens is kept (all were sampled)."""
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return SampleBatch(pick(self.prompts), pick(self.responses), pick(self.prompt_index), self.n_tokens,
-                           pick(self.prompt_ids), pick(self.response_ids), pick(self.finished), self.temperature)
+                           pick(self.prompt_ids), pick(self.response_ids), pick(self.finished), self.temperature,
+                           pick(self.stop_ids) if self.stop_ids else [])
 
     @property
     def n_prompt_tokens(self) -> int:
@@ -138,6 +143,7 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
         out.prompt_index.append(i)
         out.prompt_ids.append(windows[i])
         out.response_ids.append(resp)
+        out.stop_ids.append(row[len(resp):])  # rows end where they ended: this is the cut stop string
         out.finished.append(finished)
     return out
 

@@ -87,10 +87,13 @@ def encode_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> Encode
     return Encoded(list(prompt_ids) + list(response_ids), len(prompt_ids))
 
 
-def encode_samples(samples) -> list[Encoded]:
+def encode_samples(samples, with_stop: bool = False) -> list[Encoded]:
     """A SampleBatch exactly as drawn: the sampler's prompt window plus the generated ids (EOS
-    only where it was sampled)."""
-    return [encode_ids(p, r) for p, r in zip(samples.prompt_ids, samples.response_ids)]
+    only where it was sampled). ``with_stop``: also the tokens of the stop string that ended a row
+    (``SampleBatch.stop_ids``), every token the policy sampled: a response that is only the stop
+    string still has the action that ended it (PPO's rollouts)."""
+    stops = samples.stop_ids if with_stop and samples.stop_ids else [[]] * len(samples.response_ids)
+    return [encode_ids(p, [*r, *s]) for p, r, s in zip(samples.prompt_ids, samples.response_ids, stops)]
 
 
 def pad_batch(seqs: Sequence[Encoded], pad_id: int, device=None) -> dict[str, torch.Tensor]:

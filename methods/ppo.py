@@ -113,6 +113,8 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
 
     Shapes: logprobs, ref_logprobs, mask [B, T] (log-probs of the sampled tokens, 1 on response
     tokens), scores [B]. Returns (rewards [B, T], per-token k1 KL [B, T])."""
+    if not bool(mask.any(-1).all()):  # the score would land on a masked position and be lost
+        raise ValueError("kl_penalized_rewards: a row has no response token to credit its score to")
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
@@ -238,8 +240,10 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     """Sample, score, and turn the samples into per-token rewards, advantages and returns.
 
     The sequences are the sampled ids in the sampled prompt window (EOS only where it was sampled),
-    the ids the PM and the KL measurement (ctx.log_point) read too, so the KL penalised here is
-    the KL reported there. Log-probs and values are computed minibatch by minibatch in ``layout``
+    the ids the PM and the KL measurement (ctx.log_point) read too, plus (raw format) the tokens of
+    the stop string that ended a response: the PM score is credited to that last action, so ending
+    is learned and an empty response keeps its score. The KL penalised here is the KL reported
+    there plus those few stop tokens' terms. Log-probs and values are computed minibatch by minibatch in ``layout``
     (the first epoch's minibatches, trimmed as ``Rollout.minibatch`` trims them): the first update
     then sees the very numbers it is compared with, a ratio of exactly 1. Sampling, scoring and the
     no-grad forwards of the policy (with its value head) and π0 are charged chunk by chunk, each
@@ -248,7 +252,9 @@ def collect_rollout(ctx, policy, value_head, reference, prompts: list[str], seed
     temp = sampled.temperature
     scores = ctx.score(sampled).float()
     unfinished = torch.tensor([not f for f in sampled.finished], dtype=torch.float)
-    batch = pad_batch(encode_samples(sampled), ctx.tokenizer.pad_token_id, ctx.device)
+    # every sampled token, the stop string's included: its score lands on the action that ended the
+    # response (an empty response keeps its score), and the KL penalty covers that action too
+    batch = pad_batch(encode_samples(sampled, with_stop=True), ctx.tokenizer.pad_token_id, ctx.device)
     mask = batch["response_mask"][:, 1:].float()
     tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mask": mask}
     logprobs, values, ref_logprobs = (torch.zeros_like(mask) for _ in range(3))

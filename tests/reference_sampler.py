@@ -55,6 +55,7 @@ def reference_sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_ne
             out.prompt_index.append(i)
             out.prompt_ids.append(windows[i])
             out.response_ids.append(resp)
+            out.stop_ids.append(row[len(resp):])
             out.finished.append(finished)
         if after_batch is not None:
             after_batch(batch_prompt, out.n_tokens - batch_gen)

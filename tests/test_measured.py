@@ -89,3 +89,9 @@ def test_pi0_point_is_shared_across_runs_and_equals_measuring_afresh(tiny_overri
     b = run_job(compose(fresh + ["method=context_distilled"]), [])
     assert b["final"]["judge_reward"] == a["final"]["judge_reward"]
     assert b["final"]["proxy_reward"] == a["final"]["proxy_reward"]
+    # the dataset's chosen responses are scored once per sweep's stages, and read back exactly
+    assert len(list((tmp_path / "fresh-cache" / "measured").glob("texts-*.json"))) == 1
+    chosen = [[(r["chosen_proxy_reward"], r["chosen_judge_reward"]) for r in map(json.loads, (
+        d / "runs" / "context_distilled_s0" / "samples.jsonl").read_text().splitlines())]
+        for d in (tmp_path / "sweep", tmp_path / "fresh")]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 24

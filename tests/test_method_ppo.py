@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from alignbench.config import ConfigError
 from alignbench.methods import method_config
@@ -22,6 +23,45 @@ def test_kl_penalized_rewards_per_token_with_score_at_last_response_token():
     # k1 per token = log π − log π0 = [0.5, −1, 0] and [0.2, −0.2, (pad)]; r = −0.1·k1, + score at the end
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [0.2, -0.2, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.1, 2.0], [-0.02, 0.02 - 1.0, 0.0]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(0, 3),
+                               st.floats(-5, 5, allow_nan=False)), min_size=1, max_size=4),
+       coef=st.floats(0, 1, allow_nan=False))
+def test_every_score_reaches_the_advantages_wherever_its_response_sits(rows, coef):
+    # issue 24 §1.7: a row with no response token put its score on a masked (prompt) position,
+    # which GAE zeroes: a −5 became 0. Every row now has ≥ 1 response token (the stop string's
+    # tokens are in PPO's sequences), and with γ = λ = 1 and no values, each row's advantages sum
+    # to its score minus its KL penalty: nothing lost, nothing leaked from the masked positions
+    width = max(p + r + pad for p, r, pad, _ in rows)
+    mask = torch.zeros(len(rows), width)
+    for i, (p, r, _, _) in enumerate(rows):
+        mask[i, p:p + r] = 1.0
+    logprobs, ref = torch.randn(len(rows), width), torch.randn(len(rows), width)
+    scores = torch.tensor([s for *_, s in rows])
+    rewards, kl = kl_penalized_rewards(logprobs, ref, scores, mask, kl_coef=coef)
+    adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    first = mask.argmax(-1)
+    expected = scores - coef * ((logprobs - ref) * mask).sum(-1)
+    assert torch.allclose(adv[torch.arange(len(rows)), first], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="no response token"):
+        kl_penalized_rewards(logprobs, ref, scores, torch.zeros_like(mask), kl_coef=coef)
+
+
+def test_a_response_that_is_only_the_stop_string_keeps_its_score_in_the_rollout():
+    from alignbench.sampling import SampleBatch
+    from alignbench.train import encode_samples, pad_batch
+    # row 0 said nothing before "\n\nHuman:" (3 stop tokens); row 1 ended with EOS (no stop tokens)
+    samples = SampleBatch(["a", "b"], ["", "ok"], [0, 1], 6, [[5, 6], [7]], [[], [8, 2]], [True, True], 1.0,
+                          stop_ids=[[9, 10, 11], []])
+    batch = pad_batch(encode_samples(samples, with_stop=True), pad_id=0)
+    mask = batch["response_mask"][:, 1:].float()
+    assert mask.sum(-1).tolist() == [3.0, 2.0]  # the policy's stop action is a response token to credit
+    assert [e.input_ids for e in encode_samples(samples)] == [[5, 6], [7, 8, 2]]  # measurement: as before
+    rewards, _ = kl_penalized_rewards(torch.zeros_like(mask), torch.zeros_like(mask), torch.tensor([-5.0, 1.0]),
+                                      mask, kl_coef=0.1)
+    assert rewards.sum(-1).tolist() == [-5.0, 1.0]
 
 
 def test_gae_three_tokens_gamma_1_lambda_half():
