@@ -194,12 +194,25 @@ def pm_table(sweep: Sweep) -> Table | None:
     return Table(["PM", "stage", *(c for _, c in cols)], rows)
 
 
+def tag_advantage(sweep: Sweep) -> list:
+    """A note when a serving-time method (best-of-n) chose with the two RMs under reward.tag=subset: it
+    read the TEST prompts' true harm tags, which the trained methods never saw (they were tagged on
+    their training prompts only), an advantage its row must be read with."""
+    served = sorted({run.config for run in sweep.ok_runs if run.metrics.get("family") == "best_of_n"
+                     and (run.metrics.get("reward") or {}).get("tag") == "subset"})
+    if not served:
+        return []
+    return [Note(f"{', '.join(served)}: best-of-n chose with the two RMs using the test prompts' true harm tags "
+                 "(reward.tag=subset), which the trained methods never saw (they saw tags on training prompts "
+                 "only): its rows carry that advantage. reward.tag=classifier (the safety PM decides) removes it.")]
+
+
 def safety_blocks(sweep: Sweep) -> list:
     """The section (none unless the sweep has a usable reward=safety_helpful run with safety rows)."""
     frame = safety_frame(sweep)
     if frame.empty or not (frame["reward"] == "safety_helpful").any():
         return []
-    blocks = [Heading(TITLE), Para(EXPLAIN), config_table(frame), *ppo_blocks(frame)]
+    blocks = [Heading(TITLE), Para(EXPLAIN), config_table(frame), *tag_advantage(sweep), *ppo_blocks(frame)]
     pms = pm_table(sweep)
     blocks += [Para("Held-out accuracy of the reward PMs and of the single proxy PM (the pairwise test split; a "
                     "reward PM's of its harm group only; gold accuracy leaves gold ties out; 95% Clopper–Pearson "
