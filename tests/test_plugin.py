@@ -1,5 +1,5 @@
 """A third-party method plugin, installed as a real distribution with its entry point, runs in a
-sweep next to the built-ins; and the README's worked example is exactly the plugin tested here."""
+sweep next to the built-ins; and the worked example in docs/methods.md is exactly the plugin tested here."""
 import json
 import os
 import re
@@ -15,9 +15,9 @@ from tests.conftest import REPO, TINY
 EXAMPLE = Path(__file__).parent / "plugin_example"
 
 
-def test_readme_example_is_the_tested_plugin():
-    readme = (REPO / "README.md").read_text()
-    shown = re.search(r"```python\n# my_sft/method.py\n(.*?)```", readme, re.S).group(1)
+def test_docs_example_is_the_tested_plugin():
+    page = (REPO / "docs" / "methods.md").read_text()
+    shown = re.search(r"```python\n# my_sft/method.py\n(.*?)```", page, re.S).group(1)
     assert shown in (EXAMPLE / "my_sft" / "method.py").read_text()
 
 

@@ -17,7 +17,7 @@ inside the proxy half, or a method would fit the judge's own labels:
 - evaluation: a seeded, subset-stratified sample of the prompts of ``eval.split``.
 
 The base LM and context distillation read unlabelled dialogue text (chosen and rejected
-transcripts, no label) of the whole training split, both halves: see the README.
+transcripts, no label) of the whole training split, both halves: see docs/data.md ("What each stage sees").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The README's worked example of a method plugin (kept identical to it by tests/test_plugin.py)."""
+"""The worked example of a method plugin in docs/methods.md (kept identical to it by tests/test_plugin.py)."""
 from dataclasses import dataclass
 
 from alignbench.config import opt
