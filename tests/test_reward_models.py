@@ -285,3 +285,17 @@ def test_report_section_compares_two_rm_ppo_with_single_rm_ppo(tmp_path):
     assert "0.800 \\[" in md and "n=50" in md  # the safety PM's held-out accuracy with its interval
     # no two-RM run: no section
     assert safety_blocks(Sweep(name="x", dir=tmp_path, runs=[r for r in runs if r.config == "ppo_rm1"])) == []
+
+
+@pytest.mark.parametrize("tag, noted", [("subset", True), ("classifier", False)])
+def test_best_of_n_reading_the_test_prompts_true_tags_is_noted_in_the_two_rm_section(tmp_path, tag, noted):
+    # issue 24 §1.9: reward.tag=subset hands a serving-time method the test prompts' harm tags
+    base = {"gold_harmless": 0.1, "gold_helpful": -0.5, "judge": -0.3, "violation_rate": 0.2,
+            "false_refusal_rate": 0.2}
+    runs = [_fake_run(tmp_path, "bon_rm2", family="best_of_n", kind="safety_helpful", seed=0, values=base),
+            _fake_run(tmp_path, "ppo_rm2", family="ppo", kind="safety_helpful", seed=0, values=base)]
+    for r in runs:
+        r.metrics["reward"]["tag"] = tag
+    md = to_markdown(safety_blocks(Sweep(name="x", dir=tmp_path, runs=runs)))
+    assert ("bon_rm2: best-of-n chose with the two RMs using the test prompts' true harm tags" in md) == noted
+    assert "ppo_rm2: best-of-n" not in md  # a trained method never read them
