@@ -25,7 +25,7 @@ from alignbench.eval.robustness import pairwise_agreement, rank_correlation
 from alignbench.cost import (ANNOTATE_USES, SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost,
                              forward_flops, train_flops)
 from alignbench.measured import MeasureMemo, Measured, fingerprint
-from alignbench.methods import point_steps
+from alignbench.log_points import point_steps
 from alignbench.models import count_params, disable_dropout, load_lm
 from alignbench.sampling import SampleBatch, sample
 from alignbench.stages.graph import SharedStages

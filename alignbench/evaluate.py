@@ -34,7 +34,7 @@ from alignbench.models import load_tokenizer, pick_device
 from alignbench.sampling import SampleBatch
 from alignbench.stages.access import (chosen_responses, eval_prompts, judge_kind, method_pairs, method_prompts,
                                      selection_prompts)
-from alignbench.stages.cache import same_weights
+from alignbench.cache import same_weights
 from alignbench.stages.graph import SharedStages, build_shared_stages
 from alignbench.stages.preference import PMScorer, SampleScorer, heldout_credits, pm_label, pm_variant
 from alignbench.stages.reward import reward_pms, reward_record, reward_scorer

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from alignbench.sampling import SampleBatch
-from alignbench.stages.cache import stable_hash, write_json_atomic
+from alignbench.cache import stable_hash, write_json_atomic
 
 log = logging.getLogger(__name__)
 MEASURE_VERSION = 1  # bump when the sampler, the scorers or the KL estimators change what a point reads

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -80,25 +79,6 @@ class Method:
         """Measurement hooks ``hook(ctx, model, samples) -> dict`` the runner adds to ``ctx.point_hooks``
         before π0's point, so that every point of the run carries what they measure (none by default)."""
         return []
-
-
-def log_steps(planned_steps: int, n_points: int) -> set[int]:
-    """The 1-based optimiser steps at which a run of ``planned_steps`` logs ``n_points`` evenly spread
-    (KL, reward) points: s_i = ceil(i·S/n) for i = 1..n (S = planned_steps), so the last is S itself;
-    every step when S ≤ n. Spacing over the PLANNED steps keeps the points where the run would put
-    them even when a budget stops it early."""
-    if planned_steps <= 0:
-        return set()
-    return {math.ceil(i * planned_steps / n_points) for i in range(1, n_points + 1)}
-
-
-def point_steps(method_cfg: Any, planned_steps: int, n_points: int) -> set[int]:
-    """Where a method logs: every ``method.eval_every`` steps when that is set (an explicit choice is
-    honoured), else ``log_steps(planned_steps, n_points)`` (train.log_points)."""
-    every = getattr(method_cfg, "eval_every", None)
-    if every:
-        return set(range(every, planned_steps + 1, every))
-    return log_steps(planned_steps, n_points)
 
 
 # --------------------------------------------------------------------------- registry

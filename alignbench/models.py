@@ -25,7 +25,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from alignbench.config import ConfigError, ModelConfig
 from alignbench.lora import save_pretrained_here
-from alignbench.stages.cache import Artifact, build_stage, resolve_model_dir
+from alignbench.cache import Artifact, build_stage, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
 
 def load_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A causal LM written by a stage (safetensors only; no remote code); a stage that points at
-    another's files is read from there (``stages.cache.resolve_model_dir``)."""
+    another's files is read from there (``alignbench.cache.resolve_model_dir``)."""
     return AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=dtype, use_safetensors=True)
 
 

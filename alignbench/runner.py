@@ -30,7 +30,7 @@ from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.methods import PolicyArtifact, get_method, method_config
 from alignbench.models import pick_device, set_threads
 from alignbench.precision import check_precision, precision_scope
-from alignbench.stages.cache import write_json_atomic
+from alignbench.cache import write_json_atomic
 from alignbench.subruns import SUBRUNS_DIR
 from alignbench.walltime import RunClock, RunTimes, stage_times
 

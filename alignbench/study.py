@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import yaml
 
 from alignbench.config import ConfigError
-from alignbench.stages.cache import stable_hash, write_json_atomic
+from alignbench.cache import stable_hash, write_json_atomic
 
 STUDY_FILE = "study.json"
 KINDS = ("stages", "sweep", "report")

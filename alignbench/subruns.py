@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from alignbench.stages.cache import write_json_atomic
+from alignbench.cache import write_json_atomic
 
 if TYPE_CHECKING:  # annotations only
     from alignbench.context import RunContext

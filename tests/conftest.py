@@ -68,7 +68,7 @@ def shared_data(*parts: str) -> Path:
 def shared_dir(tmp_path_factory, name: str) -> Path:
     """A directory of this test session that every xdist worker shares (one per worker would build
     each stage once per worker). Stage caches are safe to share: a stage is built under its lock by
-    whichever process comes first and read by the others (``alignbench.stages.cache.build_stage``)."""
+    whichever process comes first and read by the others (``alignbench.cache.build_stage``)."""
     root = tmp_path_factory.getbasetemp()
     path = (root.parent if XDIST_WORKER else root) / name
     path.mkdir(exist_ok=True)

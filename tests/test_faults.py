@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alignbench.stages.cache import build_stage
+from alignbench.cache import build_stage
 from tests.conftest import TINY
 from tests.test_plugin import _env, plugin_site  # noqa: F401 (fixture)
 

@@ -16,7 +16,7 @@ from alignbench.methods import method_config
 from alignbench.models import TINY_CLASSES, count_params, tiny_config as arch_config, train_tokenizer
 from alignbench.runner import run_job
 from alignbench.stages.base import model_key
-from alignbench.stages.cache import lora_key
+from alignbench.cache import lora_key
 from alignbench.stages.graph import build_shared_stages
 from alignbench.train import make_optimizer
 from methods.dpo import DPO

@@ -11,7 +11,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
 from alignbench.eval.diversity import distinct_n, self_bleu, tokens
 from alignbench.eval.robustness import pairwise_agreement, rank_correlation
-from alignbench.methods import log_steps, point_steps
+from alignbench.log_points import log_steps, point_steps
 from alignbench.runner import config_id_for, run_id_for, run_job, validate
 
 

@@ -18,7 +18,7 @@ from alignbench.eval.gatt import adherence_by_turn
 from alignbench.report.gatt import adherence_table, by_config, claim_paragraphs
 from alignbench.models import train_tokenizer
 from alignbench.runner import run_job
-from alignbench.stages.cache import data_key
+from alignbench.cache import data_key
 from alignbench.stages.gatt import IGNORE, gatt_example, pick_reply, sampling_prompt, training_transcript
 from alignbench.stages.graph import build_shared_stages
 

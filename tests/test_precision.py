@@ -15,7 +15,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.precision import check_precision, cpu_flags, has_native_bf16, precision_scope
 from alignbench.runner import run_job
-from alignbench.stages.cache import read_record
+from alignbench.cache import read_record
 
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\nbugs\t\t: none\n"
 SAPPHIRE = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

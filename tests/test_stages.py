@@ -12,7 +12,7 @@ from alignbench.cli import compose
 from alignbench.config import ModelConfig, to_config
 from alignbench.models import load_lm, tiny_lm, train_tokenizer
 from alignbench.stages.base import build_base
-from alignbench.stages.cache import Artifact, build_stage, read_record
+from alignbench.cache import Artifact, build_stage, read_record
 from alignbench.stages.distill import build_pi0
 from alignbench.stages.distill import topk_distill_loss
 from alignbench.stages.graph import SharedStages, build_shared_stages

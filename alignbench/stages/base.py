@@ -14,7 +14,7 @@ from alignbench.data import load_data, pairwise_config
 from alignbench.formats import check_format, set_chat_template
 from alignbench.models import (PAD_IS_EOS, count_params, gguf_stage, load_pretrained_lm, load_tokenizer, pick_device,
                                tiny_lm, train_tokenizer)
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, pointer_to, precision_key
+from alignbench.cache import Artifact, build_stage, data_key, format_key, pointer_to, precision_key
 from alignbench.stages.prompts import hhh_prompt
 from alignbench.tracking import Tracker
 from alignbench.train import batch_schedule, encode_dialogue, lm_loss, pad_batch, supervised_loop
@@ -44,9 +44,9 @@ def model_key(mc) -> dict:
     """The model config as part of a stage key. ``arch`` is left out at its default (llama), so
     the keys (and caches) of every Llama run made before the key existed stay valid. ``peft``,
     ``lora`` and ``trainable_layers`` are left out too: they shape the later stages' training only
-    (π0 and the PMs add them to their own keys, ``stages.cache.lora_key``), so the base LM is the
+    (π0 and the PMs add them to their own keys, ``alignbench.cache.lora_key``), so the base LM is the
     same with or without them;
-    ``chat_template`` is part of ``stages.cache.format_key``."""
+    ``chat_template`` is part of ``alignbench.cache.format_key``."""
     key = {k: v for k, v in dataclasses.asdict(mc).items()
            if k not in ("peft", "lora", "trainable_layers", "chat_template")}
     if key["arch"] == "llama":

@@ -23,7 +23,7 @@ from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
 from alignbench.stages.base import dialogue_corpus, mean_nll
 from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, pointer_to, precision_key
+from alignbench.cache import Artifact, build_stage, data_key, format_key, lora_key, pointer_to, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.tracking import Tracker
 from alignbench.train import Encoded, batch_schedule, encode_chosen, lm_loss, pad_batch, selected_logits, supervised_loop

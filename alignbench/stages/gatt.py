@@ -27,7 +27,7 @@ from alignbench.data.instructions import HUMAN_TAG, TRAIN_INSTRUCTIONS, check_in
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.sampling import sample
 from alignbench.stages.access import method_prompts
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
+from alignbench.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.tracking import Tracker
 from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
 

@@ -23,7 +23,7 @@ from alignbench.data.hh import check_hh_folder
 from alignbench.models import check_gguf
 from alignbench.stages.access import judge_kind, pm_parts
 from alignbench.stages.base import build_base
-from alignbench.stages.cache import Artifact
+from alignbench.cache import Artifact
 from alignbench.stages.distill import build_pi0
 from alignbench.stages.gatt import build_gatt_pi0, check_gatt
 from alignbench.stages.preference import build_pm, check_judgements

@@ -32,7 +32,7 @@ from alignbench.eval import pm_accuracy
 from alignbench.formats import end_of_turn_id
 from alignbench.models import load_lm, load_pm, load_tokenizer, pick_device, pm_from_lm
 from alignbench.stages.access import ACCESS_RULES, pm_pairs, pm_parts, pmp_pairs, whitening_pairs
-from alignbench.stages.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
+from alignbench.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.stages.pm_objectives import (Ranked, classifier_loss, element_weights, first_judgements,
                                              pairwise_loss, ranked_batch, ranking_loss, score_matrix,
                                              training_elements)

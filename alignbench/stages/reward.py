@@ -19,7 +19,7 @@ from alignbench.config import Config, ConfigError
 from alignbench.data import load_data
 from alignbench.data.types import harm_group
 from alignbench.stages.access import pm_pairs, pm_parts
-from alignbench.stages.cache import Artifact
+from alignbench.cache import Artifact
 from alignbench.stages.preference import PMScorer, build_pm, heldout_credits, stage_scorer
 
 # what tag=classifier asks the safety PM to compare on a prompt (a refusal against a compliance)

@@ -29,7 +29,7 @@ from alignbench.data.types import harm_group
 from alignbench.models import load_lm, load_tokenizer, pick_device
 from alignbench.sampling import sample
 from alignbench.stages.access import ACCESS_RULES, judge_kind, method_pairs
-from alignbench.stages.cache import Artifact, build_stage, read_record, data_key, format_key, lora_key, precision_key
+from alignbench.cache import Artifact, build_stage, read_record, data_key, format_key, lora_key, precision_key
 from alignbench.stages.preference import stage_scorer
 from alignbench.stages.prompts import safety_preprompt
 from alignbench.tracking import Tracker
