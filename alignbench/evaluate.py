@@ -26,7 +26,8 @@ from alignbench.eval import pm_accuracy
 from alignbench.eval.gatt import gatt_rows
 from alignbench.eval.safety import safety_rows
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
-from alignbench.evaluate_samples import chosen_scores, method_family, selection, temperature_rows, win_rate_row
+from alignbench.evaluate_samples import (chosen_scores, method_family, policy_draw, selection, temperature_rows,
+                                         win_rate_row)
 from alignbench.formats import check_format
 from alignbench.cost import Budget
 from alignbench.methods import PolicyArtifact
@@ -135,7 +136,7 @@ def final_evaluation(ctx: RunContext, artifact: PolicyArtifact, config_id: Optio
                                  ident=ident)
     if ctx.judge_name == "gold":  # hh_synth: the gold reward's safety and helpfulness parts apart
         rows += safety_rows(prompts, responses, n_boot=cfg.eval.bootstrap, boot_seed=cfg.seed, **ident)
-    rows += gatt_rows(ctx, artifact, model, ident)  # adherence by turn when the data has system instructions
+    rows += gatt_rows(ctx, policy_draw(ctx, artifact, model), ident)  # adherence by turn (system instructions)
     rows += pm_rows(ctx)
     rows += nlp_task_rows(ctx, artifact, ident)
     write_rows(ctx.out_dir / "results.csv", rows)

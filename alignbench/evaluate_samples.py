@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -67,6 +67,13 @@ def draw(ctx: RunContext, artifact: PolicyArtifact, model, prompts: list[str], n
     if not takes_temperature(artifact.sampler):
         return None
     return artifact.sampler([p for p in prompts for _ in range(n)], seed, temperature=temperature)
+
+
+def policy_draw(ctx: RunContext, artifact: PolicyArtifact, model) -> Callable:
+    """The run's policy as one ``draw(prompts, n, temperature, seed)`` (``draw``), for evaluators that
+    must not know whether it is weights or a sampler."""
+    return lambda prompts, n, temperature, seed: draw(ctx, artifact, model, prompts=prompts, n=n,
+                                                      temperature=temperature, seed=seed)
 
 
 def chosen_scores(ctx: RunContext) -> tuple[list[float], list[float]]:

@@ -8,8 +8,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import random
 from dataclasses import dataclass
 
+from alignbench.config import DataConfig, SynthConfig
+from alignbench.data.hh import load_hh_rlhf
+from alignbench.data.splits import data_stats, split_pairs
+from alignbench.data.synth import generate_hh_synth
 from alignbench.data.types import BAD_ROW_REASONS, DataError, PreferencePair, RejectedRow
 
 __all__ = ["DataBundle", "load_data", "pairwise_config", "PreferencePair", "RejectedRow", "DataError", "BAD_ROW_REASONS"]
@@ -41,21 +46,14 @@ def load_data(cfg) -> DataBundle:
 
 @functools.lru_cache(maxsize=4)
 def _load(cfg_json: str) -> DataBundle:
-    from alignbench.config import DataConfig
-    from alignbench.data.splits import data_stats, split_pairs
-    from alignbench.data.synth import SynthConfig
-
     raw = json.loads(cfg_json)
     raw["synth"] = SynthConfig(**raw["synth"])
     cfg = DataConfig(**raw)
     if cfg.name == "hh_synth":
-        from alignbench.data.synth import generate_hh_synth
         pairs, rejected = generate_hh_synth(cfg.synth), []
     else:
-        from alignbench.data.hh import load_hh_rlhf
         pairs, rejected = load_hh_rlhf(cfg.path, list(cfg.subsets), list(cfg.source_splits), cfg.bad_rows)
     if cfg.max_pairs and cfg.max_pairs < len(pairs):  # a seeded sample across subsets, in file order
-        import random
         keep = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.max_pairs))
         pairs = [p for i, p in enumerate(pairs) if i in keep]
     splits = split_pairs(pairs, dict(cfg.split), cfg.seed)

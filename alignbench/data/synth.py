@@ -44,6 +44,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from alignbench.config import SynthConfig  # noqa: F401 - the generator's config, read from here too
 from alignbench.data.hh import ASSISTANT_TAG, parse_transcript
 from alignbench.data.instructions import draw_instruction, instruct_data_prompt, strip_instruction
 from alignbench.data.types import DataError, PreferencePair
@@ -611,64 +612,6 @@ class GoldReward:
 # --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
-
-
-# K of a ranked dataset (data.synth.rank_k): InstructGPT's labellers ranked 4 to 9 responses.
-RANK_K_MIN, RANK_K_MAX = 4, 9
-
-
-@dataclass
-class SynthConfig:
-    """Config of the embedded ``hh_synth`` dataset (Hydra group ``data.synth``)."""
-
-    n_pairs: int = 6000
-    # T in the Bradley-Terry label draw; 2.0 makes labels agree with the gold ordering on ~72% of
-    # pairs (seed 0: 0.719), about as often as HH labels agree with a strong PM.
-    noise_temperature: float = 2.0
-    spurious_strength: float = 1.0  # s: label-only bonus per stock-phrase occurrence
-    seed: int = 0
-    harmless_fraction: float = 0.3  # share of dialogues whose last turn is a harmful request
-    max_turns: int = 3
-    edgy_fraction: float = 0.2  # share of helpful dialogues whose last turn is an edgy request
-    dependent_fraction: float = 0.5  # chance that a turn refers back to the previous one
-    # K responses per prompt ranked by the annotator model (InstructGPT's ranking data), or None for
-    # pairs; ranked data keeps chosen/rejected = best/worst and the ranking in meta (``_make_ranking``)
-    rank_k: int | None = None
-    # a share of the multi-turn dialogues open with a checkable system instruction (Ghost Attention's
-    # data, alignbench.data.instructions); the first reply follows it, later ones ignore it
-    system_instructions: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.system_instructions, bool):
-            raise ValueError(f"data.synth.system_instructions must be true or false, got {self.system_instructions!r}")
-        if self.system_instructions and self.max_turns < 2:
-            raise ValueError("data.synth.system_instructions: needs data.synth.max_turns >= 2 (only multi-turn "
-                             "dialogues get an instruction)")
-        for key in ("n_pairs", "seed", "max_turns"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"data.synth.{key} must be an integer, got {value!r}")
-        for key in ("noise_temperature", "spurious_strength", "harmless_fraction", "edgy_fraction",
-                    "dependent_fraction"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"data.synth.{key} must be a finite number, got {value!r}")
-        if self.n_pairs < 1:
-            raise ValueError(f"data.synth.n_pairs must be >= 1, got {self.n_pairs}")
-        if not 1 <= self.max_turns <= 4:
-            raise ValueError(f"data.synth.max_turns must be in [1, 4] (longer dialogues exceed the "
-                             f"~600-character budget), got {self.max_turns}")
-        if self.noise_temperature <= 0:
-            raise ValueError(f"data.synth.noise_temperature must be > 0, got {self.noise_temperature}")
-        if self.spurious_strength < 0:
-            raise ValueError(f"data.synth.spurious_strength must be >= 0, got {self.spurious_strength}")
-        for key in ("harmless_fraction", "edgy_fraction", "dependent_fraction"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"data.synth.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.rank_k is not None and (isinstance(self.rank_k, bool) or not isinstance(self.rank_k, int)
-                                        or not RANK_K_MIN <= self.rank_k <= RANK_K_MAX):
-            raise ValueError(f"data.synth.rank_k: must be null (pairs) or an integer in [{RANK_K_MIN}, {RANK_K_MAX}] "
-                             f"(InstructGPT's K), got {self.rank_k!r}")
 
 
 @dataclass

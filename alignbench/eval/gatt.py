@@ -19,7 +19,6 @@ import logging
 from alignbench.data import load_data
 from alignbench.data.instructions import HUMAN_TAG, check_instruction, heldout_instruction
 from alignbench.eval.stats import bootstrap_ci, make_row
-from alignbench.evaluate_samples import draw
 from alignbench.sampling import SampleBatch
 from alignbench.stages.gatt import has_instructions, training_transcript, user_turns
 
@@ -45,10 +44,11 @@ def eval_dialogues(cfg) -> list[tuple[str, list[str]]]:
     return [(heldout_instruction(cfg.data.seed, i), user_turns(p)) for i, p in enumerate(picked)]
 
 
-def gatt_rows(ctx, artifact, model, ident: dict) -> list[dict]:
-    """Adherence rows of the run's policy (weights ``model``, or the artifact's sampler), written
-    with its replies to gatt_samples.jsonl; [] without system instructions in the data or when an
-    inference-time policy's sampler takes no temperature."""
+def gatt_rows(ctx, draw, ident: dict) -> list[dict]:
+    """Adherence rows of the run's policy, written with its replies to gatt_samples.jsonl; [] without
+    system instructions in the data or when the policy cannot be drawn from at a temperature.
+    ``draw(prompts, n, temperature, seed)``: the policy's samples (a SampleBatch or texts), or None
+    (``evaluate_samples.policy_draw``)."""
     cfg = ctx.cfg
     if not has_instructions(cfg):
         return []
@@ -57,8 +57,7 @@ def gatt_rows(ctx, artifact, model, ident: dict) -> list[dict]:
     for t in range(cfg.data.synth.max_turns):
         prompts = [training_transcript(inst, users[: t + 1], replies[i] + [""])[0]
                    for i, (inst, users) in enumerate(dialogues)]
-        out = draw(ctx, artifact, model, prompts=prompts, n=1, temperature=cfg.eval.temperature,
-                   seed=ctx.seed + GATT_EVAL_SEED_OFFSET + t)
+        out = draw(prompts, 1, cfg.eval.temperature, ctx.seed + GATT_EVAL_SEED_OFFSET + t)
         if out is None:
             log.info("gatt adherence: %s's sampler takes no temperature; skipped", ident.get("config"))
             return []
