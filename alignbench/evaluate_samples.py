@@ -21,11 +21,15 @@ from typing import Callable, Optional
 import numpy as np
 
 from alignbench.context import RunContext, kl_estimates
+from alignbench.data import load_data
+from alignbench.data.instructions import HUMAN_TAG, check_instruction, heldout_instruction
 from alignbench.eval.diversity import distinct_n, self_bleu
+from alignbench.eval.gatt import adherence_by_turn
 from alignbench.eval.stats import bootstrap_ci, make_row
 from alignbench.eval.win_rate import outcomes as win_outcomes  # 1 win, 0.5 tie, 0 loss per prompt
 from alignbench.methods import PolicyArtifact
 from alignbench.sampling import SampleBatch
+from alignbench.stages.gatt import has_instructions, training_transcript, user_turns
 
 log = logging.getLogger(__name__)
 TEMPERATURE_SEED_OFFSET = 30_011  # one stream for every temperature: common random numbers across T
@@ -145,3 +149,47 @@ def selection(ctx: RunContext, artifact: PolicyArtifact, model) -> Optional[dict
     proxy, judge = ctx.score_free(out) if isinstance(out, SampleBatch) else ctx.score_free(prompts, list(out))
     return {"split": "eval", "n": len(prompts), "judge_reward": float(np.mean(judge)),
             "proxy_reward": float(np.mean(proxy)), "kl": kl, "judge_rewards": judge}
+
+
+GATT_EVAL_SEED_OFFSET = 60_013  # the GAtt adherence samples' stream (turn k adds k)
+
+
+def eval_dialogues(cfg) -> list[tuple[str, list[str]]]:
+    """(HELD-OUT instruction, user turns) of the eval-split dialogues with max_turns Human turns."""
+    prompts = dict.fromkeys(p.prompt for p in load_data(cfg.data).splits["eval"]
+                            if p.prompt.count(HUMAN_TAG) == cfg.data.synth.max_turns)
+    picked = list(prompts)[: cfg.eval.n_prompts]
+    return [(heldout_instruction(cfg.data.seed, i), user_turns(p)) for i, p in enumerate(picked)]
+
+
+def gatt_rows(ctx: RunContext, draw: Callable, ident: dict) -> list[dict]:
+    """Adherence rows of the run's policy, written with its replies to gatt_samples.jsonl; [] without
+    system instructions in the data or when the policy cannot be drawn from at a temperature.
+    ``draw(prompts, n, temperature, seed)``: the policy's samples (a SampleBatch or texts), or None
+    (``evaluate_samples.policy_draw``)."""
+    cfg = ctx.cfg
+    if not has_instructions(cfg):
+        return []
+    dialogues = eval_dialogues(cfg)
+    replies: list[list[str]] = [[] for _ in dialogues]
+    for t in range(cfg.data.synth.max_turns):
+        prompts = [training_transcript(inst, users[: t + 1], replies[i] + [""])[0]
+                   for i, (inst, users) in enumerate(dialogues)]
+        out = draw(prompts, 1, cfg.eval.temperature, ctx.seed + GATT_EVAL_SEED_OFFSET + t)
+        if out is None:
+            log.info("gatt adherence: %s's sampler takes no temperature; skipped", ident.get("config"))
+            return []
+        texts = out.responses if isinstance(out, SampleBatch) else list(out)
+        for i, text in enumerate(texts):
+            replies[i].append(" " + text.strip())
+    follows = [[check_instruction(inst, r) for r in rs] for (inst, _), rs in zip(dialogues, replies)]
+    with open(ctx.out_dir / "gatt_samples.jsonl", "w") as f:
+        for i, ((inst, users), rs, ok) in enumerate(zip(dialogues, replies, follows)):
+            f.write(json.dumps({"dialogue": i, "instruction": inst, "users": users, "replies": rs,
+                                "follows": ok}) + "\n")
+    rows = []
+    for k, values in adherence_by_turn(follows).items():
+        v, lo, hi = bootstrap_ci(values, n_boot=cfg.eval.bootstrap, seed=cfg.seed)
+        rows.append(make_row(evaluator="gatt", metric="adherence", slice=f"turn:{k}", value=v, ci_low=lo,
+                             ci_high=hi, n=len(values), **ident))
+    return rows
