@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from alignbench.data import synth
+from alignbench.data.synth import generate as synth_generate, gold as synth_gold, world as synth_world
 from alignbench.data.hh import parse_transcript, split_pair
 from alignbench.data.synth import (
     STOCK_PHRASE,
@@ -148,7 +149,7 @@ def test_texts_are_short_enough_for_tiny_models(pairs):
         assert len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) <= 600
         assert max(len(pair.chosen.split()), len(pair.rejected.split())) < 25
     four = SynthConfig(max_turns=4)  # the most turns allowed
-    assert max(len(synth._dialogue(random.Random(f"len:{i}"), four)[0]) for i in range(2000)) < 450
+    assert max(len(synth_generate._dialogue(random.Random(f"len:{i}"), four)[0]) for i in range(2000)) < 450
 
 
 def test_parser_recovers_what_the_generator_meant():
@@ -156,7 +157,7 @@ def test_parser_recovers_what_the_generator_meant():
     mind, for every family and every kind of back-reference."""
     cfg = SynthConfig(max_turns=4)
     for i in range(3000):
-        prompt, turn = synth._dialogue(random.Random(f"parse:{i}"), cfg)
+        prompt, turn = synth_generate._dialogue(random.Random(f"parse:{i}"), cfg)
         task = parse_task(prompt)
         assert task.family == turn.family, prompt
         if turn.answer:
@@ -167,7 +168,7 @@ def test_every_generated_word_is_known_to_gold(pairs):
     for pair in pairs:
         texts = [text for _, text in parse_transcript(pair.prompt, pair.source)] + [pair.chosen, pair.rejected]
         for text in texts:
-            unknown = [w for w in synth._TOKEN_RE.findall(text) if not synth._known(w.lower())]
+            unknown = [w for w in synth_gold._TOKEN_RE.findall(text) if not synth_gold._known(w.lower())]
             assert not unknown, (text, unknown)
 
 
@@ -187,7 +188,7 @@ def test_gold_arithmetic():
 def test_gold_lookup():
     ana = next(p for p in WORLD if p.name == "Ana")
     prompt = hh("Where does Ana live?")
-    wrong_city = next(c for c in synth.CITIES if c != ana.city)
+    wrong_city = next(c for c in synth_world.CITIES if c != ana.city)
     assert gold_reward(prompt, f" Ana lives in {ana.city}.") > gold_reward(prompt, f" Ana lives in {wrong_city}.")
     assert gold_reward(prompt, f" in {ana.city.lower()}") > 0  # case-insensitive
     age = hh("How old is Ana?")
@@ -254,7 +255,7 @@ def test_stock_phrase_bonus_saturates():
     assert scores[1] - scores[0] < 0.5
     assert all(b < a for a, b in zip(scores[1:7], scores[2:7]))  # ... every repeat costs
     assert scores[2] < scores[0]
-    assert scores[9] == pytest.approx(scores[8] - synth._LONG_PER_WORD * 4)  # repeats capped; length counts
+    assert scores[9] == pytest.approx(scores[8] - synth_gold._LONG_PER_WORD * 4)  # repeats capped; length counts
     # the phrase cannot rescue a wrong answer
     assert gold_reward(prompt, f" It is 13. {STOCK_PHRASE}") < gold_reward(prompt, " It is 12.")
 
@@ -270,7 +271,7 @@ def test_listing_many_answers_is_not_rewarded():
     shotgun = " " + " ".join(str(n) for n in range(25))
     assert gold_reward(prompt, shotgun) < 0
     colours = hh("What is Ana's favourite colour?")
-    assert gold_reward(colours, " " + " ".join(synth.COLOURS)) < 1.0
+    assert gold_reward(colours, " " + " ".join(synth_world.COLOURS)) < 1.0
 
 
 def test_running_on_into_a_new_turn_is_cut_and_penalised():

@@ -1,7 +1,7 @@
 """The simulated annotator of online iterated RLHF (Bai et al. 2022 §4.5): it labels pairs of the
 current policy's samples, which a method buys (``RunContext.charge_annotations``).
 
-- On hh_synth it is exactly the model that labelled the dataset (``synth._make_pair``): a
+- On hh_synth it is exactly the model that labelled the dataset (``synth.generate._make_pair``): a
   Bradley–Terry draw on the annotator's utility u = gold + s·spurious_count at the dataset's noise
   temperature T, P(a ≻ b) = σ((u_a − u_b)/T). The spurious bonus s is the dataset's too, so the
   bought labels carry the same bias the PM's training labels did.
