@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignbench.bench import bound_fraction, main, markdown, summary
-from alignbench.bench_core import (Side, arithmetic_bound, batch_digest, decode_matmul_shape, mfu, padding_fraction,
+from alignbench.bench.core import (Side, arithmetic_bound, batch_digest, decode_matmul_shape, mfu, padding_fraction,
                                    peak_bf16_flops, real_tokens, sampled_tokens, select)
 from alignbench.precision import native_bf16
 from tests.conftest import shared_data

@@ -16,7 +16,7 @@ options, on the same weights, batches, batch size, max length, learning rate and
                 (top_k=0, top_p=1), left-padded prompts, HF's KV cache.
     train-loop  a plain PyTorch loop: HF's ``labels`` loss, AdamW, grad clipping.
 
-Both TRL trainers get the rows pre-tokenised from our encodings (``bench_core.PairWork``): TRL
+Both TRL trainers get the rows pre-tokenised from our encodings (``bench.core.PairWork``): TRL
 would tokenise prompt+response as one string, which can merge tokens across the boundary and make
 the two sides train on different ids. DPOTrainer has no pre-tokenised input, so ``_PreTokenizedDPO``
 skips its ``_prepare_dataset``; RewardTrainer accepts ``chosen_ids``/``rejected_ids`` as they are.
@@ -32,7 +32,7 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from alignbench.bench_core import PeakMemory, Setup, Side, copy_model, lm_sequences, model_dir, \
+from alignbench.bench.core import PeakMemory, Setup, Side, copy_model, lm_sequences, model_dir, \
     sampled_tokens, steps, sync, work
 from alignbench import formats
 from alignbench.models import count_params, pm_from_lm

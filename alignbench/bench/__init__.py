@@ -8,10 +8,10 @@
                 batch, max_new_tokens, plain multinomial sampling: top_k=0, top_p=1)
     train-loop  alignbench.train.supervised_loop vs a plain PyTorch loop (same LM batches, AdamW)
     all         the four above
-    ppo         PPO update steps on their own (no peer): see alignbench.bench_memory
+    ppo         PPO update steps on their own (no peer): see alignbench.bench.memory
 
-How the peers are configured: ``alignbench.bench_peers``. What the batches are, how real tokens,
-``padding_fraction``, ``batch_sha`` and ``mfu`` are defined: ``alignbench.bench_core``. Both sides
+How the peers are configured: ``alignbench.bench.peers``. What the batches are, how real tokens,
+``padding_fraction``, ``batch_sha`` and ``mfu`` are defined: ``alignbench.bench.core``. Both sides
 train on the same weights, batches (``--data hh_synth`` or ``hh_rlhf --data-path DIR``: seeded
 random items that fit ``--max-len`` untruncated), batch size, max length, steps, learning rate and
 precision: ``--precision fp32|bf16`` (default fp32 on CPU, bf16 mixed precision on CUDA); bf16 is
@@ -59,11 +59,11 @@ import torch
 from transformers import AutoConfig
 
 from alignbench import packing
-from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, arithmetic_bound, build_setup, copy_model,
+from alignbench.bench.core import (BenchError, PeakMemory, Setup, Side, arithmetic_bound, build_setup, copy_model,
                                    decode_matmul_shape, hh_files, lm_sequences, mfu, padding_fraction, steps,
                                    sync, work)
-from alignbench.bench_memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
-from alignbench.bench_peers import dpo_trl, generate_hf, loop_plain, pm_trl
+from alignbench.bench.memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
+from alignbench.bench.peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.models import pick_device
 from alignbench.precision import native_bf16
@@ -177,7 +177,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def bound_fraction(side: dict, what: str, bound_gflops: Optional[float]) -> Optional[float]:
-    """k·N · tokens/s / the measured matmul bound (``bench_core.arithmetic_bound``; k = 2 generate,
+    """k·N · tokens/s / the measured matmul bound (``bench.core.arithmetic_bound``; k = 2 generate,
     6 a training step): the share of the machine's arithmetic the side turns into model FLOPs."""
     if not bound_gflops:
         return None
@@ -186,7 +186,7 @@ def bound_fraction(side: dict, what: str, bound_gflops: Optional[float]) -> Opti
 
 def summary(what: str, sides: list[dict], bound: Optional[dict] = None) -> dict:
     """The benchmark's one summary line from its side rows (peer fields null without a peer);
-    ``bound``: the machine's measured matmul FLOP/s (``bench_core.arithmetic_bound``), for the bound fractions."""
+    ``bound``: the machine's measured matmul FLOP/s (``bench.core.arithmetic_bound``), for the bound fractions."""
     ours, peer = sides[0], (sides[1] if len(sides) > 1 else None)
     get = (lambda k: None) if peer is None else peer.get  # noqa: E731
     ratio = None if peer is None else round(ours["tokens_per_s"] / max(peer["tokens_per_s"], 1e-9), 3)
@@ -317,7 +317,7 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
 
 def measure_bound(args: argparse.Namespace, setup: Optional[Setup]) -> dict:
     """The arithmetic bound of this machine at the bench's thread count: fp32 and bf16 FLOP/s of a
-    decode step's MLP matmul at the bench's batch size (``bench_core.decode_matmul_shape``)."""
+    decode step's MLP matmul at the bench's batch size (``bench.core.decode_matmul_shape``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if setup is not None and setup.model is not None:

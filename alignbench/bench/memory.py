@@ -1,4 +1,4 @@
-"""`alignbench bench pm|ppo` on our side (the pm peer is in ``bench_peers``), the --model/--lora/
+"""`alignbench bench pm|ppo` on our side (the pm peer is in ``bench.peers``), the --model/--lora/
 --trainable-layers/--grad-ckpt options every training benchmark shares: training steps of one real
 model, tokens/s and peak memory, with and without LoRA, a frozen trunk and gradient checkpointing.
 
@@ -14,7 +14,7 @@ model, tokens/s and peak memory, with and without LoRA, a frozen trunk and gradi
 the stage cache exactly as ``alignbench fetch-model smollm2`` does (``models.convert_gguf`` under
 $ALIGNBENCH_CACHE, default paths.cache_dir = .cache/alignbench), so both find the same directory;
 any other value is a local ``save_pretrained`` directory. Peak memory is that of
-``bench_core.PeakMemory``, and ``process_maxrss_mb`` is the process's whole peak resident set, the
+``bench.core.PeakMemory``, and ``process_maxrss_mb`` is the process's whole peak resident set, the
 figure to hold against a machine's RAM.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from alignbench import freeze, lora
-from alignbench.bench_core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, steps,
+from alignbench.bench.core import (BenchError, PeakMemory, Setup, Side, copy_model, model_dir, steps,
                                    sync, work)
 from alignbench.config import ConfigError, LoraConfig, ModelConfig, PathsConfig
 from alignbench.models import convert_gguf, count_params, pm_from_lm, smollm2_gguf
