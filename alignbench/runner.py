@@ -168,7 +168,7 @@ def _clear_incomplete(run_dir: Path) -> None:
 
 
 def _train_and_evaluate(cfg: Config, mcfg, method_cls, run_dir: Path, dist: Dist, config_id: str) -> dict:
-    from alignbench.evaluate import build_context, final_evaluation
+    from alignbench.run_evaluation import build_context, final_evaluation
     from alignbench.stages.graph import build_shared_stages
     set_threads(cfg.train.num_threads)
     maybe_fix_mmap_threshold(cfg.model.kind != "tiny")  # a pretrained model fragments the heap

@@ -24,7 +24,7 @@ from typing import Any, List
 from omegaconf import OmegaConf
 
 from alignbench.config import ConfigError, opt
-from alignbench.evaluate_samples import method_family
+from alignbench.policy_measures import method_family
 from alignbench.methods import Method, MethodConfig, PolicyArtifact, get_method, nested_method_config
 from alignbench.subruns import SubRun, resume_subruns
 

@@ -13,7 +13,7 @@ import torch
 from alignbench.cli import compose
 from alignbench.context import RunContext
 from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetExceeded, Cost, forward_flops, train_flops
-from alignbench.evaluate import build_context
+from alignbench.run_evaluation import build_context
 from alignbench.models import count_params
 from alignbench.runner import run_job, validate
 from alignbench.train import encode

@@ -16,8 +16,8 @@ from alignbench.chain import add_cost, check_source, resolve_run_dir
 from alignbench.cli import compose
 from alignbench.config import ConfigError
 from alignbench.cost import Cost
-from alignbench.evaluate import build_context
-from alignbench.evaluate_samples import method_family
+from alignbench.run_evaluation import build_context
+from alignbench.policy_measures import method_family
 from alignbench.runner import run_job, validate
 from alignbench.report.build import build_report
 from tests.conftest import TINY

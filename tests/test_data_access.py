@@ -13,7 +13,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
 from alignbench.data import PreferencePair, load_data
 from alignbench.data.splits import conversation_key
-from alignbench.evaluate import build_context
+from alignbench.run_evaluation import build_context
 from alignbench.stages import distill, preference
 from alignbench.stages.graph import build_shared_stages
 from tests.conftest import TINY, shared_data
@@ -218,7 +218,7 @@ def test_eval_split_default_and_bad_value():
 
 
 def test_samples_and_metrics_record_each_prompts_subset_and_the_mix(real_hh):
-    from alignbench.evaluate import final_evaluation
+    from alignbench.run_evaluation import final_evaluation
     from alignbench.methods import PolicyArtifact
     ctx = real_hh["ctx"]
     ctx.out_dir.mkdir(parents=True, exist_ok=True)

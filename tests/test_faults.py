@@ -89,7 +89,7 @@ def test_disk_full_while_writing_results_fails_the_run_and_a_rerun_completes(tin
     run directory has no DONE (never taken as complete), and a re-run with space completes it."""
     import errno
 
-    import alignbench.evaluate
+    import alignbench.run_evaluation
     from alignbench.cli import compose
     from alignbench.runner import run_job
 
@@ -97,8 +97,8 @@ def test_disk_full_while_writing_results_fails_the_run_and_a_rerun_completes(tin
         Path(path).write_text("sweep,run\n")  # a partial file, as a real full disk leaves
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    real = alignbench.evaluate.write_rows
-    monkeypatch.setattr(alignbench.evaluate, "write_rows", full_disk)
+    real = alignbench.run_evaluation.write_rows
+    monkeypatch.setattr(alignbench.run_evaluation, "write_rows", full_disk)
     cfg = compose(tiny_overrides + ["method=context_distilled"])
     with pytest.raises(OSError, match="No space left on device"):
         run_job(cfg, ["method=context_distilled"])
@@ -109,7 +109,7 @@ def test_disk_full_while_writing_results_fails_the_run_and_a_rerun_completes(tin
     index = json.loads((tmp_path / "sweep" / "index.json").read_text())
     assert index["runs"][0]["status"] == "failed"
 
-    monkeypatch.setattr(alignbench.evaluate, "write_rows", real)
+    monkeypatch.setattr(alignbench.run_evaluation, "write_rows", real)
     run_job(cfg, ["method=context_distilled"])
     assert (run / "DONE").exists() and json.loads((run / "status.json").read_text())["status"] == "done"
     assert len((run / "results.csv").read_text().splitlines()) > 10  # the partial file was replaced

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Ll
 from alignbench import freeze
 from alignbench.cli import compose
 from alignbench.config import ConfigError, ModelConfig, check, to_config
-from alignbench.evaluate import build_context
+from alignbench.run_evaluation import build_context
 from alignbench.methods import method_config
 from alignbench.models import TINY_CLASSES, count_params, tiny_config as arch_config, train_tokenizer
 from alignbench.runner import run_job

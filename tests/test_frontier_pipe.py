@@ -156,7 +156,7 @@ def test_runs_log_eight_points_and_write_temperature_diversity_chosen_and_select
 
 
 def test_plugin_samplers_without_temperature_are_recognised():
-    from alignbench.evaluate_samples import method_family, takes_temperature
+    from alignbench.policy_measures import method_family, takes_temperature
     assert not takes_temperature(lambda prompts, seed: prompts)
     assert takes_temperature(lambda prompts, seed, temperature=None: prompts)
     assert takes_temperature(lambda prompts, seed, **kw: prompts)

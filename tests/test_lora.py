@@ -114,7 +114,7 @@ def lora_ctx(tiny_overrides, tmp_path):
     """A RunContext whose π0 and PMs were trained with LoRA (cached for the session)."""
     from alignbench.cli import compose
     from alignbench.config import to_config
-    from alignbench.evaluate import build_context
+    from alignbench.run_evaluation import build_context
     from alignbench.methods import method_config
     from methods.dpo import DPO
     cfg = to_config(compose(tiny_overrides + LORA + ["method=dpo"]))

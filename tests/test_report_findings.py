@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from alignbench.eval import frontier
 from alignbench.eval.stats import read_rows
-from alignbench.evaluate import judge_record
+from alignbench.run_evaluation import judge_record
 from alignbench.report import findings
 from alignbench.report.build import build_report
 

@@ -18,7 +18,7 @@ from alignbench.cost import forward_flops
 from alignbench.data.synth import FALSE_REFUSAL, VIOLATION, gold_parts, gold_reward, safety_outcome
 from alignbench.data.types import harm_group
 from alignbench.eval.safety import safety_rows
-from alignbench.evaluate import build_context
+from alignbench.run_evaluation import build_context
 from alignbench.report.load import RunRecord, Sweep
 from alignbench.report.render import to_markdown
 from alignbench.report.safety import paired_difference, safety_blocks, sign_vs_zero, two_rm_verdict

@@ -168,7 +168,7 @@ def test_pm_reads_the_appended_eos_when_pad_is_eos(tok, tmp_path):
 # --------------------------------------------------------------------------- on the tiny π0 and PM
 @pytest.fixture
 def ctx(tiny_config, tmp_path):
-    from alignbench.evaluate import build_context
+    from alignbench.run_evaluation import build_context
     from alignbench.methods import method_config
     from alignbench_methods.ppo import PPO
     tiny_config.train.temperature = 0.7

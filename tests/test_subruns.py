@@ -8,7 +8,7 @@ import torch
 
 from alignbench.cli import compose
 from alignbench.cost import Budget, BudgetExceeded, Cost
-from alignbench.evaluate import build_context
+from alignbench.run_evaluation import build_context
 from alignbench.runner import _clear_incomplete, validate
 from alignbench.subruns import SubRun, resume_subruns
 

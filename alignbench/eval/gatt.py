@@ -1,6 +1,6 @@
 """Instruction adherence by turn (Llama 2 §3.3, Ghost Attention's metric), on hh_synth with system
 instructions (``data.synth.system_instructions``): the statistic. A run's dialogues are drawn and
-checked by ``alignbench.evaluate_samples.gatt_rows``.
+checked by ``alignbench.policy_measures.gatt_rows``.
 
 The dialogues: eval-split prompts with ``data.synth.max_turns`` Human turns (the same dialogues at
 every turn, so turn k is not a different population than turn 1), at most ``eval.n_prompts``, each

@@ -1,6 +1,6 @@
 """Report section: Ghost Attention (Llama 2 §3.3), instruction adherence by turn with and without GAtt.
 
-Reads the "gatt" rows of each run's results.csv (``alignbench.evaluate_samples.gatt_rows``: held-out instructions in
+Reads the "gatt" rows of each run's results.csv (``alignbench.policy_measures.gatt_rows``: held-out instructions in
 the first user turn of eval-split dialogues, the policy writing every assistant turn). A run is
 "with GAtt" when its π0 is the ``pi0-gatt`` stage (metrics.json ``stages_reused``). Seeds of one
 configuration are aggregated (``seed_interval``: Student-t below 5 seeds, bootstrap from 5; one seed:

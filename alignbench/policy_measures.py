@@ -166,7 +166,7 @@ def gatt_rows(ctx: RunContext, draw: Callable, ident: dict) -> list[dict]:
     """Adherence rows of the run's policy, written with its replies to gatt_samples.jsonl; [] without
     system instructions in the data or when the policy cannot be drawn from at a temperature.
     ``draw(prompts, n, temperature, seed)``: the policy's samples (a SampleBatch or texts), or None
-    (``evaluate_samples.policy_draw``)."""
+    (``policy_measures.policy_draw``)."""
     cfg = ctx.cfg
     if not has_instructions(cfg):
         return []

@@ -25,7 +25,7 @@ from alignbench.distributed import Dist
 from alignbench.eval import pm_accuracy
 from alignbench.eval.safety import safety_rows
 from alignbench.eval.stats import bootstrap_ci, make_row, write_rows
-from alignbench.evaluate_samples import (chosen_scores, gatt_rows, method_family, policy_draw, selection,
+from alignbench.policy_measures import (chosen_scores, gatt_rows, method_family, policy_draw, selection,
                                          temperature_rows, win_rate_row)
 from alignbench.formats import check_format
 from alignbench.cost import Budget
