@@ -32,7 +32,8 @@ from alignbench.stages.graph import SharedStages
 from alignbench.stages.preference import PMScorer, SampleScorer
 from alignbench.stages.reward import uncounted
 from alignbench.tracking import Tracker
-from alignbench.train import encode_samples, pad_batch, response_logprobs
+from alignbench.encoding import encode_samples, pad_batch
+from alignbench.train import response_logprobs
 
 log = logging.getLogger(__name__)
 EVAL_SEED_OFFSET = 10_007  # evaluation samples use their own stream, never the training one

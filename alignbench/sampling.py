@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignbench import formats
-from alignbench.train import prompt_window
+from alignbench.encoding import prompt_window
 
 STOP = "\n\nHuman:"
 # transformers 5.x passes the KV cache as ``cache`` (``past_key_values`` is deprecated for removal

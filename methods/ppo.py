@@ -37,8 +37,9 @@ from alignbench.checkpoint import py_state_from_list, py_state_to_list
 from alignbench.config import ConfigError, opt
 from alignbench.log_points import log_steps
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (encode_dialogue, encode_samples, last_token_index, learning_rate, lm_loss,
-                              make_optimizer, optimizer_step, pad_batch, selected_logprobs)
+from alignbench.encoding import encode_dialogue, encode_samples, pad_batch
+from alignbench.train import (last_token_index, learning_rate, lm_loss, make_optimizer, optimizer_step,
+                              selected_logprobs)
 
 
 # --------------------------------------------------------------------------- config

@@ -3,7 +3,7 @@ responses of the method's comparisons (``ctx.pairs``), the cross-entropy on the 
 
 The DPO paper's HH recipe runs it first and then DPO with the Preferred-FT policy as reference
 (``experiment=chain_pft_dpo``). It is the same loss and data as π0's ``stages.pi0.mode=preferred_ft``
-(``train.encode_chosen``, ``train.lm_loss``), but as a method: it starts from the run's start policy,
+(``encoding.encode_chosen``, ``train.lm_loss``), but as a method: it starts from the run's start policy,
 is charged for its steps, logs (KL, reward) points and resumes from its checkpoint after a kill.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import (batch_schedule, encode_chosen, learning_rate, lm_loss, make_optimizer, optimizer_step,
-                              pad_batch)
+from alignbench.encoding import encode_chosen, pad_batch
+from alignbench.train import batch_schedule, learning_rate, lm_loss, make_optimizer, optimizer_step
 
 
 @dataclass

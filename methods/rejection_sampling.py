@@ -41,8 +41,8 @@ from alignbench.config import ConfigError, opt
 from alignbench.context import kl_estimates
 from alignbench.cost import forward_flops
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (batch_schedule, encode_ids, learning_rate, lm_loss, make_optimizer, optimizer_step,
-                              pad_batch)
+from alignbench.encoding import encode_ids, pad_batch
+from alignbench.train import batch_schedule, learning_rate, lm_loss, make_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from alignbench.config import ConfigError, opt
 from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtifact
-from alignbench.train import (batch_schedule, encode_pair, encode_samples, learning_rate, make_optimizer,
-                              optimizer_step, pad_batch, response_logprobs)
+from alignbench.encoding import encode_pair, encode_samples, pad_batch
+from alignbench.train import batch_schedule, learning_rate, make_optimizer, optimizer_step, response_logprobs
 
 log = logging.getLogger(__name__)
 

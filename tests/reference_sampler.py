@@ -11,7 +11,7 @@ import torch
 
 from alignbench import formats
 from alignbench.sampling import CACHE_KW, STOP, SampleBatch, cut_ids
-from alignbench.train import prompt_window
+from alignbench.encoding import prompt_window
 
 
 @torch.no_grad()

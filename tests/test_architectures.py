@@ -19,7 +19,8 @@ from alignbench.runner import run_job
 from alignbench.sampling import sample
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.preference import PMScorer
-from alignbench.train import encode, pad_batch, response_logprobs
+from alignbench.encoding import encode, pad_batch
+from alignbench.train import response_logprobs
 from tests.conftest import shared_dir
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma"]

@@ -18,7 +18,8 @@ from alignbench.models import train_tokenizer
 from alignbench.precision import precision_scope
 from alignbench.sampling import sample
 from alignbench.stages.preference import pm_loss
-from alignbench.train import Encoded, lm_loss, pad_batch, response_logprobs
+from alignbench.encoding import Encoded, pad_batch
+from alignbench.train import lm_loss, response_logprobs
 from alignbench_methods.dpo import dpo_loss
 from tests.test_sampler import ALPHA, CORPUS, KW, PROMPTS, _chi2_pvalue, _features, peaked_lm
 

@@ -16,7 +16,7 @@ from alignbench.cost import SAMPLE_USES, SCORE_USES, STEP_USES, Budget, BudgetEx
 from alignbench.run_evaluation import build_context
 from alignbench.models import count_params
 from alignbench.runner import run_job, validate
-from alignbench.train import encode
+from alignbench.encoding import encode
 from alignbench_methods.rejection_sampling import plan_n, serving_cost
 
 FAST = ["train.num_threads=1"]  # one torch thread: more oversubscribe the shared 2-core machine

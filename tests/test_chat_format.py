@@ -14,7 +14,7 @@ from alignbench.config import ConfigError
 from alignbench.models import train_tokenizer
 from alignbench.sampling import cut_ids, sample
 from alignbench.stages.preference import PMScorer, SampleScorer, pm_scores
-from alignbench.train import Encoded, encode, encode_dialogue, encode_pair, pad_batch, prompt_window
+from alignbench.encoding import Encoded, encode, encode_dialogue, encode_pair, pad_batch, prompt_window
 
 PROMPT = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke\n\nAssistant:"
 CHOSEN, REJECTED = " Why did the chicken cross the road?", " No."

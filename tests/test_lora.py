@@ -5,12 +5,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import alignbench.encoding as encoding
 import alignbench.train as train
 from alignbench import lora
 from alignbench.config import ConfigError, LoraConfig, ModelConfig
-from alignbench.train import lm_loss, pad_batch, response_logprobs, selected_logprobs, token_logprobs
+from alignbench.encoding import pad_batch
+from alignbench.train import lm_loss, response_logprobs, selected_logprobs, token_logprobs
 
-SEQS = [train.Encoded(list(range(3, 15)), 5), train.Encoded(list(range(20, 29)), 2), train.Encoded([7, 8, 9, 10], 3)]
+SEQS = [encoding.Encoded(list(range(3, 15)), 5), encoding.Encoded(list(range(20, 29)), 2), encoding.Encoded([7, 8, 9, 10], 3)]
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -134,7 +136,7 @@ def test_lora_policy_reference_and_merged_save(lora_ctx):
     assert trainable and all("lora_" in n for n in trainable)
 
     pairs = ctx.pairs[:8]
-    batch = pad_batch([train.encode(ctx.tokenizer, p.prompt, p.chosen, ctx.max_len) for p in pairs],
+    batch = pad_batch([encoding.encode(ctx.tokenizer, p.prompt, p.chosen, ctx.max_len) for p in pairs],
                       ctx.tokenizer.pad_token_id)
     opt, sched = train.make_optimizer(policy, 1e-2)
     for _ in range(3):

@@ -51,7 +51,7 @@ def test_every_score_reaches_the_advantages_wherever_its_response_sits(rows, coe
 
 def test_a_response_that_is_only_the_stop_string_keeps_its_score_in_the_rollout():
     from alignbench.sampling import SampleBatch
-    from alignbench.train import encode_samples, pad_batch
+    from alignbench.encoding import encode_samples, pad_batch
     # row 0 said nothing before "\n\nHuman:" (3 stop tokens); row 1 ended with EOS (no stop tokens)
     samples = SampleBatch(["a", "b"], ["", "ok"], [0, 1], 6, [[5, 6], [7]], [[], [8, 2]], [True, True], 1.0,
                           stop_ids=[[9, 10, 11], []])

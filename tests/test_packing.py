@@ -14,7 +14,8 @@ from alignbench.models import TINY_CLASSES, tiny_config
 from alignbench.stages import graph
 from alignbench.stages.distill import distill_batch_loss, topk_distill_loss
 from alignbench.stages.preference import pm_loss
-from alignbench.train import Encoded, autocast, final_hidden, lm_loss, pad_batch, response_logprobs
+from alignbench.encoding import Encoded, pad_batch
+from alignbench.train import autocast, final_hidden, lm_loss, response_logprobs
 from methods.dpo import dpo_loss, sequence_logps
 from methods.ppo import ActorCritic, ppo_loss
 from methods.rrhf import rrhf_loss

@@ -187,7 +187,8 @@ def test_pm_variants_train_and_score_on_one_heldout_set(tiny_overrides):
     from alignbench.models import load_lm, load_tokenizer
     from alignbench.stages.graph import build_shared_stages
     from alignbench.stages.preference import LMScorer, PMScorer, stage_scorer
-    from alignbench.train import encode, pad_batch, response_logprobs
+    from alignbench.encoding import encode, pad_batch
+    from alignbench.train import response_logprobs
 
     ranked = to_config(compose(tiny_overrides + ["data.synth.rank_k=4", "stages.pm.objective=ranking",
                                                  "stages.pm.judgements=200", "stages.pm.batch_size=8"]))

@@ -22,7 +22,8 @@ from alignbench.stages.safety_distill import (ANSWERS, distill_prompts, gain_by_
                                               student_examples, targeted_keep)
 from alignbench import train
 from alignbench.models import load_lm
-from alignbench.train import lm_loss, pad_batch
+from alignbench.encoding import pad_batch
+from alignbench.train import lm_loss
 
 
 def test_targeted_rule_keeps_exactly_the_distilled_answers_the_safety_pm_prefers():

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from alignbench import sampling
 from alignbench.models import train_tokenizer
 from alignbench.sampling import CACHE_KW, STOP, sample
-from alignbench.train import prompt_window
+from alignbench.encoding import prompt_window
 from tests.reference_sampler import reference_sample
 
 CORPUS = ["\n\nHuman: how do I bake bread? \n\nAssistant: Mix flour, water and yeast, then wait.",

@@ -16,7 +16,8 @@ from alignbench.data.types import PreferencePair
 from alignbench.models import train_tokenizer
 from alignbench.sampling import STOP, SampleBatch
 from alignbench.stages.preference import PMScorer, pair_batch
-from alignbench.train import pad_batch, response_logprobs, token_logprobs
+from alignbench.encoding import pad_batch
+from alignbench.train import response_logprobs, token_logprobs
 
 CORPUS = ["\n\nHuman: how do I bake bread? \n\nAssistant: Mix flour, water and yeast, then wait.",
           "\n\nHuman: thanks!\n\nAssistant: You are welcome. Anything else?"] * 20
@@ -45,7 +46,7 @@ def test_chosen_and_rejected_share_the_prompt_window(tok):
     chosen, rejected = (batch["input_ids"][i, :starts[i]].tolist() for i in (0, 1))
     assert chosen == rejected  # the old encode gave the short response a longer prompt window
     assert len(chosen) <= 96 and batch["attention_mask"].sum(-1).max() <= 96
-    from alignbench.train import prompt_window
+    from alignbench.encoding import prompt_window
     assert chosen == prompt_window(tok(prompt, add_special_tokens=False)["input_ids"], 96, 96 - len(chosen))
 
 
@@ -78,7 +79,7 @@ def test_sample_batch_carries_what_was_sampled(tok):
     model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
     prompts = ["\n\nHuman: " + "how do I bake bread? " * 20 + "\n\nAssistant:", "\n\nHuman: thanks!\n\nAssistant:"]
     from alignbench.sampling import sample
-    from alignbench.train import prompt_window
+    from alignbench.encoding import prompt_window
     out = sample(model, tok, prompts, n=3, max_new_tokens=12, temperature=0.7, seed=3, max_len=64)
     assert out.temperature == 0.7 and len(out) == 6 and out.prompt_index == [0, 0, 0, 1, 1, 1]
     assert 0 < sum(out.finished) < 6, out.finished
@@ -97,7 +98,7 @@ def test_sample_batch_carries_what_was_sampled(tok):
 
 # --------------------------------------------------------------------------- temperature
 def test_logprobs_are_tempered(tok):
-    from alignbench.train import encode_samples
+    from alignbench.encoding import encode_samples
     model = _lm(tok)
     batch = pad_batch(encode_samples(_fixed_samples(tok, temperature=0.7)), tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -68,7 +68,8 @@ from alignbench.memory import maybe_fix_mmap_threshold
 from alignbench.models import pick_device
 from alignbench.precision import native_bf16
 from alignbench.sampling import sample
-from alignbench.train import autocast, lm_loss, make_optimizer, pad_batch, supervised_loop
+from alignbench.encoding import pad_batch
+from alignbench.train import autocast, lm_loss, make_optimizer, supervised_loop
 from alignbench_methods.dpo import EncodedPair, dpo_step, reference_logps
 
 log = logging.getLogger(__name__)

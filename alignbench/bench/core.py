@@ -54,7 +54,7 @@ from alignbench.data.hh import HUB_SPLITS, SUBSETS, load_hh_rlhf
 from alignbench.data.synth import SynthConfig, generate_hh_synth
 from alignbench.models import count_params, ensure_pad_token, load_lm, load_tokenizer, pick_device, tiny_lm, \
     train_tokenizer
-from alignbench.train import Encoded, encode, encode_pair
+from alignbench.encoding import Encoded, encode, encode_pair
 
 UNTRUNCATED = 10**9  # a max_len no sequence reaches: encode whole, then test the fit
 
@@ -306,7 +306,7 @@ def select(pool: Sequence, fit: Callable[[object], object], need: int, seed: int
 
 @dataclass
 class PairWork:
-    """A comparison and its two encodings on one shared prompt (``alignbench.train.encode_pair``)."""
+    """A comparison and its two encodings on one shared prompt (``alignbench.encoding.encode_pair``)."""
     pair: object
     chosen: Encoded
     rejected: Encoded

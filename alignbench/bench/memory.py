@@ -33,7 +33,8 @@ from alignbench.bench.core import (BenchError, PeakMemory, Setup, Side, copy_mod
 from alignbench.config import ConfigError, LoraConfig, ModelConfig, PathsConfig
 from alignbench.models import convert_gguf, count_params, pm_from_lm, smollm2_gguf
 from alignbench.stages.preference import pm_loss
-from alignbench.train import autocast, make_optimizer, optimizer_step, pad_batch, selected_logprobs
+from alignbench.encoding import pad_batch
+from alignbench.train import autocast, make_optimizer, optimizer_step, selected_logprobs
 from alignbench_methods.ppo import ActorCritic, gae, kl_penalized_rewards, masked_whiten, ppo_loss
 
 CACHE_DIR = os.environ.get("ALIGNBENCH_CACHE", PathsConfig().cache_dir)

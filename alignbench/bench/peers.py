@@ -37,7 +37,8 @@ from alignbench.bench.core import PeakMemory, Setup, Side, copy_model, lm_sequen
 from alignbench import formats
 from alignbench.models import count_params, pm_from_lm
 from alignbench.sampling import STOP, left_pad
-from alignbench.train import autocast, pad_batch
+from alignbench.encoding import pad_batch
+from alignbench.train import autocast
 
 
 class _CollatorRecorder:

@@ -17,7 +17,8 @@ from alignbench.models import (PAD_IS_EOS, count_params, gguf_stage, load_pretra
 from alignbench.cache import Artifact, build_stage, data_key, format_key, pointer_to, precision_key
 from alignbench.stages.prompts import hhh_prompt
 from alignbench.tracking import Tracker
-from alignbench.train import batch_schedule, encode_dialogue, lm_loss, pad_batch, supervised_loop
+from alignbench.encoding import encode_dialogue, pad_batch
+from alignbench.train import batch_schedule, lm_loss, supervised_loop
 
 
 def dialogue_corpus(pairs) -> list[str]:

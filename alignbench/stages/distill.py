@@ -26,7 +26,8 @@ from alignbench.formats import dialogue_ids, strip_prefix, system_prefixes
 from alignbench.cache import Artifact, build_stage, data_key, format_key, lora_key, pointer_to, precision_key
 from alignbench.stages.prompts import HHH_PROMPT, hhh_prompt  # noqa: F401 - HHH_PROMPT re-exported
 from alignbench.tracking import Tracker
-from alignbench.train import Encoded, batch_schedule, encode_chosen, lm_loss, pad_batch, selected_logits, supervised_loop
+from alignbench.encoding import Encoded, encode_chosen, pad_batch
+from alignbench.train import batch_schedule, lm_loss, selected_logits, supervised_loop
 
 def topk_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                       k: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ from alignbench.sampling import sample
 from alignbench.stages.access import method_prompts
 from alignbench.cache import Artifact, build_stage, data_key, format_key, lora_key, precision_key
 from alignbench.tracking import Tracker
-from alignbench.train import Encoded, batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.encoding import Encoded, encode, pad_batch
+from alignbench.train import batch_schedule, lm_loss, supervised_loop
 
 IGNORE = -100  # the label of a token the loss skips
 GATT_SEED_OFFSET = 50_021  # the sampling stream of GAtt's data, apart from every other stream
@@ -73,7 +74,7 @@ def training_transcript(instruction: str, users: list[str], replies: list[str]) 
 def gatt_example(tokenizer, instruction: str, users: list[str], replies: list[str], max_len: int,
                  fmt: str = "raw") -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one GAtt example: ``training_transcript`` tokenised like every
-    supervised example (``train.encode``: the prompt window, the response and EOS); labels are the
+    supervised example (``encoding.encode``: the prompt window, the response and EOS); labels are the
     ids on the last assistant turn and ``IGNORE`` (-100) on every earlier token, the instruction's
     and the earlier turns' included."""
     prompt, response = training_transcript(instruction, users, replies)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from alignbench.data.types import PreferencePair, harm_group
-from alignbench.train import encode_responses, pad_batch
+from alignbench.encoding import encode_responses, pad_batch
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from alignbench.stages.pm_objectives import (Ranked, classifier_loss, element_we
                                              pairwise_loss, ranked_batch, ranking_loss, score_matrix,
                                              training_elements)
 from alignbench.tracking import Tracker
-from alignbench.train import (Encoded, batch_schedule, encode, encode_ids, encode_pair, last_token_index, pad_batch,
-                              prompt_window, response_logprobs, supervised_loop)
+from alignbench.encoding import Encoded, encode, encode_ids, encode_pair, pad_batch, prompt_window
+from alignbench.train import batch_schedule, last_token_index, response_logprobs, supervised_loop
 
 log = logging.getLogger(__name__)
 

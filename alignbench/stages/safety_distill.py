@@ -33,7 +33,8 @@ from alignbench.cache import Artifact, build_stage, read_record, data_key, forma
 from alignbench.stages.preference import stage_scorer
 from alignbench.stages.prompts import safety_preprompt
 from alignbench.tracking import Tracker
-from alignbench.train import Encoded, batch_schedule, encode_ids, lm_loss, pad_batch, supervised_loop
+from alignbench.encoding import Encoded, encode_ids, pad_batch
+from alignbench.train import batch_schedule, lm_loss, supervised_loop
 
 HARMLESS_SHARE = 0.5  # the most of the distillation prompts drawn from the harmless subsets
 ANSWERS = "distill_answers.jsonl"  # in the stage directory: both answers per prompt, and the kept one

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 from alignbench.config import opt
 from alignbench.methods import Method, MethodConfig, PolicyArtifact
-from alignbench.train import batch_schedule, encode, lm_loss, pad_batch, supervised_loop
+from alignbench.encoding import encode, pad_batch
+from alignbench.train import batch_schedule, lm_loss, supervised_loop
 
 
 @dataclass
