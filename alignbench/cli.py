@@ -52,6 +52,66 @@ def _bad_input_types() -> tuple:
     return ConfigError, DataError, HydraException, OmegaConfBaseException
 
 
+def one_line(error: Exception, overrides: tuple = ()) -> str:
+    """A bad-input exception as one line naming where it is: Hydra's and OmegaConf's multi-line
+    messages become ``<key>: <what>``, with the valid options of a config group or the closest
+    known key."""
+    import dataclasses
+    import difflib
+    import re
+
+    from alignbench.config import ConfigError
+    from alignbench.data.types import DataError
+
+    text = str(error).strip()
+    if isinstance(error, (ConfigError, DataError)):  # ours: already one line at its key
+        return " ".join(text.split("\n"))
+    cause = error.__cause__ or error.__context__
+    missing = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if missing:  # an unknown option of a config group: list the group's options
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Available options", 1)[-1], re.M)
+        return f"{group.replace('/', '.')}={option}: no such option; valid: {', '.join(options) or '(none)'}"
+    key = getattr(error, "full_key", None) or getattr(cause, "full_key", None)
+    first = text.splitlines()[0] if text else type(error).__name__
+    if cause is not None and getattr(cause, "full_key", None) and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+    unknown = re.match(r"Key '([^']+)' (?:not in|is not in struct)", first)
+    if key and unknown:
+        parent, _, name = str(key).rpartition(".")
+        owner = getattr(error, "object_type", None) or getattr(cause, "object_type", None)
+        known = _known_keys(parent, [o for o in overrides if not o.lstrip("+~").startswith(str(key))])
+        if not known and dataclasses.is_dataclass(owner):
+            known = [f.name for f in dataclasses.fields(owner)]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {(parent + '.' if parent else '') + close[0]}?" if close else (
+            f"; known: {', '.join(sorted(known))}" if known else "")
+        return f"{key}: no such key{hint}"
+    return f"{key}: {first}" if key and not first.startswith(str(key)) else first
+
+
+def _known_keys(parent: str, overrides: list[str]) -> list[str]:
+    """The keys at ``parent`` ("" for the root) of the config composed with ``overrides`` (the
+    command line's other overrides: ``method=dpo`` decides the method's keys)."""
+    from omegaconf import OmegaConf
+    try:
+        node = compose(overrides)
+        node = OmegaConf.select(node, parent) if parent else node
+        return [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+    except Exception:  # noqa: BLE001 - only a hint
+        return []
+
+
+def _culprit(overrides: list[str]) -> str | None:
+    """The first override that does not compose with the ones before it."""
+    for i in range(len(overrides)):
+        try:
+            compose(overrides[:i + 1])
+        except Exception:  # noqa: BLE001 - any failure points at this override
+            return overrides[i]
+    return None
+
+
 def compose(overrides: list[str]):
     """The composed config, exactly as `alignbench run` would see it (without launching)."""
     from hydra import compose as hydra_compose
@@ -120,7 +180,7 @@ def check_inputs_first(argv: list[str]) -> None:
     bad values are left to the jobs, which report them one by one (a sweep's other jobs go on)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from alignbench.config import to_config
+    from alignbench.config import ConfigError, to_config
     from alignbench.stages.graph import check_inputs
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
@@ -131,9 +191,19 @@ def check_inputs_first(argv: list[str]) -> None:
     variants = [plain] + [plain + [f"{o.input_line.split('=', 1)[0]}={v}"]
                           for o in parsed if o.is_sweep_override() for v in o.sweep_string_iterator()]
     for overrides in variants:
+        # an unknown key, group option or a value of the wrong type: one line, before anything runs
         try:
-            cfg = to_config(compose(overrides))
-        except _bad_input_types():
+            composed = compose(overrides)
+        except (*_bad_input_types(), ValueError, TypeError) as e:  # Hydra raises a bare ValueError for data=true
+            if _full_error():
+                raise
+            line, culprit = one_line(e, tuple(overrides)), _culprit(overrides)
+            if culprit and not line.startswith(culprit.split("=", 1)[0].lstrip("+~")):
+                line = f"{culprit}: {line}"  # Hydra's message did not say which override it was
+            raise ConfigError(line) from e
+        try:
+            cfg = to_config(composed)
+        except _bad_input_types():  # a bad value: each job of a sweep reports its own
             continue
         check_inputs(cfg)
 
@@ -268,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except _bad_input_types() as e:
         if _full_error():  # the traceback, as Hydra's own switch promises
             raise
-        print(f"alignbench: error: {e}", file=sys.stderr)
+        print(f"alignbench: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -493,12 +493,14 @@ class RunContext:
         score with another PM or start elsewhere)."""
         if self._measure_memo is None:
             c = self.cfg
-            context = {"stages": self.stages.keys(), "prompts": self.eval_prompts, "seed": self.seed + EVAL_SEED_OFFSET,
+            built = hasattr(self.stages, "keys")  # a context built by hand (tests) has no stage keys: memory only
+            context = {"stages": self.stages.keys() if built else None, "prompts": self.eval_prompts,
+                       "seed": self.seed + EVAL_SEED_OFFSET,
                        "temperature": c.eval.temperature, "max_new_tokens": c.train.max_new_tokens,
                        "max_len": self.max_len, "format": self.fmt, "kv_cache": c.train.kv_cache,
                        "judge": self.judge_name, "reward": dataclasses.asdict(c.reward),
                        "precision": c.train.precision, "device": self.device.type}
-            shared = self.start_path is None and self.reference_path is None and not self._derived
+            shared = built and self.start_path is None and self.reference_path is None and not self._derived
             self._measure_memo = MeasureMemo(context, Path(c.paths.cache_dir) / "measured" if shared else None)
         return self._measure_memo
 

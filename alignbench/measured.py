@@ -41,7 +41,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
         data = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")  # 0-dim too
     return h.hexdigest()
 
 

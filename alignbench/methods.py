@@ -120,8 +120,11 @@ def method_config(method_cls: type, raw: Any) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(method_cls.config_class), node)
         obj = OmegaConf.to_object(merged)
-    except Exception as e:
-        raise ConfigError(f"method ({method_cls.name}): {e}".replace("\n", " ")) from e
+    except Exception as e:  # OmegaConf's message: its first line, at the key it names
+        key = getattr(e, "full_key", None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"method.{key}" if key else "method"
+        raise ConfigError(f"{where}: {first} (method {method_cls.name})") from e
     check(obj, "method")
     return obj
 

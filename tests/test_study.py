@@ -192,7 +192,7 @@ def test_the_cpu_study_in_miniature_runs_every_part_and_reports_every_method(tmp
     assert main(["study", str(mini), "--out", str(tmp_path / "report"), *TINY_SMOLLM2, f"paths.cache_dir={cache}",
                  f"paths.sweep_dir={sweep}"]) == 0
     done = json.loads((sweep / "study.json").read_text())["parts"]
-    assert list(done) == [p.name for p in real.parts]
+    assert set(done) == {p.name for p in real.parts}
     metrics = [json.loads(p.read_text()) for p in sorted(sweep.glob("runs/*/metrics.json"))]
     assert {m["seed"] for m in metrics} == {0} and len(metrics) == len(real.parts) - 2  # one run per method part
     assert sorted(m["method"] for m in metrics) == ["chain", "context_distilled", "dpo", "dpo", "ppo",
