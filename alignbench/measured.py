@@ -73,42 +73,46 @@ class MeasureMemo:
         self.disk_dir = Path(disk_dir) if disk_dir is not None else None
         self.last: Optional[tuple[str, Measured]] = None
 
-    def _file(self, fp: str) -> Optional[Path]:
-        return self.disk_dir / f"{stable_hash({'key': self.key, 'weights': fp})}.json" if self.disk_dir else None
+    def _file(self, prefix: str, material) -> Optional[Path]:
+        """Where a measurement of ``material`` (weights' fingerprint, or texts) is kept; None: no disk."""
+        return self.disk_dir / f"{prefix}{stable_hash({'key': self.key, **material})}.json" if self.disk_dir else None
+
+    @staticmethod
+    def _load(path: Optional[Path], parse):
+        """``parse`` of the JSON at ``path``, or None when there is none (or it is torn or foreign)."""
+        if path is None or not path.is_file():
+            return None
+        try:
+            return parse(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # torn, foreign or just removed: measure afresh
+            log.warning("measured: ignoring %s (%s)", path, e)
+            return None
+
+    @staticmethod
+    def _save(path: Optional[Path], obj: dict) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, obj)
 
     def get(self, fp: str) -> tuple[Optional[Measured], bool]:
         """(the memo for these weights or None, whether it is this run's own)."""
         if self.last is not None and self.last[0] == fp:
             return self.last[1], True
-        path = self._file(fp)
-        if path is not None and path.is_file():
-            try:
-                return Measured.from_json(json.loads(path.read_text())), False
-            except (OSError, ValueError, KeyError, TypeError) as e:  # torn, foreign or just removed: measure afresh
-                log.warning("measured: ignoring %s (%s)", path, e)
-        return None, False
+        return self._load(self._file("", {"weights": fp}), Measured.from_json), False
 
     def scores(self, prompts: list, responses: list, score) -> tuple[list, list]:
         """(proxy, judge) of fixed texts (the dataset's chosen responses to the eval prompts, which
         every run of a sweep scores): ``score()`` once, then read from disk."""
-        path = self.disk_dir / f"texts-{stable_hash({'key': self.key, 'texts': [prompts, responses]})}.json" \
-            if self.disk_dir else None
-        if path is not None and path.is_file():
-            try:
-                raw = json.loads(path.read_text())
-                return list(raw["proxy"]), list(raw["judge"])
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("measured: ignoring %s (%s)", path, e)
+        path = self._file("texts-", {"texts": [prompts, responses]})
+        kept = self._load(path, lambda raw: (list(raw["proxy"]), list(raw["judge"])))
+        if kept is not None:
+            return kept
         proxy, judge = score()
         proxy, judge = [float(x) for x in proxy], [float(x) for x in judge]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"proxy": proxy, "judge": judge})
+        self._save(path, {"proxy": proxy, "judge": judge})
         return proxy, judge
 
     def put(self, fp: str, measured: Measured, to_disk: bool) -> None:
         self.last = (fp, measured)
-        path = self._file(fp) if to_disk else None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, measured.to_json())
+        if to_disk:
+            self._save(self._file("", {"weights": fp}), measured.to_json())
