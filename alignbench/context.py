@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from alignbench import freeze, lora
+from alignbench import freeze, lora, shared_trunk
 from alignbench.checkpoint import Checkpointer
 from alignbench.config import Config
 from alignbench.distributed import Dist, autocast_forward
@@ -470,15 +470,17 @@ class RunContext:
             responses = self.eval_sample(model)
         if not isinstance(responses, SampleBatch):
             raise TypeError("measure: KL needs the sampled ids; pass the model's SampleBatch, not texts")
-        proxy, judge = scores or self.score_free(responses)
-        pad, pi0 = self.tokenizer.pad_token_id, self.pi0()
-        # π0 against itself: both log-probs are the same numbers, so both estimates are exactly 0
-        kl = {"kl_k1": 0.0, "kl_k3": 0.0} if model is pi0 else kl_estimates(model, pi0, responses, pad_id=pad,
-                                                                              device=self.device)
-        start = self._start_model()
-        if start is not None:
-            on_start = kl_estimates(model, start, responses, pad_id=pad, device=self.device)
-            kl.update(kl_k1_start=on_start["kl_k1"], kl_k3_start=on_start["kl_k3"])
+        pad, pi0, start = self.tokenizer.pad_token_id, self.pi0(), self._start_model()
+        # the PMs, the policy, π0 and the start read the same samples in the same batches: one pass
+        # over the frozen blocks they share serves all of them (bitwise the same numbers)
+        with shared_trunk.sharing(shared_trunk.scoring_models(model, pi0, start, self.pm, self.judge)):
+            proxy, judge = scores or self.score_free(responses)
+            # π0 against itself: both log-probs are the same numbers, so both estimates are exactly 0
+            kl = {"kl_k1": 0.0, "kl_k3": 0.0} if model is pi0 else kl_estimates(model, pi0, responses, pad_id=pad,
+                                                                                  device=self.device)
+            if start is not None:
+                on_start = kl_estimates(model, start, responses, pad_id=pad, device=self.device)
+                kl.update(kl_k1_start=on_start["kl_k1"], kl_k3_start=on_start["kl_k3"])
         got = Measured(responses, list(proxy), list(judge), kl)
         memo.put(weights, got, to_disk=model is pi0)
         return got, None

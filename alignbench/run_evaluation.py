@@ -52,11 +52,20 @@ def make_judge(cfg: Config, stages, device, tokenizer):
         gold = GoldReward()
         return (lambda prompts, responses, samples=None: gold.score_batch(prompts, responses)), "gold"
     pm = PMScorer(stages.judge_pm.path, device, stages.judge_pm.record["max_len"], fmt=cfg.data.format)
-    by_ids = SampleScorer(pm, tokenizer, cfg.data.format)
+    return PMJudge(pm, SampleScorer(pm, tokenizer, cfg.data.format)), "test_pm"
 
-    def judge(prompts, responses, samples=None):
-        return (by_ids(samples) if samples is not None else pm.score(prompts, responses)).tolist()
-    return judge, "test_pm"
+
+class PMJudge:
+    """The test PM as a judge: a SampleBatch by its sampled ids, texts otherwise."""
+
+    def __init__(self, pm: PMScorer, by_ids: SampleScorer):
+        self.pm, self.by_ids = pm, by_ids
+
+    def __call__(self, prompts, responses, samples=None) -> list[float]:
+        return (self.by_ids(samples) if samples is not None else self.pm.score(prompts, responses)).tolist()
+
+    def trunk_models(self) -> list:
+        return self.pm.trunk_models()
 
 
 def build_context(cfg: Config, method_cfg, run_dir: Path, dist: Optional[Dist] = None,

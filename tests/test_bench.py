@@ -214,3 +214,15 @@ def test_bad_trainable_layers_fail_in_one_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("alignbench bench: error: " + message), err
+
+
+def test_measure_shares_the_trunk_and_computes_bitwise_what_separate_forwards_do(capsys):
+    """bench measure: the two PMs, the policy and π0 over the same batches, with one pass over the
+    blocks below the top K against four forwards: the same numbers (digest), the shared blocks named."""
+    mini = [a if a != "1" or prev != "--num-layers" else "3" for prev, a in zip([""] + MINI, MINI)]
+    assert main(["measure", *mini, "--trainable-layers", "1"]) == 0
+    ours, peer, summ = _lines(capsys)
+    assert (ours["side"], peer["side"], summ["bench"]) == ("alignbench", "separate", "measure")
+    assert ours["shared_blocks"] == peer["shared_blocks"] == 2  # 3 blocks, the top 1 moved
+    assert ours["outputs_sha"] == peer["outputs_sha"] and ours["batch_sha"] == peer["batch_sha"]
+    assert ours["tokens"] == peer["tokens"] > 0 and ours["packing"] and peer["packing"]

@@ -8,6 +8,9 @@
                 batch, max_new_tokens, plain multinomial sampling: top_k=0, top_p=1)
     train-loop  alignbench.train.supervised_loop vs a plain PyTorch loop (same LM batches, AdamW)
     all         the four above
+    measure     the forwards of one measured point (two PMs, the policy and π0 over the same
+                samples) with one pass over their shared frozen trunk vs four separate forwards
+                (``alignbench.bench.measure_point``; --trainable-layers K, default 2)
     ppo         PPO update steps on their own (no peer): see alignbench.bench.memory
 
 How the peers are configured: ``alignbench.bench.peers``. What the batches are, how real tokens,
@@ -62,6 +65,7 @@ from alignbench import packing
 from alignbench.bench.core import (BenchError, PeakMemory, Setup, Side, arithmetic_bound, build_setup, copy_model,
                                    decode_matmul_shape, hh_files, lm_sequences, mfu, padding_fraction, steps,
                                    sync, work)
+from alignbench.bench.measure_point import measure_apart, measure_ours
 from alignbench.bench.memory import check_model, freeze_top, pm_ours, ppo_ours, prepare, resolve_model, variant
 from alignbench.bench.peers import dpo_trl, generate_hf, loop_plain, pm_trl
 from alignbench.memory import maybe_fix_mmap_threshold
@@ -155,10 +159,12 @@ def loop_ours(setup: Setup, args) -> Side:
 # each benchmark: (ours, peer), each a function (setup, args) -> Side; SOLO: ours only
 BENCHES: dict[str, tuple[Callable[[Setup, argparse.Namespace], Side], ...]] = {
     "dpo": (dpo_ours, dpo_trl), "pm": (pm_ours, pm_trl), "generate": (generate_ours, generate_hf),
-    "train-loop": (loop_ours, loop_plain)}
+    "train-loop": (loop_ours, loop_plain), "measure": (measure_ours, measure_apart)}
 SOLO = {"ppo": ppo_ours}
-KIND = {"dpo": "pairs", "pm": "pairs", "generate": "prompts", "train-loop": "sequences", "ppo": "sequences"}
-FLOPS_PER_PARAM = {"generate": 2}  # per token: 2N forward only; 6N a training step (forward + backward)
+KIND = {"dpo": "pairs", "pm": "pairs", "generate": "prompts", "train-loop": "sequences", "ppo": "sequences",
+        "measure": "sequences"}
+# per token: 2N forward only; 6N a training step (forward + backward); measure: four forwards' 2N each
+FLOPS_PER_PARAM = {"generate": 2, "measure": 8}
 
 
 # --------------------------------------------------------------------------- output
@@ -215,7 +221,7 @@ def _error(msg: str):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="alignbench bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=WHAT + ("all",) + tuple(SOLO), help="which benchmark")
+    ap.add_argument("what", choices=WHAT + ("all", "measure") + tuple(SOLO), help="which benchmark")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (batches) per side; the first is warm-up")
     ap.add_argument("--batch-size", "--batch-pairs", type=int, default=16,
                     help="pairs (dpo, pm), prompts (generate) or sequences (train-loop, ppo) per step")
@@ -307,7 +313,7 @@ def _side_row(args: argparse.Namespace, what: str, k: int, setup: Optional[Setup
                dropped_fraction=round(sel.dropped_fraction, 4), model=setup.desc, device=str(setup.device),
                batch_size=args.batch_size, seq_len=args.seq_len, threads=torch.get_num_threads(),
                precision=setup.precision,
-               packing=not args.no_packing and row["side"] == "alignbench" and what != "generate",
+               packing=not args.no_packing and (row["side"] == "alignbench" or what == "measure") and what != "generate",
                isolated=args.isolate)
     if setup.precision == "bf16" and not native_bf16(setup.device):
         row["precision_note"] = f"bf16 emulated: {setup.device.type} has no native bf16 (slower than native)"
@@ -343,7 +349,9 @@ def run(args: argparse.Namespace, emit: Optional[Callable[[dict], None]] = None)
     for what in (WHAT if args.what == "all" else (args.what,)):
         log.info("bench %s (%s)", what, "one process per side" if args.isolate else setup.desc)
         # one side: no peer (ppo), --no-peer, or --lora / --trainable-layers / --grad-ckpt (the peers have none)
-        solo = what in SOLO or args.lora or args.trainable_layers is not None or args.grad_ckpt or args.no_peer
+        # (measure's peer, separate forwards, runs under --trainable-layers: that is what it compares)
+        solo = what in SOLO or args.no_peer or (what != "measure" and (
+            args.lora or args.trainable_layers is not None or args.grad_ckpt))
         sides = []
         for k in range(1 if solo else 2):
             if args.isolate:

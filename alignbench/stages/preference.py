@@ -112,6 +112,10 @@ class PMScorer:
         self.tokens = 0  # prompt + response (+ EOS) tokens read, after truncation to max_len
         self._lock = threading.Lock()
 
+    def trunk_models(self) -> list:
+        """The model it runs (``shared_trunk``: its frozen blocks may be shared with the policy's)."""
+        return [self.model]
+
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Dataset-style text: each response gets EOS or end-of-turn (it is complete), ``encode``'s window rule."""
         return self._score([encode(self.tokenizer, p, r, self.max_len, fmt=self.fmt)

@@ -99,6 +99,9 @@ class SafetyHelpfulScorer:
         self.model, self.tokenizer, self.fmt = safety.model, safety.tokenizer, safety.fmt
         self.batch_size, self.max_len, self.device = safety.batch_size, safety.max_len, safety.device
 
+    def trunk_models(self) -> list:
+        return [self.safety.model, self.helpful.model]
+
     @property
     def tokens(self) -> int:
         return self.safety.tokens + self.helpful.tokens
