@@ -303,7 +303,9 @@ class SlabLayer(DynamicLayer):
 def _prefill_rows(model, input_ids, attn, capacity: Optional[int] = None
                   ) -> Optional[tuple[DynamicCache, torch.Tensor]]:
     """(KV cache, last-position logits) of the left-padded prompts, each prompt run alone so no
-    padding is computed (on CPU a padded position costs as much as a real one; real HH prompts in a
+    padding is computed, and once: a row whose prompt is the previous row's (the n samples of one
+    prompt are adjacent) copies that row's keys, values and logits (best-of-16 reads each prompt once,
+    not 16 times; the prompt is most of a sample's arithmetic) (on CPU a padded position costs as much as a real one; real HH prompts in a
     batch of 8 are ~45% padding), its keys and values then left-padded with zeros (masked, never
     read) into one batch cache of ``SlabLayer``s with room for ``capacity`` positions (default: the
     prompt width). The same cache and logits as one padded forward, up to float rounding. None when
@@ -311,11 +313,19 @@ def _prefill_rows(model, input_ids, attn, capacity: Optional[int] = None
     caller then runs the padded forward."""
     (batch, width), keys, values, logits = input_ids.shape, [], [], []
     capacity = max(capacity or width, width)
+    last = None  # (prompt ids, row) of the last prompt run: n samples of one prompt are adjacent rows
     for r, (ids, mask) in enumerate(zip(input_ids, attn)):
-        out = model(input_ids=ids[mask.bool()][None], use_cache=True, logits_to_keep=1)
+        real = ids[mask.bool()]
+        if last is not None and torch.equal(real, last[0]):  # the same prompt again: the same cache and logits
+            for k, v in zip(keys, values):
+                k[r], v[r] = k[last[1]], v[last[1]]
+            logits.append(logits[-1])
+            continue
+        out = model(input_ids=real[None], use_cache=True, logits_to_keep=1)
         cache = getattr(out, CACHE_KW)
         if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
             return None
+        last = (real, r)
         if not keys:  # the batch cache, allocated once: each row's keys/values are copied in, left-padded
             keys = [layer.keys.new_zeros((batch, layer.keys.shape[1], capacity, layer.keys.shape[3]))
                     for layer in cache.layers]

@@ -183,12 +183,14 @@ def test_ended_rows_leave_the_batch_and_the_prefill_keeps_one_position(tok, lm):
         out = sample(lm, tok, PROMPTS, n=6, max_new_tokens=12, seed=0)
     finally:
         hook.remove()
-    prefill, decode = widths[:24], widths[24:]
-    assert prefill == [(1, 1)] * 24  # on CPU each prompt alone (no padding), logits at its last position only
+    k = len(PROMPTS)  # the 6 samples of a prompt share its one prefill
+    prefill, decode = widths[:k], widths[k:]
+    assert prefill == [(1, 1)] * k  # on CPU each prompt alone (no padding), logits at its last position only
     sizes = [b for b, t in decode]
     assert all(t == 1 for _, t in decode) and sizes == sorted(sizes, reverse=True) and sizes[-1] < 24
-    # each forward gives the logits of exactly the rows that sample a token next (none after the last)
-    assert len(prefill) + sum(sizes) == out.n_tokens and len(decode) <= 11
+    # each forward gives the logits of exactly the rows that sample a token next (none after the last):
+    # every row's first token from its prompt's prefill, the rest from the decode steps
+    assert 6 * k + sum(sizes) == out.n_tokens and len(decode) <= 11
 
 
 def test_prompts_prefilled_alone_give_the_padded_batch_cache(tok, lm):
@@ -204,6 +206,36 @@ def test_prompts_prefilled_alone_give_the_padded_batch_cache(tok, lm):
         assert torch.allclose(mine.keys[real], theirs.keys[real], atol=1e-5)
         assert torch.allclose(mine.values[real], theirs.values[real], atol=1e-5)
         assert not mine.keys[~real].any()  # padding: zeros, masked
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_n_samples_of_a_prompt_prefill_it_once_with_the_very_cache_of_prefilling_each(tok, lm, n, monkeypatch):
+    """Best-of-n's rows of one prompt are adjacent: the prompt runs once and its rows copy its keys,
+    values and logits, bitwise those of running it again; the samples are those of a prefill that
+    runs every row (the repeat check switched off)."""
+    from alignbench.sampling import left_pad, _prefill_rows
+    prompts = PROMPTS[:3]
+    calls = []
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            windows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(n)]
+            input_ids, attn = left_pad(windows, tok.pad_token_id)
+            cache, logits = _prefill_rows(lm, input_ids, attn)
+            assert len(calls) == len(prompts)  # once per distinct prompt, not once per row
+            for i in range(len(prompts)):  # every row of prompt i: bitwise the one row prefilled alone
+                one_ids, one_attn = input_ids[i * n:i * n + 1], attn[i * n:i * n + 1]
+                alone, alone_logits = _prefill_rows(lm, one_ids, one_attn)
+                for row in range(i * n, (i + 1) * n):
+                    assert torch.equal(logits[row], alone_logits[0])
+                    for mine, theirs in zip(cache.layers, alone.layers):
+                        assert torch.equal(mine.keys[row], theirs.keys[0]) and torch.equal(mine.values[row],
+                                                                                         theirs.values[0])
+    finally:
+        hook.remove()
+    once = sample(lm, tok, prompts, n=n, max_new_tokens=6, seed=3)
+    monkeypatch.setattr(torch, "equal", lambda a, b: False)  # every row prefilled on its own, as before
+    assert sample(lm, tok, prompts, n=n, max_new_tokens=6, seed=3) == once
 
 
 def test_bad_kv_cache_is_rejected(tok, lm):
@@ -272,9 +304,10 @@ def test_the_slab_cache_samples_the_very_tokens_of_a_concatenating_cache(tok, lm
         new = sample(lm, tok, PROMPTS, **kw)
     finally:
         hook.remove()
-    # each prompt prefilled alone (its own DynamicCache), every decode step on the slab
+    # each prompt prefilled alone (its own DynamicCache), once per batch it has rows in; every decode
+    # step on the slab
     assert Counter(seen).keys() == {DynamicLayer, sampling.SlabLayer}
-    assert Counter(seen)[DynamicLayer] == len(PROMPTS) * kw["n"]
+    assert len(PROMPTS) <= Counter(seen)[DynamicLayer] < len(PROMPTS) * kw["n"]
     monkeypatch.setattr(sampling, "_prefill_rows", _concatenating_prefill)
     old = sample(lm, tok, PROMPTS, **kw)
     assert new == old
