@@ -3,15 +3,18 @@
     1. the current policy samples two responses for each of M fresh training prompts (charged);
     2. the simulated annotator labels each pair (``alignbench.data.annotator``); the M labels are
        bought (``ctx.charge_annotations``, capped by budget.annotations) before they are used;
-    3. the PM is retrained from its init on every comparison so far (the proxy PM's comparisons + all
-       bought ones), or continues training on the new round's ones (``pm_update``); its FLOPs and
+    3. the PM is retrained from its init on every comparison so far (exactly the round-0 PM's
+       comparisons, ``stages.pm.judgements`` of them when set, + every bought one), or continues
+       training on the new round's ones (``pm_update``), always with the round-0 PM's settings
+       (``stages.pm``: lr, batch size, epochs, objective, λ; ``pm_fit_settings``); its FLOPs and
        tokens are charged to this method;
     4. the inner method (PPO, or RS fine-tuning) trains against the new PM in a sub-run, starting
        from π0 or from the last round's policy (``restart``); its KL penalty stays anchored to π0.
 
 With ``reward.kind=safety_helpful`` (Llama 2's two reward models) step 3 retrains BOTH PMs, the
 safety PM from the ``pm-safety`` stage's comparisons and the helpfulness PM from ``pm-helpful``'s,
-each new comparison routed by its prompt's harm group (``data.types.harm_group`` of its subset); each
+each new comparison routed by its prompt's harm group (``data.types.harm_group`` of its subset), with
+those stages' settings (the standard pairwise PM on all its group's comparisons); each
 retrained PM's whitening statistics are recomputed on the eval split's comparisons of its group (as
 ``build_pm`` does; charged), and the inner method and the own-samples check use the combined reward
 (``reward.SafetyHelpfulScorer``). ``reward.kind=single`` is unchanged.
@@ -44,8 +47,9 @@ import numpy as np
 import torch
 
 from alignbench import freeze, lora
-from alignbench.config import ConfigError, opt
+from alignbench.config import ConfigError, PMStageConfig, opt
 from alignbench.cost import forward_flops
+from alignbench.data import load_data
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
 from alignbench.data.types import PreferencePair, harm_group
 from alignbench.eval.pm_accuracy import gold_agreement
@@ -53,7 +57,7 @@ from alignbench.methods import BudgetExceeded, Method, MethodConfig, PolicyArtif
 from alignbench.models import load_pm, load_tokenizer, pm_from_lm
 from alignbench.stages.access import iterated_comparisons, iterated_parts, whitening_pairs
 from alignbench.stages.preference import (REWARD_PM_STAGES, PMScorer, SampleScorer, _score_heldout, build_pm,
-                                          score_stats, train_pm)
+                                          pm_training_pairs, score_stats, stage_pm_settings, train_pm)
 from alignbench.stages.reward import combined_scorer, uncounted
 from alignbench.subruns import SubRun, resume_subruns
 from alignbench_methods.ppo import PPO
@@ -81,7 +85,6 @@ class IteratedRLHFConfig(MethodConfig):
     inner_config: Dict[str, Any] = opt(factory=dict)  # the inner method's settings over INNER_DEFAULTS
     restart: str = opt("last", choices=["pi0", "last"])  # each round's policy starts from π0 or the last round's
     pm_update: str = opt("retrain", choices=["retrain", "continue"])
-    pm_epochs: float = opt(1.0, gt=0)  # PM passes over its comparisons each round
     own_check_samples: int = opt(4, ge=2)  # samples per eval prompt of the PM-on-own-samples check
     high_score_quantile: float = opt(0.5, ge=0, lt=1)  # the check's high-score region: both PM scores above it
 
@@ -212,16 +215,46 @@ def whitening_stats(ctx, scorer: PMScorer, group: str) -> dict:
     return stats
 
 
-def train_pm_on(ctx, model, tok, comparisons: list, epochs: float, desc: str) -> dict:
-    """The one call into the PM trainer (stages.pm's objective, batch size, lr), so the trainer can
-    change in one place."""
-    return train_pm(model, tok, comparisons, epochs=epochs, cfg=ctx.cfg, device=ctx.device, max_len=ctx.max_len,
-                    desc=desc, log_step=None)
+def pm_fit_settings(cfg, harm: Optional[str] = None) -> PMStageConfig:
+    """The settings of every PM fit of the run, round 0's and each retrain's: those of the PM stage
+    round 1 starts from (``start_pm_path`` / ``start_reward_pms``), ``preference.stage_pm_settings``
+    of the ``iterated_parts`` part (``harm``: the safety or helpfulness PM's)."""
+    return stage_pm_settings(cfg, iterated_parts(cfg)[0], harm)
 
 
-def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path], out: Path, seed: int) -> dict:
-    """Train a PM on ``comparisons`` (from the PM init when ``init`` is None, else continuing the PM
-    at ``init``), charge its tokens and 6·N FLOPs per token, save it to ``out``."""
+def start_comparisons(cfg, data, harm: Optional[str] = None) -> list:
+    """The comparisons the round-0 PM (``harm``: that reward PM) trained on, exactly: every pool
+    starts from them (``preference.pm_training_pairs`` of the ``iterated_parts`` part; with
+    ``stages.pm.judgements`` = N the first N of them, not the whole part)."""
+    return pm_training_pairs(cfg, data, iterated_parts(cfg)[0], harm)
+
+
+def round_pool(start: list, bought: list, pm_update: str) -> list:
+    """Round r's PM training comparisons, ``bought`` the labels of rounds 1..r (a list per round):
+    retrain = ``start`` + every bought label in order (|pool| = N + Σ M_i); continue = round r's."""
+    return start + [p for labels in bought for p in labels] if pm_update == "retrain" else list(bought[-1])
+
+
+def check_pm_settings(cfg, mcfg: IteratedRLHFConfig) -> None:
+    """What the retrained PMs cannot share with the round-0 PM fails before anything is bought."""
+    if cfg.stages.pm.objective == "lm":
+        raise ConfigError("stages.pm.objective: lm has nothing to retrain; iterated_rlhf needs a trained PM "
+                          "(pairwise, ranking or classifier)")
+    if cfg.stages.pm.pmp_path and mcfg.pm_update == "retrain":  # the round-0 PM pretrained, a retrain would not
+        raise ConfigError("stages.pm.pmp_path: iterated_rlhf's retrained PMs start from stages.pm.init without "
+                          "preference-model pretraining; use method.pm_update=continue or no pmp_path")
+
+
+def train_pm_on(ctx, model, tok, comparisons: list, settings: PMStageConfig, desc: str) -> dict:
+    """The one call into the PM trainer, with ``settings`` (``pm_fit_settings``: objective, λ, batch
+    size, lr, epochs, max_steps), so the trainer can change in one place."""
+    return train_pm(model, tok, comparisons, epochs=settings.epochs, cfg=ctx.cfg, device=ctx.device,
+                    max_len=ctx.max_len, desc=desc, log_step=None, settings=settings)
+
+
+def fit_pm(ctx, comparisons: list, *, settings: PMStageConfig, init: Optional[Path], out: Path, seed: int) -> dict:
+    """Train a PM on ``comparisons`` with ``settings`` (from the PM init when ``init`` is None, else
+    continuing the PM at ``init``), charge its tokens and 6·N FLOPs per token, save it to ``out``."""
     ctx.check_budget()
     if not comparisons:  # continue with no new comparison of this PM's group: the PM stays as it was
         shutil.copytree(init, out, dirs_exist_ok=True)
@@ -231,7 +264,7 @@ def fit_pm(ctx, cfg: IteratedRLHFConfig, comparisons: list, init: Optional[Path]
     model = pm_from_lm(pm_init_stage(ctx).path, tok, seed) if init is None else load_pm(init)
     # LoRA: adapters + the scalar head train, saved merged; trainable_layers: the top + the head
     model = freeze.prepare(model, ctx.cfg.model, task="SEQ_CLS", seed=seed)
-    metrics = train_pm_on(ctx, model, tok, comparisons, epochs=cfg.pm_epochs, desc=f"PM round {out.parent.name}")
+    metrics = train_pm_on(ctx, model, tok, comparisons, settings=settings, desc=f"PM round {out.parent.name}")
     ctx.charge_step(metrics["train_tokens"], model=model)
     if ctx.dist.is_main:
         lora.save(model.to("cpu"), out)
@@ -283,15 +316,17 @@ class IteratedRLHF(Method):
 
     def train(self, ctx) -> PolicyArtifact:
         cfg: IteratedRLHFConfig = ctx.method_cfg
-        if ctx.cfg.stages.pm.objective == "lm":  # before anything is bought or trained
-            raise ConfigError("stages.pm.objective: lm has nothing to retrain; iterated_rlhf needs a trained PM "
-                              "(pairwise, ranking or classifier)")
+        check_pm_settings(ctx.cfg, cfg)  # before anything is bought or trained
         inner_cls, inner_cfg = INNER[cfg.inner], inner_method_config(cfg)
         hook = next((h for h in ctx.point_hooks if isinstance(h, OwnSampleCheck)), None)
         if hook is None:  # called without the runner (a test): install it here
             hook = self.point_hooks(ctx)[0]
             ctx.point_hooks = [*ctx.point_hooks, hook]
         base_pairs, self.test_pairs = iterated_comparisons(ctx.cfg)
+        data = load_data(ctx.cfg.data)
+        # each PM's pool starts from exactly its round-0 PM's comparisons (harm group -> them with two PMs)
+        start = ({g: start_comparisons(ctx.cfg, data, g) for g in REWARD_PM_STAGES} if two_pms(ctx)
+                 else start_comparisons(ctx.cfg, data))
         annotator_part = iterated_parts(ctx.cfg)[1]
         subsets = {p.prompt: p.subset for p in base_pairs}
         # the inner method rolls out on the prompts of the comparisons the PM starts from (on real HH
@@ -314,7 +349,7 @@ class IteratedRLHF(Method):
             labels, rnd = subs[2 * r - 2], subs[2 * r - 1]
             try:
                 bought = labels.done() or self._label_and_fit(
-                    ctx, cfg, labels=labels, r=r, base_pairs=base_pairs, prompts=prompts, subsets=subsets,
+                    ctx, cfg, labels=labels, r=r, start=start, prompts=prompts, subsets=subsets,
                     annotator=annotator, policy_path=policy_path, subs=subs)
             except BudgetExceeded as e:  # no labels this round: the current policy is the run's
                 stopped = str(e)
@@ -365,7 +400,7 @@ class IteratedRLHF(Method):
         scorer = PMScorer(stage.path, ctx.device, stage.record["max_len"], fmt=ctx.fmt)
         return PMAnnotator(lambda prompts, responses: scorer.score(prompts, responses).tolist())
 
-    def _label_and_fit(self, ctx, cfg: IteratedRLHFConfig, labels: SubRun, r: int, base_pairs: list,
+    def _label_and_fit(self, ctx, cfg: IteratedRLHFConfig, labels: SubRun, r: int, start,
                        prompts: list, subsets: dict, annotator, policy_path: Optional[Path], subs: list) -> dict:
         """Steps 1-3 of round ``r``: 2 samples per fresh prompt from the current policy (charged), M
         labels bought then drawn, the PM retrained or continued; saved under the labels sub-run."""
@@ -381,34 +416,32 @@ class IteratedRLHF(Method):
         labels.dir.mkdir(parents=True, exist_ok=True)
         write_comparisons(labels.dir / "comparisons.jsonl", new)
         if two_pms(ctx):
-            return labels.mark_done(annotations=m, **self._fit_two(ctx, cfg, labels=labels, r=r, base_pairs=base_pairs,
-                                                                   new=new, subs=subs))
-        if cfg.pm_update == "retrain":  # from the PM's init, on every comparison so far
-            bought = [p for s in subs[0:2 * r - 1:2] for p in read_comparisons(s.dir / "comparisons.jsonl")]
-            train, init = base_pairs + bought, None
-        else:  # the current PM, on this round's comparisons
-            train, init = new, subs[2 * r - 4].dir / "pm" if r > 1 else start_pm_path(ctx)
-        pm_train = fit_pm(ctx, cfg, train, init=init, out=labels.dir / "pm", seed=ctx.cfg.stages.seed * 1000 + r)
+            return labels.mark_done(annotations=m, **self._fit_two(ctx, cfg, labels=labels, r=r, start=start,
+                                                                   subs=subs))
+        # retrain: from the PM's init on the round-0 PM's comparisons + every label bought so far (each
+        # round's charged above); continue: the current PM on this round's
+        train = round_pool(start, bought_labels(subs, r), cfg.pm_update)
+        init = None if cfg.pm_update == "retrain" else (subs[2 * r - 4].dir / "pm" if r > 1 else start_pm_path(ctx))
+        pm_train = fit_pm(ctx, train, settings=pm_fit_settings(ctx.cfg), init=init, out=labels.dir / "pm",
+                          seed=ctx.cfg.stages.seed * 1000 + r)
         heldout = heldout_accuracy(ctx, PMScorer(labels.dir / "pm", ctx.device, ctx.max_len, fmt=ctx.fmt),
                                    self.test_pairs)
         return labels.mark_done(annotations=m, pm_train=pm_train, heldout=heldout)
 
 
-    def _fit_two(self, ctx, cfg: IteratedRLHFConfig, labels: SubRun, r: int, base_pairs: list, new: list,
-                 subs: list) -> dict:
+    def _fit_two(self, ctx, cfg: IteratedRLHFConfig, labels: SubRun, r: int, start: dict, subs: list) -> dict:
         """Step 3 with two PMs: the safety and the helpfulness PM each retrained (or continued) on
-        the comparisons of its harm group, whitening statistics recomputed; held-out accuracy of each
-        PM on its group's test comparisons and of the combined reward on all of them (measurement)."""
-        start = start_reward_pms(ctx)
-        if cfg.pm_update == "retrain":
-            pool = base_pairs + [p for s in subs[0:2 * r - 1:2] for p in read_comparisons(s.dir / "comparisons.jsonl")]
-        else:
-            pool = new
+        the comparisons of its harm group (``start[g]``, its round-0 stage's, + the bought ones of
+        its group) with that stage's settings, whitening statistics recomputed; held-out accuracy of
+        each PM on its group's test comparisons and of the combined reward on all of them (measurement)."""
+        start_paths = start_reward_pms(ctx)
+        bought = bought_labels(subs, r)
         pm_train, stats, heldout = {}, {}, {}
         for g, name in REWARD_PM_STAGES.items():
-            train = [p for p in pool if harm_group(p.subset) == g]
-            init = None if cfg.pm_update == "retrain" else (subs[2 * r - 4].dir / name if r > 1 else start[g][0])
-            pm_train[g] = fit_pm(ctx, cfg, train, init=init, out=labels.dir / name,
+            own = [[p for p in labels_r if harm_group(p.subset) == g] for labels_r in bought]
+            train = round_pool(start[g], own, cfg.pm_update)
+            init = None if cfg.pm_update == "retrain" else (subs[2 * r - 4].dir / name if r > 1 else start_paths[g][0])
+            pm_train[g] = fit_pm(ctx, train, settings=pm_fit_settings(ctx.cfg, g), init=init, out=labels.dir / name,
                                  seed=ctx.cfg.stages.seed * 1000 + r)
             scorer = PMScorer(labels.dir / name, ctx.device, ctx.max_len, fmt=ctx.fmt)
             stats[g] = whitening_stats(ctx, scorer, g)
@@ -419,6 +452,11 @@ class IteratedRLHF(Method):
             heldout.update(heldout_accuracy(ctx, combined, self.test_pairs))
         totals = {k: sum(t[k] for t in pm_train.values()) for k in ("pairs", "steps", "train_tokens")}
         return {"pm_train": {**totals, **{g: pm_train[g] for g in pm_train}}, "heldout": heldout, "score_stats": stats}
+
+
+def bought_labels(subs: list, r: int) -> list:
+    """The labels bought in rounds 1..r, one list per round (each labels sub-run's comparisons.jsonl)."""
+    return [read_comparisons(s.dir / "comparisons.jsonl") for s in subs[0:2 * r - 1:2]]
 
 
 def _last_point(run_dir: Path) -> dict:

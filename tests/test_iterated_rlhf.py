@@ -101,7 +101,7 @@ def test_bad_input_fails_before_training_naming_the_key(tiny_overrides, override
 
 
 # the tiny run: 2 rounds of 8 labels, 2 PPO rollouts of 8 each, a short PM pass each round
-RUN = ["method=iterated_rlhf", "method.rounds=2", "method.prompts_per_round=8", "method.pm_epochs=0.05",
+RUN = ["method=iterated_rlhf", "method.rounds=2", "method.prompts_per_round=8",
        "method.own_check_samples=2", "+method.inner_config.rollout_batch_size=8", "eval.n_prompts=8",
        "train.log_points=2"]
 OWN_KEYS = ("round", "pm_accuracy_own", "pm_own_pairs", "pm_accuracy_own_high", "pm_own_pairs_high")

@@ -230,7 +230,7 @@ def test_the_two_pm_reward_charges_the_tokens_both_pms_read(tiny_overrides, tmp_
     assert ctx.cost.pm_calls - before[3] == len(prompts)
 
 
-ITER = ["method=iterated_rlhf", "method.rounds=1", "method.prompts_per_round=8", "method.pm_epochs=0.05",
+ITER = ["method=iterated_rlhf", "method.rounds=1", "method.prompts_per_round=8",
         "method.own_check_samples=2", "+method.inner_config.rollout_batch_size=8", "+method.inner_config.steps=1",
         "eval.n_prompts=8", "train.log_points=2", "reward=safety_helpful"]
 

@@ -11,7 +11,8 @@ inside the proxy half, or a method would fit the judge's own labels:
 - PM pretraining (PMP): only outside comparisons whose conversation is in no other part of the
   data (the other half, the eval and test splits), since the PMP folder may hold the same files;
 - iterated online RLHF (``methods/iterated_rlhf.py``): on hh_synth the gold reward annotates and
-  its PM starts from the proxy PM's comparisons; on real HH half "a" is split again by conversation
+  its PM starts from the proxy PM's comparisons (exactly those the proxy PM trained on: the first
+  ``stages.pm.judgements`` when set) and buys the rest; on real HH half "a" is split again by conversation
   (``iterated_parts``): its PM starts from part "a1" and the annotator PM is trained on "a2", so
   the annotator is neither the judge nor the PM it labels for;
 - evaluation: a seeded, subset-stratified sample of the prompts of ``eval.split``.
@@ -53,8 +54,10 @@ def iterated_parts(cfg: Config) -> tuple[str, Optional[str]]:
 
 
 def iterated_comparisons(cfg: Config) -> tuple[list, list]:
-    """(the comparisons iterated RLHF's PM starts from, its ``iterated_parts`` part; the pairwise test
-    comparisons its retrained PMs are scored on, like every PM stage: measurement, never trained on)."""
+    """(the comparisons of iterated RLHF's ``iterated_parts`` part, whose prompts it rolls out on and
+    buys labels for; the pairwise test comparisons its retrained PMs are scored on, like every PM
+    stage: measurement, never trained on). Its PMs' labels are their round-0 stage's only (with
+    ``stages.pm.judgements`` a subset of this part: ``preference.pm_training_pairs``) plus the bought ones."""
     return pm_pairs(cfg, load_data(cfg.data), iterated_parts(cfg)[0]), load_data(pairwise_config(cfg.data)).test
 
 

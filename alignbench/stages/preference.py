@@ -218,6 +218,23 @@ def pm_settings(cfg: Config, part: str = "all") -> PMStageConfig:
     return dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if part == "b" else cfg.stages.pm
 
 
+def stage_pm_settings(cfg: Config, part: str = "all", harm: str | None = None) -> PMStageConfig:
+    """The settings the PM stage of ``part`` (and ``harm`` group) trains with: ``pm_settings``, or for
+    Llama 2's safety / helpfulness PM (``harm`` set) always the standard pairwise PM on all its
+    comparisons (``VARIANT_DEFAULTS``) with ``stages.pm``'s optimiser settings. Every PM that
+    retrains one (iterated RLHF) uses them too."""
+    return dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if harm else pm_settings(cfg, part)
+
+
+def pm_training_pairs(cfg: Config, data, part: str = "all", harm: str | None = None) -> list:
+    """The comparisons the PM stage of ``part`` (and ``harm`` group) trains on: its part's comparisons
+    of that group, the first ``judgements`` of them (``pm_objectives.first_judgements``, seeded by
+    stages.seed); none for the LM score, which reads no label."""
+    sc = stage_pm_settings(cfg, part, harm)
+    train = [p for p in pm_pairs(cfg, data, part) if not harm or harm_group(p.subset) == harm]
+    return [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
+
+
 def pm_variant(cfg: Config) -> dict:
     """The proxy PM's variant: objective, λ, judgements and hh_synth's rank K (None: pairs)."""
     sc = cfg.stages.pm
@@ -258,7 +275,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
     safety / helpfulness PM, trained (and scored held out) on that harm group's comparisons only,
     always the standard pairwise PM (``VARIANT_DEFAULTS``) with ``stages.pm``'s optimiser settings."""
     data = load_data(cfg.data)
-    sc = dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if harm else pm_settings(cfg, part)
+    sc = stage_pm_settings(cfg, part, harm)
     key = {"upstream": {init.stage: init.key}, "pm": _key_settings(sc), "part": part, "access": ACCESS_RULES,
            "pm_code": PM_CODE_VERSION,
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
@@ -272,9 +289,7 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
 
     def build(out):
         tok, device, max_len = load_tokenizer(init.path), pick_device(cfg.train.device), init.record["max_len"]
-        train = [p for p in pm_pairs(cfg, data, part) if in_group(p)]
-        # the LM score reads no label: no judgements
-        train = [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
+        train = pm_training_pairs(cfg, data, part, harm)
         variant = {"objective": sc.objective, "harmless_weight": sc.harmless_weight, "judgements": len(train),
                    "rank_k": key.get("rank_k")}
         metrics: dict = {}
