@@ -159,7 +159,9 @@ def _build(tiny_overrides, *extra):
 
 
 def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides):
-    cfg, st = _build(tiny_overrides, "stages.pi0.safety_preprompt=template", "stages.pi0.safety_targeted=true")
+    # generic: the tiny tokenizer makes the template preprompt 243 tokens, more than the 240-token prompt
+    # window, which now fails naming stages.pi0.safety_preprompt instead of cutting it (issue 24 §1.3)
+    cfg, st = _build(tiny_overrides, "stages.pi0.safety_preprompt=generic", "stages.pi0.safety_targeted=true")
     assert st.pi0.stage == "pi0-safety" and st.safety_pm is not None
     assert st.pi0.record["upstream"] == {"pi0": st.pm.record["upstream"]["pi0"], "safety_pm": st.safety_pm.key}
     m = st.pi0.record["metrics"]
@@ -186,7 +188,7 @@ def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides
     assert gold["total_kept"] == pytest.approx(sum(kept) / 48)
     assert sum(b["gold_distilled"] * b["n"] for b in gold["bins_by_gold"]) == pytest.approx(sum(kept))
     assert sum(k["kept_distilled"] for k in gold["kept_by_kind"].values()) == m["kept_distilled"]
-    assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "template", "targeted": True, "stage": m}
+    assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "generic", "targeted": True, "stage": m}
     # the student differs from the HHH π0 it started from
     hhh_dir = st.pi0.path.parent / f"pi0-{st.pi0.record['upstream']['pi0']}"
     a, b = load_lm(hhh_dir).state_dict(), load_lm(st.pi0.path).state_dict()
