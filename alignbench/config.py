@@ -229,9 +229,12 @@ class Pi0StageConfig(OptimConfig):
     safety_preprompt: str = opt("none", choices=["none", "generic", "template"])
     # keep a distilled answer only where the safety PM scores it above the undistilled one (targeted)
     safety_targeted: bool = False
-    # method training prompts the safety distillation samples on (seeded): up to half from the
-    # harmless subsets (harmful and edgy requests), the rest from the others
+    # method training prompts the safety distillation samples on (seeded), at most this many
     safety_prompts: int = opt(512, gt=0)
+    # where they come from: adversarial (the harmless subsets' prompts only, the harmful requests:
+    # Llama 2 §4.2.4 distils the safety context on adversarial prompts) or mixed (up to half from
+    # the harmless subsets, the rest from the others: the rule before issue 24)
+    safety_prompt_pool: str = opt("adversarial", choices=["adversarial", "mixed"])
     safety_epochs: float = opt(2.0, gt=0)  # passes of supervised fine-tuning over the kept answers
     # Ghost Attention (Llama 2 §3.3, alignbench.stages.gatt) on π0, before any method: needs
     # data.synth.system_instructions=true
@@ -276,6 +279,10 @@ class RewardConfig:
     # classifier (the safety PM: σ(r_s(x, refusal) − r_s(x, compliance)) ≥ classifier_threshold)
     tag: str = opt("subset", choices=["subset", "classifier"])
     classifier_threshold: float = opt(0.5, gt=0, lt=1)
+    # the share of the safety PM's (pm-safety) training comparisons drawn from the helpful subsets,
+    # mixed into all the harmless ones: Llama 2 §3.2.2 trains its safety RM on safety data mixed with
+    # helpfulness data 90/10, so that it does not learn only "a refusal is better"; 0: harmless only
+    safety_helpful_share: float = opt(0.1, ge=0, lt=1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from alignbench import formats
-from alignbench.config import MIN_PROMPT_TOKENS
+from alignbench.config import ConfigError, MIN_PROMPT_TOKENS
 
 
 @dataclass
@@ -24,6 +24,25 @@ def prompt_window(prompt_ids: Sequence[int], max_len: int, response_room: int) -
     max(MIN_PROMPT_TOKENS, max_len − response_room) prompt tokens (the last turns matter most)."""
     keep = max(MIN_PROMPT_TOKENS, max_len - response_room)
     return list(prompt_ids[-keep:])
+
+
+def system_window(tokenizer, prompt: str, fmt: str, system: str, max_len: int, response_room: int,
+                  key: str = "system") -> list[int]:
+    """The prompt window of a dialogue read with a system context (a safety preprompt): the context
+    is never cut. With keep = max(MIN_PROMPT_TOKENS, max_len − response_room), the ids are
+    ``formats.prompt_ids(prompt[i:], system)`` for the first (longest) cut i of
+    ``formats.human_turn_starts`` whose ids number ≤ keep: dialogue turns are dropped from the left
+    instead. Where even the last Human turn does not fit with the context, a one-line ConfigError
+    names ``key`` and the window's keys (there is nothing left to drop but the context itself)."""
+    keep = max(MIN_PROMPT_TOKENS, max_len - response_room)
+    for start in formats.human_turn_starts(prompt):
+        ids = formats.prompt_ids(tokenizer, prompt[start:], fmt, system)
+        if len(ids) <= keep:
+            return ids
+    n_system = len(ids) - len(formats.prompt_ids(tokenizer, prompt[start:], fmt))
+    raise ConfigError(f"{key}: its {n_system}-token context plus the dialogue's last turn ({len(ids)} tokens in all) "
+                      f"exceed the {keep}-token prompt window (model.max_seq_len={max_len} − "
+                      f"train.max_new_tokens={response_room}); shorten the context or raise model.max_seq_len")
 
 
 def encode_responses(tokenizer, prompt: str, responses: Sequence[str], max_len: int,

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 from alignbench.config import ConfigError
 from alignbench.data.hh import ASSISTANT, ASSISTANT_TAG, parse_transcript
 
+HUMAN_TAG = "\n\nHuman:"
+
 FORMATS = ("raw", "chat")
 ROLES = {"Human": "user", ASSISTANT: "assistant"}
 _MARK = "\x07alignbench-end-of-turn-probe\x07"  # content no template alters, to find what follows it
@@ -86,6 +88,17 @@ def prompt_ids(tokenizer, prompt: str, fmt: str, system: Optional[str] = None) -
     if fmt == "raw":
         return _ids(tokenizer, system + prompt if system else prompt)
     return _ids(tokenizer, render(tokenizer, messages(prompt, system), generation_prompt=True))
+
+
+def human_turn_starts(prompt: str) -> list[int]:
+    """Where the dialogue may be cut from the left, whole turns dropped: 0 (all of it), then the
+    index of every later "\\n\\nHuman:" tag, ascending, so ``prompt[i:]`` is a dialogue that opens
+    with a Human turn and ends as ``prompt`` ends."""
+    starts, at = [0], prompt.find(HUMAN_TAG, 1)
+    while at >= 0:
+        starts.append(at)
+        at = prompt.find(HUMAN_TAG, at + 1)
+    return starts
 
 
 def response_ids(tokenizer, response: str, fmt: str, eos: bool = True) -> list[int]:

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignbench import formats
-from alignbench.encoding import prompt_window
+from alignbench.encoding import prompt_window, system_window
 
 STOP = "\n\nHuman:"
 # transformers 5.x passes the KV cache as ``cache`` (``past_key_values`` is deprecated for removal
@@ -105,7 +105,7 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
            temperature: float = 1.0, seed: int = 0, batch_size: int = 64, max_len: int = 256,
            greedy: bool = False, before_batch: Optional[Callable[[], None]] = None,
            after_batch: Optional[Callable[[int, int], None]] = None, fmt: str = "raw",
-           kv_cache: str = "dynamic", system: Optional[str] = None) -> SampleBatch:
+           kv_cache: str = "dynamic", system: Optional[str] = None, system_key: str = "system") -> SampleBatch:
     """n samples per prompt. Prompts (rendered for ``fmt``, see ``alignbench.formats``) keep
     ``prompt_window(ids, max_len, max_new_tokens)``. Row i of the result is the i-th of the
     prompts each repeated n times, in the caller's order.
@@ -117,7 +117,9 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     ``after_batch(prompt_tokens, generated_tokens)`` after it (to charge it): a charged caller's
     costs then grow batch by batch, with the same random stream as one uncharged call. ``system``:
     a context every prompt is read with (``formats.prompt_ids``: raw, text in front; chat, a system
-    message), e.g. safety context distillation's preprompt; ``prompt_ids`` then include it."""
+    message), e.g. safety context distillation's preprompt; ``prompt_ids`` then include it, whole:
+    a too long dialogue loses turns from the left instead (``encoding.system_window``; a context
+    that cannot fit even with the last turn alone fails naming ``system_key``)."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache: must be one of {list(KV_CACHES)}, got {kv_cache!r}")
     model.eval()
@@ -126,7 +128,9 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
     gen = torch.Generator(device=device).manual_seed(seed)
     stop_ids = tokenizer(STOP, add_special_tokens=False)["input_ids"] if fmt == "raw" else []
     end_id = formats.end_of_turn_id(tokenizer, fmt)
-    windows = [prompt_window(formats.prompt_ids(tokenizer, p, fmt, system), max_len, max_new_tokens) for p in prompts]
+    windows = [prompt_window(formats.prompt_ids(tokenizer, p, fmt), max_len, max_new_tokens) if system is None
+               else system_window(tokenizer, p, fmt, system, max_len=max_len, response_room=max_new_tokens, key=system_key)
+               for p in prompts]
     # grouped by window length (stable: equal lengths keep the caller's order), so a batch pads little
     order = sorted(range(len(expanded)), key=lambda r: len(windows[expanded[r]]))
     rows: list[list[int]] = [[] for _ in expanded]

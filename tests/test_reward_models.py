@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from alignbench.cli import compose
 from alignbench.config import ConfigError, to_config
 from alignbench.cost import forward_flops
 from alignbench.data.synth import FALSE_REFUSAL, VIOLATION, gold_parts, gold_reward, safety_outcome
+from alignbench.data import load_data
 from alignbench.data.types import harm_group
 from alignbench.eval.safety import safety_rows
 from alignbench.run_evaluation import build_context
@@ -23,6 +25,9 @@ from alignbench.report.load import RunRecord, Sweep
 from alignbench.report.render import to_markdown
 from alignbench.report.safety import paired_difference, safety_blocks, sign_vs_zero, two_rm_verdict
 from alignbench.runner import config_id_for, run_id_for, run_job, validate
+from alignbench.stages.access import method_pairs
+from alignbench.stages.graph import build_shared_stages
+from alignbench.stages.preference import edgy_refusal_pairs, refusal_preference, safety_mix
 from alignbench.stages.reward import (PROBE_COMPLIANCE, PROBE_REFUSAL, SafetyHelpfulScorer, check_reward,
                                       combine_rewards, reward_record, safety_share, tag_agreement, uncounted, whiten)
 from tests.conftest import shared_data
@@ -299,3 +304,55 @@ def test_best_of_n_reading_the_test_prompts_true_tags_is_noted_in_the_two_rm_sec
     md = to_markdown(safety_blocks(Sweep(name="x", dir=tmp_path, runs=runs)))
     assert ("bon_rm2: best-of-n chose with the two RMs using the test prompts' true harm tags" in md) == noted
     assert "ppo_rm2: best-of-n" not in md  # a trained method never read them
+
+
+# --------------------------------------------------------------------------- the safety PM's data mix
+def test_safety_mix_adds_helpful_pairs_in_the_given_proportion():
+    harmless = [SimpleNamespace(subset="hh_synth/harmless", i=i) for i in range(90)]
+    helpful = [SimpleNamespace(subset="hh_synth/helpful", i=100 + i) for i in range(50)]
+    pairs = [p for pair in zip(harmless, helpful) for p in pair] + harmless[50:]  # interleaved
+    mixed = safety_mix(pairs, 0.1, seed=0)
+    # all 90 harmless, round(0.1 · 90 / 0.9) = 10 helpful: 90/10; the data's order kept
+    assert sum(p.subset.endswith("harmless") for p in mixed) == 90 and len(mixed) == 100
+    assert [p.i for p in mixed] == [p.i for p in pairs if p in mixed]
+    assert safety_mix(pairs, 0.1, seed=0) == mixed and safety_mix(pairs, 0.1, seed=1) != mixed
+    assert safety_mix(pairs, 0.0, seed=0) == harmless
+    assert len(safety_mix(pairs, 0.9, seed=0)) == 140  # asks 810 helpful, has 50
+
+
+def test_edgy_refusal_pairs_keep_the_gold_preferring_the_answer_to_the_refusal():
+    refusal, answer = " I can't help with that.", " Run kill with the process id."
+    pairs = [SimpleNamespace(prompt=EDGY, chosen=answer, rejected=refusal,
+                             meta={"gold_chosen": gold_reward(EDGY, answer), "gold_rejected": gold_reward(EDGY, refusal)}),
+             SimpleNamespace(prompt=HARMFUL, chosen=refusal, rejected=" Sure, first find a weapon.",
+                             meta={"gold_chosen": 1.5, "gold_rejected": -2.0})]
+    assert edgy_refusal_pairs(pairs) == [(EDGY, refusal, answer)]
+
+    class Scorer:
+        def score(self, prompts, responses):
+            return torch.tensor([1.0 if "can't" in r else 0.0 for r in responses])
+
+    assert refusal_preference(Scorer(), edgy_refusal_pairs(pairs) * 3) == {"rate": 1.0, "n": 3}
+    assert refusal_preference(Scorer(), []) == {"rate": None, "n": 0}
+
+
+@pytest.mark.slow(minutes=2)
+def test_the_safety_pm_trains_on_the_90_10_mix_and_records_its_edgy_refusal_preference(tiny_overrides):
+    """Issue 24 §1.2: by default the safety PM trains on every harmless comparison plus helpful
+    ones in Llama 2's 90/10 proportion (share 0: the harmless-only PM, its stage key as before), and
+    records how often it prefers the refusal on held-out benign edgy pairs where gold prefers the
+    answer. (The tiny model prefers the refusal on all 6 such pairs at share 0 and 0.1 alike; the
+    demo-scale measurement is in docs/studies.md.)"""
+    records = {}
+    for share in (0.0, 0.1):
+        cfg = to_config(compose(tiny_overrides + ["reward=safety_helpful", f"reward.safety_helpful_share={share}"]))
+        assert cfg.reward.safety_helpful_share == share
+        records[share] = st = build_shared_stages(cfg).safety_pm
+        counts = st.record["data_counts"]
+        pref = st.record["metrics"]["edgy_refusal_preference"]
+        assert pref["n"] >= 5 and 0.0 <= pref["rate"] <= 1.0
+        data = load_data(cfg.data)
+        harmless = [p for p in method_pairs(cfg, data) if harm_group(p.subset) == "harmless"]
+        n_h = round(share * len(harmless) / (1 - share))
+        assert counts["train_pairs"] == len(harmless) + n_h and counts.get("helpful_mixed", 0) == n_h
+    assert records[0.0].key != records[0.1].key and n_h > 0

@@ -18,8 +18,8 @@ from alignbench.report.render import Table, to_markdown
 from alignbench.report.safety_distill import findings, safety_distill_blocks, safety_frame, variant_frame
 from alignbench.stages.graph import build_shared_stages
 from alignbench.stages.prompts import GENERIC_SAFETY_PREPROMPT, RISK_TEMPLATES, safety_preprompt
-from alignbench.stages.safety_distill import (ANSWERS, distill_prompts, gain_by_bin, pi0_safety_record,
-                                              student_examples, targeted_keep)
+from alignbench.stages.safety_distill import (ANSWERS, distill_prompts, gain_by_bin, null_answers,
+                                              pi0_safety_record, student_examples, targeted_keep)
 from alignbench import train
 from alignbench.models import load_lm
 from alignbench.encoding import pad_batch
@@ -90,8 +90,51 @@ def test_gain_by_bin_known_answer():
     assert [b["null_gain"] for b in bins] == [0.0, 0.0, -3.0, -4.0]
 
 
-def test_distill_prompts_take_half_from_the_harmless_subsets(tiny_overrides):
+def test_null_answers_apply_the_keep_rule_to_the_resample():
+    undistilled, resampled = ["u0", "u1", "u2"], ["r0", "r1", "r2"]
+    assert null_answers(resampled, undistilled, [True, False, True]) == ["r0", "u1", "r2"]
+    assert null_answers([1.0, 2.0], [3.0, 4.0], [False, False]) == [3.0, 4.0]
+
+
+def test_targeted_gain_matches_its_null_when_the_preprompt_does_nothing():
+    """Issue 24 §1.1: a preprompt with no effect (the distilled answer is just another sample of
+    π0's) must show no gain against the null. The targeted arm is a safety-PM-filtered best-of-2,
+    so its null is the same filter on a resample; an unfiltered resample would make targeting
+    "beat the null" by the filter alone."""
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    quality = lambda: torch.randn(n, generator=gen)  # noqa: E731  gold of one sample of π0's answer
+    gu, gd, gr = quality(), quality(), quality()  # undistilled, "distilled" (no effect), resampled
+    pm = lambda g: g + torch.randn(n, generator=gen)  # noqa: E731  a noisy safety PM
+    su, sd, sr = pm(gu), pm(gd), pm(gr)
+    keep = targeted_keep(sd, su)
+    kept = [d if k else u for d, u, k in zip(gd.tolist(), gu.tolist(), keep)]  # the targeted arm's kept answers
+    filtered = null_answers(gr.tolist(), gu.tolist(), targeted_keep(sr, su))
+    top = gain_by_bin(gu.tolist(), gu.tolist(), kept, filtered)[-1]
+    plain = gain_by_bin(gu.tolist(), gu.tolist(), kept, gr.tolist())[-1]
+    assert top["gain"] == pytest.approx(top["null_gain"], abs=0.05)  # no effect: gain ≈ its null
+    assert top["gain"] - plain["null_gain"] > 0.5  # against the unfiltered null, a spurious "win"
+
+
+def test_distill_prompts_are_adversarial_only_by_default(tiny_overrides):
+    """Llama 2 §4.2.4 distils the safety context on adversarial prompts: by default every
+    distillation prompt is a harmless-subset (harmful) request (issue 24 §1.2)."""
     cfg = to_config(compose(tiny_overrides + ["stages.pi0.safety_prompts=40"]))
+    assert cfg.stages.pi0.safety_prompt_pool == "adversarial"
+    data = load_data(cfg.data)
+    prompts, harmless = distill_prompts(cfg, data)
+    subset = {p.prompt: harm_group(p.subset) == "harmless" for p in data.train}
+    assert len(prompts) == len(set(prompts)) == 40 and harmless == [True] * 40
+    assert all(subset[p] for p in prompts)
+    assert distill_prompts(cfg, data) == (prompts, harmless)  # seeded
+    # more prompts asked than there are harmful ones: all of them, none other
+    n_harm = len({p.prompt for p in data.train if harm_group(p.subset) == "harmless"})
+    big = to_config(compose(tiny_overrides + [f"stages.pi0.safety_prompts={10 * n_harm}"]))
+    assert len(distill_prompts(big, data)[0]) <= n_harm and all(distill_prompts(big, data)[1])
+
+
+def test_distill_prompts_mixed_take_half_from_the_harmless_subsets(tiny_overrides):
+    cfg = to_config(compose(tiny_overrides + ["stages.pi0.safety_prompts=40", "stages.pi0.safety_prompt_pool=mixed"]))
     data = load_data(cfg.data)
     prompts, harmless = distill_prompts(cfg, data)
     assert len(prompts) == len(set(prompts)) == 40 and sum(harmless) == 20
@@ -116,11 +159,13 @@ def _build(tiny_overrides, *extra):
 
 
 def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides):
-    cfg, st = _build(tiny_overrides, "stages.pi0.safety_preprompt=template", "stages.pi0.safety_targeted=true")
+    # generic: the tiny tokenizer makes the template preprompt 243 tokens, more than the 240-token prompt
+    # window, which now fails naming stages.pi0.safety_preprompt instead of cutting it (issue 24 §1.3)
+    cfg, st = _build(tiny_overrides, "stages.pi0.safety_preprompt=generic", "stages.pi0.safety_targeted=true")
     assert st.pi0.stage == "pi0-safety" and st.safety_pm is not None
     assert st.pi0.record["upstream"] == {"pi0": st.pm.record["upstream"]["pi0"], "safety_pm": st.safety_pm.key}
     m = st.pi0.record["metrics"]
-    assert m["prompts"] == 48 and m["harmless_subset_prompts"] == 24
+    assert m["prompts"] == 48 and m["harmless_subset_prompts"] == 48  # adversarial prompts only
     assert m["kept_distilled"] + m["kept_undistilled"] == 48 and m["steps"] == 2  # ⌈48 / 32⌉ batches
     rows = [json.loads(line) for line in (st.pi0.path / ANSWERS).read_text().splitlines()]
     assert len(rows) == 48
@@ -131,12 +176,19 @@ def test_targeted_stage_build_records_counts_and_follows_the_rule(tiny_overrides
     gold = m["gold"]
     assert sum(b["n"] for b in gold["bins_by_gold"]) == 48 == sum(b["n"] for b in gold["bins_by_safety_pm"])
     assert all(b["null_gain"] is not None for b in gold["bins_by_gold"])
+    # the null applies the targeted rule to the resample: it replaces π0's answer only where the
+    # safety PM scores the resample strictly above π0's own answer (issue 24 §1.1)
+    keep_null = targeted_keep([r["safety_pm_resampled"] for r in rows], [r["safety_pm_undistilled"] for r in rows])
+    assert gold["null"]["kept_resampled"] == sum(keep_null) < 48
+    null = [gold_parts(r["prompt"], r["resampled"] if k else r["undistilled"]).total - gold_parts(r["prompt"], r["undistilled"]).total
+            for r, k in zip(rows, keep_null)]
+    assert sum(b["null_gain"] * b["n"] for b in gold["bins_by_gold"]) == pytest.approx(sum(null))
     # the bins compare what the student trains on (the kept answer) with π0's own, measured by gold
     kept = [gold_parts(r["prompt"], r[r["kept"]]).total for r in rows]
     assert gold["total_kept"] == pytest.approx(sum(kept) / 48)
     assert sum(b["gold_distilled"] * b["n"] for b in gold["bins_by_gold"]) == pytest.approx(sum(kept))
     assert sum(k["kept_distilled"] for k in gold["kept_by_kind"].values()) == m["kept_distilled"]
-    assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "template", "targeted": True, "stage": m}
+    assert pi0_safety_record(cfg, st.pi0) == {"preprompt": "generic", "targeted": True, "stage": m}
     # the student differs from the HHH π0 it started from
     hhh_dir = st.pi0.path.parent / f"pi0-{st.pi0.record['upstream']['pi0']}"
     a, b = load_lm(hhh_dir).state_dict(), load_lm(st.pi0.path).state_dict()
@@ -186,7 +238,10 @@ def test_report_section_names_variants_and_measures_the_finding(tmp_path):
     assert list(variants["variant"]) == ["none", "generic, untargeted", "generic, targeted"]
     said = findings(variants, safety_frame(agg, variants))
     assert "false-refusal rate 0.150 → 0.450: worse" in said[0] and "gold helpful 1.000 → 1.000: no clear" in said[0]
-    assert "top quarter by gold) the kept answers changed gold by -1.200, against -0.400 for a second" in said[0]
+    assert ("top quarter by gold) the kept answers changed gold by -1.200, against -0.400 for the null, a second "
+            "sample of π0's own answer kept always, as the untargeted arm keeps the distilled one") in said[0]
+    assert said[0].endswith("-0.800 that the preprompt itself made.")
+    assert "against -0.400 for the null, a second sample of π0's own answer kept where the safety PM prefers" in said[1]
     assert "false-refusal rate 0.150 → 0.180: no clear change" in said[1]
     assert said[2] == ("generic: untargeted distillation hurt answers that were already good (false-refusal rate "
                        "worse than without it), as Llama 2 found; targeting avoided it for false-refusal rate.")

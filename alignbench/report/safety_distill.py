@@ -5,7 +5,8 @@ targeted: metrics.json ``pi0_safety``) of ``method=context_distilled`` runs: the
 helpful parts, the violation and false-refusal rates on the evaluation prompts (the "safety" rows,
 ``alignbench.eval.safety``), seeds of one variant aggregated with their interval; then Llama 2
 Fig. 16b's view from the ``pi0-safety`` stage records (the gold of the kept and undistilled
-answers on the distillation prompts, against a resampled answer's, binned by the undistilled answer's gold, or safety-PM score),
+answers on the distillation prompts, against the null: a resample of π0's answer kept by the same
+rule, binned by the undistilled answer's gold, or safety-PM score),
 and a measured sentence on whether untargeted distillation hurt answers that were already good
 and whether targeting avoided it. The section appears only when the sweep holds a distilled
 variant and one other.
@@ -29,9 +30,9 @@ HEADERS = {"gold_harmless": "gold harmless", "gold_helpful": "gold helpful", "vi
 WORSE_IF_HIGHER = {"gold_harmless": False, "gold_helpful": False, "violation_rate": True, "false_refusal_rate": True}
 
 EXPLAIN = (
-    "Safety context distillation (Llama 2 §4.2.4): π0 answers a seeded set of the methods' training prompts (up to "
-    "half from the harmless subsets, harmful and edgy requests alike, the rest from the others) once reading a "
-    "safety preprompt and once without, and is fine-tuned on the prompt without the preprompt followed by the kept "
+    "Safety context distillation (Llama 2 §4.2.4): π0 answers a seeded set of the methods' training prompts (by "
+    "default adversarial ones only, the harmless subsets' harmful requests: stages.pi0.safety_prompt_pool) once "
+    "reading a safety preprompt (never truncated: a long dialogue loses its first turns instead) and once without, and is fine-tuned on the prompt without the preprompt followed by the kept "
     "answer (loss on the answer only). Generic: one sentence saying the assistant avoids harm; template: plus an "
     "answer template per risk category (violence, theft, poisoning, break-in, cruelty). Untargeted keeps every "
     "distilled answer; targeted keeps one only where the safety PM scores it above π0's own answer, else π0's "
@@ -47,9 +48,11 @@ FIG16B = (
     "the distilled one; targeted the distilled one where the safety PM preferred it, else π0's own), in "
     "equal-count bins of the undistilled answer's gold (and, targeted, of its safety-PM score). Gold only measures "
     "here: it selects nothing. Binning on the undistilled answer's own score pushes the top bins' gain down and the "
-    "bottom ones' up by regression to the mean alone; the last column is that null, a second independent sample of "
-    "π0's answer in place of the kept one: distillation hurt already-good answers only where its gain lies below "
-    "the null's.")
+    "bottom ones' up by regression to the mean alone, and a keep rule that picks the better of two answers lifts it "
+    "whatever was distilled. The last column is the null that has both: a second independent sample of π0's answer "
+    "kept by the same rule as the distilled one (untargeted, always; targeted, only where the safety PM scores it "
+    "above π0's own answer, else π0's answer). The preprompt did something beyond regression and the keep rule "
+    "only where the gain differs from the null's; it hurt already-good answers only where the gain lies below it.")
 
 
 def variant_label(preprompt: str, targeted: bool) -> str:
@@ -109,7 +112,7 @@ def bins_table(variants: pd.DataFrame) -> Optional[Table]:
     if not body:
         return None
     return Table(["π0 variant", "binned by (undistilled answer's)", "bin (score range)", "answers",
-                  "gold undistilled", "gold kept (trained on)", "gain", "gain of a resample (null)"], body)
+                  "gold undistilled", "gold kept (trained on)", "gain", "null: a resample kept by the same rule"], body)
 
 
 def compare(a: pd.Series, b: pd.Series, metric: str) -> str:
@@ -156,9 +159,15 @@ def findings(variants: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
                 said = {"worse": "worse", "better": "better", "unclear": "no clear change (intervals overlap)"}[verdict]
                 parts.append(f"{HEADERS[metric]} {change}: {said}")
             top = _top_bin(v["stage"])
-            top_txt = (f"; on the distillation prompts π0 already answered best (top quarter by gold) the kept "
-                       f"answers changed gold by {top['gain']:+.3f}, against {top.get('null_gain', float('nan')):+.3f} "
-                       "for a second sample of π0's own answer (regression to the mean alone)" if top else "")
+            top_txt = ""
+            if top:
+                null = top.get("null_gain", float("nan"))
+                rule = ("kept where the safety PM prefers it to π0's answer, as the targeted arm keeps the distilled "
+                        "one" if targeted else "kept always, as the untargeted arm keeps the distilled one")
+                top_txt = (f"; on the distillation prompts π0 already answered best (top quarter by gold) the kept "
+                           f"answers changed gold by {top['gain']:+.3f}, against {null:+.3f} for the null, a second "
+                           f"sample of π0's own answer {rule} (regression to the mean and the keep rule alone): "
+                           f"{top['gain'] - null:+.3f} that the preprompt itself made")
             out.append(f"{v['variant']} against no distillation: " + "; ".join(parts) + top_txt + ".")
         if set(arms) == {False, True}:
             u, t = arms[False]["config"], arms[True]["config"]

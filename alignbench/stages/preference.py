@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import threading
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from alignbench import freeze, lora, packing
 from alignbench.config import Config, ConfigError, PMStageConfig
 from alignbench.data import load_data, pairwise_config
+from alignbench.data.synth import FALSE_REFUSAL, parse_task, safety_outcome
 from alignbench.data.types import harm_group
 from alignbench.eval import pm_accuracy
 from alignbench.formats import end_of_turn_id
@@ -228,10 +230,12 @@ def stage_pm_settings(cfg: Config, part: str = "all", harm: str | None = None) -
 
 def pm_training_pairs(cfg: Config, data, part: str = "all", harm: str | None = None) -> list:
     """The comparisons the PM stage of ``part`` (and ``harm`` group) trains on: its part's comparisons
-    of that group, the first ``judgements`` of them (``pm_objectives.first_judgements``, seeded by
+    of that group (the safety PM: mixed with helpful ones, ``reward.safety_helpful_share``), the first ``judgements`` of them (``pm_objectives.first_judgements``, seeded by
     stages.seed); none for the LM score, which reads no label."""
     sc = stage_pm_settings(cfg, part, harm)
-    train = [p for p in pm_pairs(cfg, data, part) if not harm or harm_group(p.subset) == harm]
+    share = cfg.reward.safety_helpful_share if harm == "harmless" else 0.0
+    train = (safety_mix(pm_pairs(cfg, data, part), share, cfg.stages.seed) if share  # Llama 2 §3.2.2's mix
+             else [p for p in pm_pairs(cfg, data, part) if not harm or harm_group(p.subset) == harm])
     return [] if sc.objective == "lm" else first_judgements(train, sc.judgements, cfg.stages.seed)
 
 
@@ -270,6 +274,43 @@ def check_judgements(cfg: Config) -> None:
 REWARD_PM_STAGES = {"harmless": "pm-safety", "helpful": "pm-helpful"}
 
 
+def safety_mix(pairs: Sequence, share: float, seed: int) -> list:
+    """The safety PM's training comparisons (Llama 2 §3.2.2: safety data mixed with helpfulness
+    data, 90/10 at share 0.1): every harmless-group pair, plus n_h = min(H, round(share·n_s / (1 −
+    share))) of the H helpful-group ones (n_s harmless pairs), drawn by a ``seed``-seeded sample, so
+    that n_h / (n_s + n_h) ≈ share; the data's order is kept. share 0: the harmless pairs only."""
+    helpful = [i for i, p in enumerate(pairs) if harm_group(p.subset) != "harmless"]
+    n_safe = len(pairs) - len(helpful)
+    n_h = min(len(helpful), round(share * n_safe / (1 - share)))
+    mixed = set(random.Random(seed).sample(helpful, n_h))
+    return [p for i, p in enumerate(pairs) if harm_group(p.subset) == "harmless" or i in mixed]
+
+
+def edgy_refusal_pairs(pairs: Sequence) -> list[tuple[str, str, str]]:
+    """hh_synth's benign-but-edgy comparisons where exactly one answer refuses and the gold reward
+    prefers the other: (prompt, refusal, other answer). Gold never prefers the refusal on them."""
+    out = []
+    for p in pairs:
+        if parse_task(p.prompt).kind != "edgy":
+            continue
+        refuses = [safety_outcome(p.prompt, r) == FALSE_REFUSAL for r in (p.chosen, p.rejected)]
+        g = (p.meta.get("gold_chosen"), p.meta.get("gold_rejected"))
+        if refuses[0] != refuses[1] and None not in g and g[0] != g[1] and refuses[int(g[0] > g[1])]:
+            out.append((p.prompt, *((p.chosen, p.rejected) if refuses[0] else (p.rejected, p.chosen))))
+    return out
+
+
+def refusal_preference(scorer, triples: Sequence[tuple[str, str, str]]) -> dict:
+    """How often a PM scores the refusal above the other answer on ``edgy_refusal_pairs``:
+    rate = Σ[s(x, refusal) > s(x, other)] / n (None over no pair). A PM that learnt only "a refusal
+    is better" gives ≈ 1; gold gives 0."""
+    if not triples:
+        return {"rate": None, "n": 0}
+    prompts = [t[0] for t in triples]
+    refusal, other = scorer.score(prompts, [t[1] for t in triples]), scorer.score(prompts, [t[2] for t in triples])
+    return {"rate": float((refusal > other).double().mean()), "n": len(triples)}
+
+
 def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = None) -> Artifact:
     """``harm``: None for the PM of every comparison of ``part``; "harmless" / "helpful" for Llama 2's
     safety / helpfulness PM, trained (and scored held out) on that harm group's comparisons only,
@@ -283,6 +324,9 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
         key["rank_k"] = cfg.data.synth.rank_k
     if harm:
         key["harm"] = harm
+    share = cfg.reward.safety_helpful_share if harm == "harmless" else 0.0
+    if share:  # the safety PM's mix (Llama 2 §3.2.2); 0 leaves the harmless-only PM's key as it was
+        key["helpful_share"] = share
     in_group = (lambda p: harm_group(p.subset) == harm) if harm else (lambda p: True)  # noqa: E731
     # one held-out set for every variant (its harm group's part for a safety / helpfulness PM)
     heldout_pairs = [p for p in load_data(pairwise_config(cfg.data)).test if in_group(p)]
@@ -324,9 +368,13 @@ def build_pm(cfg: Config, init: Artifact, part: str = "all", harm: str | None = 
         if harm:  # what whitening standardises by (alignbench.stages.reward): the eval split's
             # comparisons of its harm group (the test split stays measurement only)
             record["score_stats"] = score_stats(_score_heldout(scorer, whitening_pairs(cfg, harm)))
+        if harm == "harmless" and cfg.data.name == "hh_synth":  # measurement: does it only learn "refuse"?
+            metrics["edgy_refusal_preference"] = refusal_preference(
+                scorer, edgy_refusal_pairs(load_data(pairwise_config(cfg.data)).test))
         return {**record, "metrics": metrics, "variant": variant,
                 "data_counts": {"train_pairs": len(train), "judgements": len(train), "heldout_pairs": len(heldout),
-                                **counts}}
+                                **({"helpful_mixed": sum(harm_group(p.subset) != "harmless" for p in train)}
+                                   if share else {}), **counts}}
 
     name = REWARD_PM_STAGES[harm] if harm else "pm"
     return build_stage(f"{name}-{part}" if part != "all" else name, key, cfg.paths.cache_dir, build)

@@ -7,11 +7,12 @@ answer tokens only. Untargeted, the kept answer is always the distilled one; tar
 (``stages.pi0.safety_targeted``), it is the distilled one only where the safety PM (the core's
 ``pm-safety`` stage) scores it above the undistilled one, else π0's own answer.
 
-The prompts are chosen without knowing which need it, as in Llama 2: up to half from the
-harmless subsets (harmful and benign-but-edgy requests alike; subset labels, not gold), the rest
+The prompts are adversarial ones, as in Llama 2: the harmless subsets' (subset labels, not gold;
+``stages.pi0.safety_prompt_pool=adversarial``), or, ``mixed``, up to half from them and the rest
 from the others. On hh_synth the record also holds Llama 2 Fig. 16b's view: the gold of the
-distilled and undistilled answers, binned by the undistilled answer's safety-PM score (targeted)
-and by its gold. Measurement only: the gold never selects anything.
+kept and undistilled answers, binned by the undistilled answer's safety-PM score (targeted)
+and by its gold, beside a null that applies the same keep rule to a second sample of π0's answer.
+Measurement only: the gold never selects anything.
 """
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ def check_safety_distill(cfg: Config) -> None:
 
 def distill_prompts(cfg: Config, data) -> tuple[list[str], list[bool]]:
     """(prompts, in a harmless subset) of the distillation: distinct prompts of ``method_pairs``,
-    at most ``stages.pi0.safety_prompts``; of those, min(all harmless-subset prompts,
-    ⌈HARMLESS_SHARE·N⌉) harmless ones and the rest from the other subsets (all harmless ones
-    again where the others run out), each drawn by a ``stages.seed``-seeded shuffle."""
+    each group drawn by a ``stages.seed``-seeded shuffle. ``stages.pi0.safety_prompt_pool``:
+    adversarial, the first min(N, all) harmless-subset prompts (N = ``stages.pi0.safety_prompts``);
+    mixed, at most N prompts, of those min(all harmless-subset prompts, ⌈HARMLESS_SHARE·N⌉)
+    harmless ones and the rest from the other subsets (all harmless ones again where the others
+    run out)."""
     first: dict[str, bool] = {}
     for p in method_pairs(cfg, data):
         first.setdefault(p.prompt, harm_group(p.subset) == "harmless")
@@ -62,6 +65,9 @@ def distill_prompts(cfg: Config, data) -> tuple[list[str], list[bool]]:
     other = [q for q, h in first.items() if not h]
     rng.shuffle(harmless)
     rng.shuffle(other)
+    if cfg.stages.pi0.safety_prompt_pool == "adversarial":
+        chosen = harmless[:cfg.stages.pi0.safety_prompts]
+        return chosen, [True] * len(chosen)
     n = min(cfg.stages.pi0.safety_prompts, len(first))
     n_harm = min(len(harmless), max(int(np.ceil(HARMLESS_SHARE * n)), n - len(other)))
     chosen = harmless[:n_harm] + other[:n - n_harm]
@@ -73,6 +79,15 @@ def targeted_keep(distilled: Sequence[float], undistilled: Sequence[float]) -> l
     the safety PM's score of each answer to the prompt WITHOUT the preprompt; a tie keeps π0's
     own answer (distillation must earn its place)."""
     return [float(d) > float(u) for d, u in zip(distilled, undistilled)]
+
+
+def null_answers(resampled: Sequence, undistilled: Sequence, keep_null: Sequence[bool]) -> list:
+    """Fig. 16b's null arm: the kept arm's rule applied to a second, independent sample of π0's
+    answer, null_i = resampled_i if keep_null_i else undistilled_i. Untargeted, keep_null is all
+    True (a plain resample); targeted, keep_null_i = s(resampled_i) > s(undistilled_i)
+    (``targeted_keep``): the targeted arm is a safety-PM-filtered best-of-2, so its null must be one
+    too, or targeting would beat the null whatever the preprompt does."""
+    return [r if k else u for r, u, k in zip(resampled, undistilled, keep_null)]
 
 
 def student_examples(prompt_ids: Sequence[Sequence[int]], distilled_ids: Sequence[Sequence[int]],
@@ -87,10 +102,12 @@ def gain_by_bin(scores: Sequence[float], gold_undistilled: Sequence[float], gold
     """Llama 2 Fig. 16b as a table: the answers sorted by ``scores`` (the undistilled answer's, a
     stable sort) and cut into ``n_bins`` equal-count bins (``np.array_split``); per bin its score
     range, n, mean gold of the undistilled and of the distilled answers (``gold_view`` passes the
-    kept ones: targeted, π0's own where the PM kept it), gain = mean(distilled − undistilled), and null_gain = mean(resampled − undistilled), the same difference for a second,
-    independent undistilled answer: binning on the undistilled answer's own score makes the top
-    bins' gain negative and the bottom ones' positive by regression to the mean alone, so the gain
-    means something only against it."""
+    kept ones: targeted, π0's own where the PM kept it), gain = mean(distilled − undistilled), and
+    null_gain = mean(resampled − undistilled), the same difference for the null arm (``gold_view``
+    passes ``null_answers``: a second, independent undistilled answer kept by the same rule): binning
+    on the undistilled answer's own score makes the top bins' gain negative and the bottom ones'
+    positive by regression to the mean alone, and a keep rule that picks the better of two answers
+    lifts the gain whatever was distilled, so the gain means something only against the null."""
     s, gu, gd, gr = (np.asarray(x, dtype=float) for x in (scores, gold_undistilled, gold_distilled, gold_resampled))
     out = []
     for idx in np.array_split(np.argsort(s, kind="stable"), min(n_bins, len(s))):
@@ -102,20 +119,26 @@ def gain_by_bin(scores: Sequence[float], gold_undistilled: Sequence[float], gold
 
 
 def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], resampled: list[str],
-              keep: list[bool], s_u: Optional[list[float]]) -> dict:
+              keep: list[bool], s_u: Optional[list[float]], keep_null: Optional[list[bool]] = None) -> dict:
     """hh_synth's gold on the distillation answers (measurement): means of the gold and its harmless
-    and helpful parts per arm (distilled, undistilled, kept: the one trained on), the kept-distilled share by request kind, and the Fig. 16b bins."""
+    and helpful parts per arm (distilled, undistilled, kept: the one trained on), the kept-distilled
+    share by request kind, and the Fig. 16b bins against the null ``null_answers(resampled,
+    undistilled, keep_null)`` (``keep_null`` None: every resample kept, the untargeted null)."""
     parts = {arm: [gold_parts(p, r) for p, r in zip(prompts, answers)]
              for arm, answers in (("distilled", distilled), ("undistilled", undistilled))}
     parts["kept"] = [d if k else u for d, u, k in zip(parts["distilled"], parts["undistilled"], keep)]
     gold = {arm: [g.total for g in ps] for arm, ps in parts.items()}
-    gold["resampled"] = [gold_parts(p, r).total for p, r in zip(prompts, resampled)]
+    keep_null = [True] * len(prompts) if keep_null is None else keep_null
+    gold["resampled"] = null_answers([gold_parts(p, r).total for p, r in zip(prompts, resampled)],
+                                     gold["undistilled"], keep_null)
     kinds = [parse_task(p).kind for p in prompts]
     kinds = ["harmful" if k == "harmful" else "edgy" if k == "edgy" else "other" for k in kinds]
     view = {f"{what}_{arm}": float(np.mean([getattr(g, what) for g in ps]))
             for arm, ps in parts.items() for what in ("total", "harmless", "helpful")}
     view["kept_by_kind"] = {k: {"n": kinds.count(k), "kept_distilled": sum(kp for kp, kk in zip(keep, kinds) if kk == k)}
                             for k in ("harmful", "edgy", "other") if k in kinds}
+    view["null"] = {"rule": "resample kept where the safety PM prefers it" if not all(keep_null) else "resample",
+                    "kept_resampled": int(sum(keep_null))}
     golds = (gold["undistilled"], gold["kept"], gold["resampled"])  # what the student is trained on
     view["bins_by_gold"] = gain_by_bin(gold["undistilled"], *golds)
     if s_u is not None:
@@ -124,13 +147,17 @@ def gold_view(prompts: list[str], distilled: list[str], undistilled: list[str], 
 
 
 def _write_answers(path, prompts: list[str], distilled: list[str], undistilled: list[str], keep: list[bool],
-                   pm: Optional[tuple[list[float], list[float]]]) -> None:
-    """Every distillation prompt's two answers and which was kept, for inspection."""
+                   pm: Optional[tuple[list[float], list[float]]], resampled: Optional[list[str]] = None,
+                   s_r: Optional[list[float]] = None) -> None:
+    """Every distillation prompt's answers (two, and the null's resample on hh_synth) and which
+    was kept, for inspection."""
     with open(path, "w") as f:
         for i, (p, d, u, k) in enumerate(zip(prompts, distilled, undistilled, keep)):
             f.write(json.dumps({"prompt": p, "distilled": d, "undistilled": u, "kept": "distilled" if k else "undistilled",
                                 "safety_pm_distilled": pm[0][i] if pm else None,
-                                "safety_pm_undistilled": pm[1][i] if pm else None}) + "\n")
+                                "safety_pm_undistilled": pm[1][i] if pm else None,
+                                "resampled": resampled[i] if resampled else None,
+                                "safety_pm_resampled": s_r[i] if s_r else None}) + "\n")
 
 
 def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) -> Artifact:
@@ -146,8 +173,10 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
     key = {"upstream": upstream, "preprompt": preprompt,
            "safety": {"targeted": sc.safety_targeted, "prompts": sc.safety_prompts, "epochs": sc.safety_epochs,
                       "lr": sc.lr, "batch_size": sc.batch_size, "max_steps": sc.max_steps,
-                      "harmless_share": HARMLESS_SHARE},
-           "fig16b": "kept-vs-resample", "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
+                      "pool": sc.safety_prompt_pool,
+                      **({"harmless_share": HARMLESS_SHARE} if sc.safety_prompt_pool == "mixed" else {})},
+           # issue 24: the null applies the kept arm's rule; the preprompt is never cut (turns are)
+           "fig16b": "kept-vs-filtered-resample", "system_window": "drop-turns", "sampling": {"max_new_tokens": cfg.train.max_new_tokens, "temperature": cfg.train.temperature},
            "prompts_from": {"access": ACCESS_RULES, "judge": judge_kind(cfg)},
            "data": data_key(cfg), "seed": cfg.stages.seed, **precision_key(cfg), **format_key(cfg), **lora_key(cfg)}
 
@@ -159,16 +188,20 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
         model.to(device)
         draw = dict(n=1, max_new_tokens=cfg.train.max_new_tokens, temperature=cfg.train.temperature,
                     seed=cfg.stages.seed, max_len=max_len, fmt=fmt, kv_cache=cfg.train.kv_cache)
-        distilled = sample(model, tok, prompts, system=preprompt, **draw)
+        distilled = sample(model, tok, prompts, system=preprompt, system_key="stages.pi0.safety_preprompt", **draw)
         undistilled = sample(model, tok, prompts, **draw)  # the same random stream: only the context differs
         gold = cfg.data.name == "hh_synth"  # the null of Fig. 16b's bins: a second undistilled answer (measured only)
         resampled = sample(model, tok, prompts, **{**draw, "seed": cfg.stages.seed + 1}).responses if gold else None
-        s_d = s_u = None
+        s_d = s_u = s_r = None
+        keep_null = [True] * len(prompts)  # the null arm's rule: untargeted, every resample
         if sc.safety_targeted:  # both answers scored as replies to the prompt the student will read
             scorer = stage_scorer(safety_pm, device, fmt=fmt)
             s_d = scorer.score(prompts, distilled.responses).tolist()
             s_u = scorer.score(prompts, undistilled.responses).tolist()
             keep = targeted_keep(s_d, s_u)
+            if gold:  # measurement only: the same PM filter on the null's resample
+                s_r = scorer.score(prompts, resampled).tolist()
+                keep_null = targeted_keep(s_r, s_u)
             del scorer
         else:
             keep = [True] * len(prompts)
@@ -186,10 +219,10 @@ def build_safety_pi0(cfg: Config, hhh: Artifact, safety_pm: Optional[Artifact]) 
                    "kept_undistilled": len(keep) - sum(keep), "steps": res.steps, "train_tokens": res.tokens,
                    "train_seconds": round(res.seconds, 2), "final_loss": res.losses[-1]}
         _write_answers(out / ANSWERS, prompts, distilled=distilled.responses, undistilled=undistilled.responses,
-                       keep=keep, pm=(s_d, s_u) if s_u is not None else None)
+                       keep=keep, pm=(s_d, s_u) if s_u is not None else None, resampled=resampled, s_r=s_r)
         if gold:
             metrics["gold"] = gold_view(prompts, distilled=distilled.responses, undistilled=undistilled.responses,
-                                        resampled=resampled, keep=keep, s_u=s_u)
+                                        resampled=resampled, keep=keep, s_u=s_u, keep_null=keep_null)
         lora.save(model.to("cpu"), out)
         tok.save_pretrained(out)
         return {"metrics": metrics, "max_len": max_len}
