@@ -25,13 +25,12 @@ carry LoRA adapters are left alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
-
-import logging
 
 from alignbench import lora
 from alignbench.config import ConfigError

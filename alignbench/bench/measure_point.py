@@ -40,7 +40,8 @@ def _moved(model: torch.nn.Module, k: int, seed: int) -> torch.nn.Module:
     freeze.freeze_below(model, k)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for block in freeze.decoder_layers(model)[2][len(freeze.decoder_layers(model)[2]) - k:]:
+        blocks = freeze.decoder_layers(model)[2]
+        for block in blocks[len(blocks) - k:]:
             for p in block.parameters():
                 p.add_(1e-2 * p.abs().mean() * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
     return model.eval().requires_grad_(False)
