@@ -49,7 +49,6 @@ import torch
 from alignbench import freeze, lora
 from alignbench.config import ConfigError, PMStageConfig, opt
 from alignbench.cost import forward_flops
-from alignbench.data import load_data
 from alignbench.data.annotator import PMAnnotator, SynthAnnotator
 from alignbench.data.types import PreferencePair, harm_group
 from alignbench.eval.pm_accuracy import gold_agreement
@@ -222,10 +221,11 @@ def pm_fit_settings(cfg, harm: Optional[str] = None) -> PMStageConfig:
     return stage_pm_settings(cfg, iterated_parts(cfg)[0], harm)
 
 
-def start_comparisons(cfg, data, harm: Optional[str] = None) -> list:
+def start_comparisons(cfg, data=None, harm: Optional[str] = None) -> list:
     """The comparisons the round-0 PM (``harm``: that reward PM) trained on, exactly: every pool
     starts from them (``preference.pm_training_pairs`` of the ``iterated_parts`` part; with
-    ``stages.pm.judgements`` = N the first N of them, not the whole part)."""
+    ``stages.pm.judgements`` = N the first N of them, not the whole part). ``data``: the run's data
+    (None: the stage reads it, as every stage does)."""
     return pm_training_pairs(cfg, data, iterated_parts(cfg)[0], harm)
 
 
@@ -323,10 +323,9 @@ class IteratedRLHF(Method):
             hook = self.point_hooks(ctx)[0]
             ctx.point_hooks = [*ctx.point_hooks, hook]
         base_pairs, self.test_pairs = iterated_comparisons(ctx.cfg)
-        data = load_data(ctx.cfg.data)
         # each PM's pool starts from exactly its round-0 PM's comparisons (harm group -> them with two PMs)
-        start = ({g: start_comparisons(ctx.cfg, data, g) for g in REWARD_PM_STAGES} if two_pms(ctx)
-                 else start_comparisons(ctx.cfg, data))
+        start = ({g: start_comparisons(ctx.cfg, harm=g) for g in REWARD_PM_STAGES} if two_pms(ctx)
+                 else start_comparisons(ctx.cfg))
         annotator_part = iterated_parts(ctx.cfg)[1]
         subsets = {p.prompt: p.subset for p in base_pairs}
         # the inner method rolls out on the prompts of the comparisons the PM starts from (on real HH

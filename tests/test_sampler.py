@@ -362,7 +362,7 @@ def test_under_bf16_autocast_each_weight_is_cast_once_per_call_with_the_same_sam
     hook = model.register_forward_hook(lambda *a: forwards.append(1))
     with HeadCasts(model.lm_head.weight) as counter:
         cached = sample(model, tok, PROMPTS, **kw)
-    assert counter.casts == 1 and len(forwards) > len(PROMPTS) * 3
+    assert counter.casts == 1 and len(forwards) > len(PROMPTS)  # a prefill per prompt, then decode steps
     monkeypatch.setattr(sampling, "_keep_autocast_casts", lambda device: contextlib.nullcontext())
     with HeadCasts(model.lm_head.weight) as counter:
         per_forward = sample(model, tok, PROMPTS, **kw)

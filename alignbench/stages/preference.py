@@ -228,11 +228,13 @@ def stage_pm_settings(cfg: Config, part: str = "all", harm: str | None = None) -
     return dataclasses.replace(cfg.stages.pm, **VARIANT_DEFAULTS) if harm else pm_settings(cfg, part)
 
 
-def pm_training_pairs(cfg: Config, data, part: str = "all", harm: str | None = None) -> list:
+def pm_training_pairs(cfg: Config, data=None, part: str = "all", harm: str | None = None) -> list:
     """The comparisons the PM stage of ``part`` (and ``harm`` group) trains on: its part's comparisons
-    of that group (the safety PM: mixed with helpful ones, ``reward.safety_helpful_share``), the first ``judgements`` of them (``pm_objectives.first_judgements``, seeded by
-    stages.seed); none for the LM score, which reads no label."""
+    of that group (the safety PM: mixed with helpful ones, ``reward.safety_helpful_share``), the
+    first ``judgements`` of them (``pm_objectives.first_judgements``, seeded by stages.seed); none
+    for the LM score, which reads no label. ``data`` None: read from ``cfg.data``."""
     sc = stage_pm_settings(cfg, part, harm)
+    data = load_data(cfg.data) if data is None else data
     share = cfg.reward.safety_helpful_share if harm == "harmless" else 0.0
     train = (safety_mix(pm_pairs(cfg, data, part), share, cfg.stages.seed) if share  # Llama 2 §3.2.2's mix
              else [p for p in pm_pairs(cfg, data, part) if not harm or harm_group(p.subset) == harm])
