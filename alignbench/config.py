@@ -255,6 +255,10 @@ class PMStageConfig(OptimConfig):
     # human judgements the PM trains on (one = one prompt labelled: a pair, or a ranking of K);
     # null = all, N = the first N of a seeded order of its training comparisons
     judgements: Optional[int] = opt(None, gt=0)
+    # with model.trainable_layers=K: run the frozen bottom blocks once per training sequence and
+    # keep their output (alignbench.frozen_trunk), so a step runs only the top K blocks and the
+    # head; a sequence's trunk then runs alone rather than in its batch (the last float bits differ)
+    trunk_cache: bool = False
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alignbench import freeze, lora, packing
+from alignbench import freeze, frozen_trunk, lora, packing
 from alignbench.config import Config, ConfigError, PMStageConfig
 from alignbench.data import load_data, pairwise_config
 from alignbench.data.synth import FALSE_REFUSAL, parse_task, safety_outcome
@@ -69,7 +69,8 @@ def pm_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     def trunk(**inputs):  # packed when train.packing is on (alignbench.packing): real tokens only
         return model.base_model(**inputs, use_cache=False).last_hidden_state
 
-    hidden = packing.forward(getattr(model, "config", None), trunk, input_ids, attention_mask)
+    with frozen_trunk.fed(input_ids, attention_mask):  # read by a frozen-trunk cache, if one is on
+        hidden = packing.forward(getattr(model, "config", None), trunk, input_ids, attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return model.score(hidden[rows, last_token_index(attention_mask)]).squeeze(-1).float()
 
@@ -259,7 +260,10 @@ def pm_label(cfg: Config) -> str:
 
 
 def _key_settings(sc: PMStageConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(sc).items() if k not in VARIANT_DEFAULTS or v != VARIANT_DEFAULTS[k]}
+    """The settings in a PM stage's key: a variant field only where it differs from the default PM,
+    ``trunk_cache`` only when on (the keys of PMs built before it existed stay as they were)."""
+    return {k: v for k, v in dataclasses.asdict(sc).items()
+            if (k not in VARIANT_DEFAULTS or v != VARIANT_DEFAULTS[k]) and not (k == "trunk_cache" and not v)}
 
 
 def check_judgements(cfg: Config) -> None:
@@ -389,11 +393,20 @@ def score_stats(heldout: list[dict]) -> dict:
 
 
 def train_pm(model, tok, comparisons, *, epochs, cfg: Config, device, max_len, desc, log_step,
-             settings: PMStageConfig | None = None) -> dict:
+             settings: PMStageConfig | None = None, features: frozen_trunk.TrunkFeatures | None = None) -> dict:
     """Train ``model`` (a PM) in place on ``comparisons`` (PreferencePairs, ranked or not) with the
     objective and λ of ``settings`` (default ``cfg.stages.pm``): its batch size, lr and max_steps,
-    one element per comparison or ranking (``pm_objectives.training_elements``)."""
+    one element per comparison or ranking (``pm_objectives.training_elements``). With
+    ``trunk_cache`` on, the frozen trunk runs once per sequence (``features``: kept states to
+    share, e.g. across a sweep's PMs from one init; default a fresh cache)."""
     sc = settings or cfg.stages.pm
+    if sc.trunk_cache or features is not None:
+        features = (features or frozen_trunk.TrunkFeatures(model.to(device))).bound(model)
+        with frozen_trunk.reading(model, features):
+            out = train_pm(model, tok, comparisons, epochs=epochs, cfg=cfg, device=device, max_len=max_len,
+                           desc=desc, log_step=log_step, settings=dataclasses.replace(sc, trunk_cache=False))
+        return {**out, "trunk_cache": {"depth": features.depth, "sequences_kept": len(features.kept),
+                                       "trunk_passes_saved": features.hits}}
     if sc.objective == "lm":
         raise ValueError("stages.pm.objective=lm has nothing to train (the init LM scores)")
     elements = training_elements(comparisons, sc.objective)
