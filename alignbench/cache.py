@@ -69,6 +69,25 @@ def read_record(path: Path) -> dict | None:
     return record if record.get("complete") is True else None
 
 
+def file_sizes(stage_dir: Path) -> dict[str, int]:
+    """The size of every file a stage wrote (its record aside), by path inside the stage."""
+    return {p.relative_to(stage_dir).as_posix(): p.stat().st_size for p in sorted(Path(stage_dir).rglob("*"))
+            if p.is_file() and p.name != RECORD}
+
+
+def intact(stage_dir: Path, record: dict) -> bool:
+    """Every file the record lists (``files``, written at build) is there with its size: a
+    truncated or deleted weight file makes the stage untrusted (rebuilt), not a crash at load.
+    Records from before the field list none and are trusted as before."""
+    for name, size in (record.get("files") or {}).items():
+        try:
+            if (Path(stage_dir) / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
 def pointer_to(artifact: Artifact) -> dict:
     """Record fields of a stage whose model is ``artifact``'s, unchanged: a link, not a copy."""
     return {POINTER: artifact.home.name}
@@ -84,7 +103,7 @@ def model_dir(stage_dir: Path, record: Optional[dict] = None) -> Optional[Path]:
         if record is None:
             return None
         if record.get(POINTER) is None:
-            return path
+            return path if intact(path, record) else None
         path = path.parent / record[POINTER]
         record = read_record(path)
     return None
@@ -173,7 +192,11 @@ def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
         if files is not None:
             log.info("stage %s: reusing %s", stage, final)
             return _artifact(stage, key, final, record, files, reused=True)
-        if record is not None:  # complete, but the stage it points at is gone: the link is rebuilt
+        if record is not None and record.get(POINTER) is None:  # a file missing or of another size
+            log.warning("stage %s: %s has a file missing or truncated since it was built; rebuilding it",
+                        stage, final)
+            shutil.rmtree(final)
+        elif record is not None:  # complete, but the stage it points at is gone: the link is rebuilt
             log.warning("stage %s: %s points at %s, which is missing or incomplete; rebuilding it",
                         stage, final, record.get(POINTER))
             shutil.rmtree(final)
@@ -190,6 +213,8 @@ def build_stage(stage: str, key_material: dict, cache_dir: str | Path,
             record = {"stage": stage, "key": key, **key_material, **fields, "complete": True,
                       "build_seconds": round(time.time() - start, 3), "built_by": _who(),
                       "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if record.get(POINTER) is None:
+                record["files"] = file_sizes(tmp)
             if model_dir(tmp, record) is None:
                 raise FileNotFoundError(f"stage {stage}: {POINTER}={record.get(POINTER)} is not a complete stage")
             write_json_atomic(tmp / RECORD, record)

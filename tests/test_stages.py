@@ -12,7 +12,7 @@ from alignbench.cli import compose
 from alignbench.config import ModelConfig, to_config
 from alignbench.models import load_lm, tiny_lm, train_tokenizer
 from alignbench.stages.base import build_base
-from alignbench.cache import Artifact, build_stage, read_record
+from alignbench.cache import Artifact, build_stage, model_dir, read_record
 from alignbench.stages.distill import build_pi0
 from alignbench.stages.distill import topk_distill_loss
 from alignbench.stages.graph import SharedStages, build_shared_stages
@@ -113,7 +113,8 @@ def test_failed_build_leaves_no_artifact(tmp_path):
     assert [p.name for p in (tmp_path / "stages").iterdir() if not p.name.endswith(".lock")] == []
 
 
-@pytest.mark.parametrize("damage", ["no_record", "corrupt_record", "incomplete_record"])
+@pytest.mark.parametrize("damage", ["no_record", "corrupt_record", "incomplete_record", "truncated_file",
+                                    "deleted_file"])
 def test_untrusted_directory_is_rebuilt(tmp_path, damage):
     calls = []
 
@@ -128,9 +129,13 @@ def test_untrusted_directory_is_rebuilt(tmp_path, damage):
         rec.unlink()
     elif damage == "corrupt_record":
         rec.write_text("{not json")
-    else:
+    elif damage == "incomplete_record":
         rec.write_text(json.dumps({**json.loads(rec.read_text()), "complete": False}))
-    assert read_record(art.path) is None
+    elif damage == "truncated_file":
+        (art.path / "weights.bin").write_text("o")
+    else:
+        (art.path / "weights.bin").unlink()
+    assert read_record(art.path) is None or model_dir(art.path) is None
     again = build_stage("demo", {"k": 1}, tmp_path, build)
     assert not again.reused and len(calls) == 2 and again.record["metrics"]["n"] == 2
     assert build_stage("demo", {"k": 1}, tmp_path, build).reused and len(calls) == 2

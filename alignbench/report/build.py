@@ -16,7 +16,7 @@ from alignbench.eval.kl_reward import kl_reward_rows, points_frame
 from alignbench.eval.pm_accuracy import EVALUATOR as PM_EVAL
 from alignbench.eval.stats import COLUMNS, MIN_SEEDS_BOOTSTRAP, write_rows
 from alignbench.eval.win_rate import elo_rows, gain_rows, win_rates
-from alignbench.report import (chains, findings, frontier, gatt, iterated, plots, pm_objectives, safety, tables, views,
+from alignbench.report import (atomic, chains, findings, frontier, gatt, iterated, plots, pm_objectives, safety, tables, views,
                                walltime)
 from alignbench.report.safety_distill import safety_distill_blocks
 from alignbench.report.aggregate import (aggregate_seeds, baseline_config, combine_rows, cost_frame, judge_scores,
@@ -178,9 +178,18 @@ def _view_blocks(out_dir: Path, derived: pd.DataFrame, agg: pd.DataFrame, sample
 def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 2000, seed: int = 0,
                  command: str = "") -> Path:
     """Build the report of ``sweep_dir`` into ``out_dir``; returns the path of ``report.md``.
-    ``command``: the report command, printed at the top after the sweep's own (index.json)."""
-    sweep, out_dir = load_sweep(sweep_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``command``: the report command, printed at the top after the sweep's own (index.json). The
+    directory is replaced whole (``atomic.replacing``): a build that fails or is killed leaves the
+    previous report as it was."""
+    sweep = load_sweep(sweep_dir)  # a bad sweep fails before anything is touched
+    with atomic.replacing(Path(out_dir)) as new_dir:
+        _build(sweep, new_dir, baseline=baseline, n_boot=n_boot, seed=seed, command=command,
+               companions=companion_blocks(Path(out_dir)) if Path(out_dir).is_dir() else [])
+    return Path(out_dir) / "report.md"
+
+
+def _build(sweep: Sweep, out_dir: Path, *, baseline: str, n_boot: int, seed: int, command: str,
+           companions: list) -> None:
     notes = list(sweep.notes)
 
     rows = combine_rows(sweep)
@@ -228,7 +237,7 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
                                         judge=findings.judge_sentence(sweep, samples, agg),
                                         figure=frontier.frontier_figure(front, out_dir, _figure),
                                         is_pi0=win_base == base),
-              *companion_blocks(out_dir),
+              *companions,  # the sub-folders' reports, read where they are (the final directory)
               Heading("Runs"), tables.runs_table(sweep, cost),
               Heading("Configurations"), tables.config_table(sweep, cost, derived, agg=agg, baseline=win_base),
               *chains.chain_blocks(sweep),
@@ -289,4 +298,3 @@ def build_report(sweep_dir, out_dir, baseline: str = BASELINE, n_boot: int = 200
 
     (out_dir / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     (out_dir / "index.html").write_text(to_html(blocks, f"alignbench report: {sweep.name}"), encoding="utf-8")
-    return out_dir / "report.md"
