@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from alignbench.data.types import DataError
 from alignbench.eval import pm_accuracy
 from alignbench.eval.stats import make_row, proportion_row, read_rows, write_rows
 from alignbench.report.aggregate import aggregate_seeds
@@ -154,8 +155,9 @@ def test_report_skips_what_is_absent(tmp_path):
 
 
 def test_missing_index_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="index.json"):
+    with pytest.raises(DataError, match="index.json; is .* a sweep directory"):
         build_report(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_aggregate_seeds_mean_or_own_interval():

@@ -221,12 +221,17 @@ def check_hh_folder(path: str | None, subsets: Sequence[str], splits: Sequence[s
                         f"(expected <subset>/<split>.jsonl.gz); {fix} ({where})")
 
 
+class MissingDataFile(DataError, FileNotFoundError):
+    """An HH folder or file that is not there: bad input (one line from the CLI), and still a
+    FileNotFoundError for callers that catch that."""
+
+
 def _local_file(root: Path, subset: str, split: str) -> Path:
     for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
         if (root / subset / name).is_file():
             return root / subset / name
     there = sorted(p.name for p in (root / subset).iterdir()) if (root / subset).is_dir() else None
-    raise FileNotFoundError(
+    raise MissingDataFile(
         f"HH-RLHF file not found: {root / subset / f'{split}.jsonl.gz'} (nor .jsonl) under data.path={root}; "
         + (f"{root / subset} holds {there}" if there is not None else f"no folder {root / subset}")
     )
@@ -272,7 +277,7 @@ def load_hh_rlhf(
     if path is not None:
         root = Path(path).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"data.path={path} is not a directory (expected <subset>/<split>.jsonl.gz inside)")
+            raise MissingDataFile(f"data.path={path} is not a directory (expected <subset>/<split>.jsonl.gz inside)")
     pairs: list[PreferencePair] = []
     rejected: list[RejectedRow] = []
     for subset in subsets:

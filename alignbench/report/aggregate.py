@@ -29,10 +29,13 @@ def combine_rows(sweep: Sweep) -> pd.DataFrame:
         df.loc[df["sweep"] == "", "sweep"] = sweep.name
         df.loc[df["run"] == "", "run"] = run.run_id
         own = df["run"] == run.run_id
-        df.loc[own & (df["method"] == ""), "method"] = run.method
-        df.loc[own, "config"] = run.config or run.method  # the run knows its configuration best
+        # the run (index.json) knows its method, configuration and seed best: a damaged or hand-edited
+        # copy in its results.csv must not split one configuration's rows in two
+        df.loc[own, "method"] = run.method if run.method != "?" else df.loc[own, "method"]
+        df.loc[own, "config"] = run.config or run.method
         df.loc[df["config"] == "", "config"] = df["method"]  # shared rows (the PM's): one per method
-        df.loc[own & df["seed"].isna(), "seed"] = run.seed
+        if run.seed is not None:
+            df.loc[own, "seed"] = run.seed
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from alignbench.data.types import DataError
 from alignbench.eval.stats import read_rows
 
 
@@ -124,13 +125,38 @@ def _load_run(sweep_dir: Path, entry: dict) -> RunRecord:
     return run
 
 
+def read_index(index_path: Path) -> dict:
+    """``index.json`` as an object whose ``runs`` is a list of objects; anything else is a one-line
+    DataError naming the file (and the line, or the entry)."""
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: no index.json; is {index_path.parent} a sweep directory "
+                        f"(alignbench run -m writes one)?")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{index_path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{index_path}:{exc.lineno}: not JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise DataError(f"{index_path}: unreadable ({exc.strerror or exc})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("runs", []), list):
+        raise DataError(f"{index_path}: expected an object with a \"runs\" list")
+    for i, entry in enumerate(index.get("runs", [])):
+        if not isinstance(entry, dict):
+            raise DataError(f"{index_path}: runs[{i}] is not an object")
+        seed = entry.get("seed")
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)
+                                     or isinstance(seed, str) and seed.lstrip("-").isdigit()):
+            raise DataError(f"{index_path}: runs[{i}].seed is not an integer: {seed!r}")
+        if not isinstance(entry.get("dir") or "", str):
+            raise DataError(f"{index_path}: runs[{i}].dir is not a path: {entry['dir']!r}")
+    return index
+
+
 def load_sweep(sweep_dir) -> Sweep:
     """Every run listed in ``<sweep>/index.json``, with its state; notes name runs not listed."""
     sweep_dir = Path(sweep_dir)
-    index_path = sweep_dir / "index.json"
-    if not index_path.exists():
-        raise FileNotFoundError(f"{index_path}: no index.json, is {sweep_dir} a sweep directory?")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index = read_index(sweep_dir / "index.json")
     runs = [_load_run(sweep_dir, entry) for entry in index.get("runs", [])]
     listed = {r.dir.resolve() for r in runs}
     notes = [f"run directory {p.name} is not listed in index.json and was ignored"
