@@ -53,6 +53,14 @@ def frozen_depth(model: torch.nn.Module) -> int:
     return depth
 
 
+def check_config(cfg) -> None:
+    """``stages.pm.trunk_cache`` needs a frozen trunk (``model.trainable_layers=K``): checked before
+    any stage trains (``graph.build_shared_stages``)."""
+    if cfg.stages.pm.trunk_cache and cfg.model.trainable_layers is None:
+        raise ConfigError(f"{KEY}: needs a frozen trunk to cache; set model.trainable_layers=K (the top K "
+                          f"blocks train) or {KEY}=false")
+
+
 def check(model: torch.nn.Module, depth: int) -> None:
     """``depth`` frozen bottom blocks without an active dropout, else a one-line ConfigError."""
     frozen = frozen_depth(model)

@@ -155,3 +155,13 @@ def test_train_pm_with_the_cache_learns_as_without_it_and_shares_it_across_pms(t
     assert shared["losses"] == rerun["losses"] == cached["losses"]  # deterministic for a seed
     assert rerun["trunk_cache"]["sequences_kept"] == shared["trunk_cache"]["sequences_kept"]
     assert "trunk_cache" not in plain
+
+
+def test_a_trunk_cache_without_a_frozen_trunk_fails_before_any_stage(tiny_overrides, tmp_path):
+    from alignbench.cli import compose
+    from alignbench.config import to_config
+    from alignbench.stages.graph import build_shared_stages
+    cfg = to_config(compose([*tiny_overrides, "stages.pm.trunk_cache=true", f"paths.cache_dir={tmp_path / 'c'}"]))
+    with pytest.raises(ConfigError, match="^stages.pm.trunk_cache: needs a frozen trunk to cache"):
+        build_shared_stages(cfg)
+    assert not (tmp_path / "c" / "stages").exists() or not any((tmp_path / "c" / "stages").glob("base-*"))

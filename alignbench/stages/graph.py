@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from alignbench import packing
+from alignbench import frozen_trunk, packing
 from alignbench.config import Config
 from alignbench.data.hh import check_hh_folder
 from alignbench.models import check_gguf
@@ -80,6 +80,7 @@ def build_shared_stages(cfg: Config) -> SharedStages:
     check_reward(cfg)  # and so does reward=safety_helpful on data without both harm groups
     check_safety_distill(cfg)  # and targeted safety distillation without a preprompt
     check_gatt(cfg)  # and stages.pi0.gatt on data without system instructions
+    frozen_trunk.check_config(cfg)  # and a PM trunk cache without a frozen trunk
     packing.configure(cfg.train.packing)  # the stages' training forwards, and the run's after them
     base = build_base(cfg)
     hhh = build_pi0(cfg, base)  # the HHH context-distilled π0: the PMs start from it
