@@ -173,9 +173,10 @@ def _assembled(features: TrunkFeatures, hidden: torch.Tensor) -> Optional[torch.
     if batch is None:
         return None
     input_ids, mask = batch
-    lengths = mask.sum(-1).tolist()
-    if not all(bool(mask[i, :n].all()) and not bool(mask[i, n:].any()) for i, n in enumerate(lengths)):
-        return None
+    counts = mask.sum(-1)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]):
+        return None  # not right-padded (one host sync for the whole batch, not one per row)
+    lengths = counts.tolist()
     states = [features.of(input_ids[i, :n]) for i, n in enumerate(lengths)]
     if hidden.shape[0] == 1 and hidden.shape[1] == sum(lengths):
         out = torch.cat(states)[None]

@@ -13,6 +13,7 @@ skips the points already there, so a killed tuning loses at most the point it wa
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -115,13 +116,10 @@ def tune(cfg_of, overrides: list[str], grid: list[str], out: Path) -> list[dict]
         if depth and features is None:
             features = frozen_trunk.TrunkFeatures(model, depth)
         start = time.perf_counter()
+        bound = features.bound(model) if features else None
         res = train_pm(model, tok, train, epochs=sc.epochs, cfg=pcfg, device=device, max_len=max_len,
-                       desc=f"PM {name}", log_step=None, settings=sc,
-                       features=features.bound(model) if features else None)
-        if features:
-            with frozen_trunk.reading(model, features.bound(model)):
-                accuracy = eval_accuracy(model, tok, eval_pairs, max_len=max_len, fmt=pcfg.data.format, device=device)
-        else:
+                       desc=f"PM {name}", log_step=None, settings=sc, features=bound)
+        with frozen_trunk.reading(model, bound) if bound else contextlib.nullcontext():
             accuracy = eval_accuracy(model, tok, eval_pairs, max_len=max_len, fmt=pcfg.data.format, device=device)
         row = {"point": point, "part": part, "train_pairs": len(train), "eval_pairs": len(eval_pairs),
                "eval": accuracy, "steps": res["steps"], "first_loss": res["first_loss"],
